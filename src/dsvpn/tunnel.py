@@ -1,0 +1,409 @@
+"""Lifecycle of one dsvpn instance: check, set up, run the data plane, and always undo.
+
+Control flows one way: Config -> backend -> Plan -> Runner (journaled), then the compiled loop
+runs until a signal or a fatal error, and the plan is undone in reverse whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from dsvpn import platform
+from dsvpn.config import ROUTING_TABLE, Config
+from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
+from dsvpn.keys import load_key
+from dsvpn.platform._common import Backend, NetInfo
+from dsvpn.rules import Identity, Journal, Plan, Runner, check_conflicts, cleanup_stale
+
+if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
+    from dsvpn._loop import Loop
+
+log = logging.getLogger("dsvpn")
+
+RECONNECT_ATTEMPTS = 100  # as the reference: then the client gives up
+CONNECT_TIMEOUT = 60.0  # TIMEOUT in the reference
+TICK_MS = 1000  # how often the loop hands control back to Python when nothing happens
+STATS_EVERY = 10.0  # seconds between counter lines with --verbose
+CAP_NET_ADMIN = 12
+LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
+
+
+def _has_net_admin() -> bool:
+    if os.geteuid() == 0:
+        return True
+    # A non-root process can still hold CAP_NET_ADMIN (setcap, ambient capabilities).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _resolve(host: str, port: int) -> str:
+    """The server's address, resolved once at start as the reference does."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise NetworkError(f"cannot resolve server name {host!r}: {exc.strerror}") from None
+    # Prefer IPv4 when both exist: the tunnel itself is IPv4-addressed and so are most servers.
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    return str(infos[0][4][0])
+
+
+def _listener(cfg: Config) -> socket.socket:
+    """Bound, listening, non-blocking socket; bind errors surface before anything is changed."""
+    if cfg.server is None:
+        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    else:
+        family = socket.AF_INET6 if ":" in cfg.server else socket.AF_INET
+        candidates = [(family, cfg.server)]
+    last: OSError | None = None
+    for family, address in candidates:
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # no IPv6 on this host: fall back to IPv4 only
+            last = exc
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # Dual stack where the OS allows it (OpenBSD does not: it falls back to IPv4).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if hasattr(socket, "TCP_DEFER_ACCEPT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)
+            sock.bind((address, cfg.port))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                break
+    assert last is not None
+    where = f"{cfg.server or '*'}:{cfg.port}"
+    if last.errno == errno.EADDRINUSE:
+        raise NetworkError(f"port {cfg.port} is already in use ({where})")
+    if last.errno == errno.EADDRNOTAVAIL:
+        raise NetworkError(f"cannot listen on {where}: that address is not on this host")
+    raise NetworkError(f"cannot listen on {where}: {last.strerror}")
+
+
+class Signals:
+    """SIGINT/SIGTERM/SIGHUP set a flag and wake the loop through a pipe; nothing is raised,
+    so an undo in progress is never cut short by a second signal."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._old: dict[int, object] = {}
+        self._old_fd = -1
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    @property
+    def fd(self) -> int:
+        return self._r.fileno()
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._r.recv(4096):
+                pass
+
+    def wait(self, seconds: float, sock: socket.socket | None = None) -> bool:
+        """Sleep up to `seconds`, waking early on a signal (or when `sock` becomes writable).
+        Returns True if `sock` became writable."""
+        deadline = time.monotonic() + seconds
+        while self.received is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            writable = [sock] if sock is not None else []
+            r, w, _ = select.select([self._r], writable, [], left)
+            if w:
+                return True
+            if r:
+                self.drain()
+        return False
+
+    def __enter__(self) -> Signals:
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._old[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        signal.set_wakeup_fd(self._old_fd)
+        self._r.close()
+        self._w.close()
+
+
+def _identity(cfg: Config, tun: str | None) -> Identity:
+    return Identity(
+        pid=os.getpid(),
+        mode=cfg.mode,
+        tun=tun,
+        port=cfg.port,
+        local_tun_ip=cfg.local_tun_ip,
+        remote_tun_ip=cfg.remote_tun_ip,
+        table=None if cfg.is_server else ROUTING_TABLE,
+    )
+
+
+class Tunnel:
+    """One running instance. `run()` returns the exit status; everything it changed on the host
+    is undone before it returns, whatever happened."""
+
+    def __init__(self, cfg: Config, backend: Backend) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.key = load_key(cfg.key_file)
+        self.runner: Runner | None = None
+        self.plan: Plan | None = None
+        self.net: NetInfo | None = None
+
+    def run(self) -> int:
+        cfg, backend = self.cfg, self.backend
+        backend.check_host(cfg)
+        if not cfg.is_server:
+            assert cfg.server is not None
+            cfg = self.cfg = dataclasses.replace(cfg, server_ip=_resolve(cfg.server, cfg.port))
+        cleanup_stale(log.info)
+        check_conflicts(_identity(cfg, cfg.tun_name))
+        with contextlib.ExitStack() as stack:
+            listener = stack.enter_context(_listener(cfg)) if cfg.is_server else None
+            self.net = backend.discover(cfg)
+            tun_fd, tun = backend.open_tun(cfg.tun_name, cfg.mtu)
+            stack.callback(os.close, tun_fd)
+            log.info("tun device %s is up (mtu %d)", tun, cfg.mtu)
+            signals = stack.enter_context(Signals())
+            journal = Journal(_identity(cfg, tun))
+            self.runner = Runner(journal, log.info)
+            stack.callback(self.runner.undo)  # runs before the tun is closed (LIFO)
+            self.plan = backend.plan(cfg, tun, self.net)
+            self.runner.apply(self.plan)
+            if signals.received is not None:
+                return 0
+            for line in backend.notes(cfg, tun, self.net):
+                log.warning("%s", line)
+            loop = self._make_loop(tun_fd, signals, listener)
+            stack.callback(loop.close)
+            if cfg.is_server:
+                self._serve(loop, signals)
+                return 0
+            return self._connect_forever(loop, signals, tun)
+        return 0  # pragma: no cover - the with block always returns
+
+    def _make_loop(self, tun_fd: int, signals: Signals, listener: socket.socket | None) -> Loop:
+        from dsvpn._loop import Loop
+
+        framing = self.backend.framing
+        return Loop(
+            tun_fd,
+            self.key,
+            is_server=self.cfg.is_server,
+            wake_fd=signals.fd,
+            listen_fd=listener.fileno() if listener is not None else -1,
+            tun_header=framing.header,
+            af_inet=framing.af_inet,
+            af_inet6=framing.af_inet6,
+            mtu=self.cfg.mtu,
+        )
+
+    # -- server -----------------------------------------------------------------------------
+
+    def _serve(self, loop: Loop, signals: Signals) -> None:
+        cfg = self.cfg
+        log.info("listening on %s port %d", cfg.server or "all addresses", cfg.port)
+        ticker = _Ticker(loop)
+        while signals.received is None:
+            event, message = loop.run(TICK_MS)
+            _log_event(event, message)
+            ticker.tick()
+        log.info("stopping (signal %d)", signals.received)
+
+    # -- client -----------------------------------------------------------------------------
+
+    def _connect_forever(self, loop: Loop, signals: Signals, tun: str) -> int:
+        from dsvpn._loop import EV_HANDSHAKE_FAILED, EV_SESSION_DOWN, EV_SESSION_UP
+
+        cfg = self.cfg
+        attempt = 0
+        ticker = _Ticker(loop)
+        while signals.received is None:
+            if attempt >= RECONNECT_ATTEMPTS:
+                raise NetworkError(
+                    f"gave up after {RECONNECT_ATTEMPTS} attempts to reach "
+                    f"{cfg.server_ip} port {cfg.port}"
+                )
+            # Sleeps of 0, 1, 2, 3, 3, ... s as the reference; the routes stay in place
+            # meanwhile, so traffic waits in the tunnel instead of leaking around it.
+            signals.wait(min(attempt, 3))
+            if signals.received is not None:
+                break
+            attempt += 1
+            self._follow_gateway(tun)
+            sock = self._dial(signals)
+            if sock is None:
+                continue
+            loop.connect(sock.detach())
+            while signals.received is None:
+                event, message = loop.run(TICK_MS)
+                ticker.tick()
+                if event == EV_SESSION_UP:
+                    log.info("session up with %s port %d", message or cfg.server_ip, cfg.port)
+                    attempt = 0
+                elif event == EV_HANDSHAKE_FAILED:
+                    log.warning("handshake with %s failed: %s", cfg.server_ip, message)
+                    break
+                elif event == EV_SESSION_DOWN:
+                    log.warning("session down: %s; reconnecting", message)
+                    break
+                else:
+                    _log_event(event, message)
+        log.info("stopping (signal %d)", signals.received)
+        return 0
+
+    def _dial(self, signals: Signals) -> socket.socket | None:
+        """A connected TCP socket to the server (options set before connect, so SO_MARK keeps
+        the tunnel's own connection out of the tunnel), or None after a logged failure."""
+        from dsvpn._loop import tcp_options
+
+        cfg = self.cfg
+        assert cfg.server_ip is not None
+        family = socket.AF_INET6 if ":" in cfg.server_ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            tcp_options(sock.fileno())
+            sock.setblocking(False)
+            err = sock.connect_ex((cfg.server_ip, cfg.port))
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            if err == errno.EINPROGRESS:
+                if not signals.wait(CONNECT_TIMEOUT, sock):
+                    if signals.received is None:
+                        raise OSError(errno.ETIMEDOUT, "connection timed out")
+                    sock.close()
+                    return None
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+            return sock
+        except OSError as exc:
+            sock.close()
+            log.warning(
+                "cannot connect to %s port %d: %s", cfg.server_ip, cfg.port, exc.strerror or exc
+            )
+            return None
+
+    def _follow_gateway(self, tun: str) -> None:
+        """Before each attempt: if the default gateway moved (laptop changed networks), move the
+        routes that point at it, so the tunnel's own connection can get out again."""
+        assert self.runner is not None and self.plan is not None and self.net is not None
+        try:
+            net = self.backend.discover(self.cfg)
+        except DsvpnError as exc:
+            log.warning("cannot find the default gateway: %s", exc)
+            return
+        if net == self.net:
+            return
+        log.info("gateway changed: %s via %s -> %s via %s", self.net.gateway, self.net.ext_if,
+                 net.gateway, net.ext_if)
+        plan = self.backend.plan(self.cfg, tun, net)
+        self.runner.reapply_gateway(self.plan, plan)
+        self.plan, self.net = plan, net
+
+
+class _Ticker:
+    """With --verbose, a line of counters every STATS_EVERY seconds."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.next = time.monotonic() + STATS_EVERY
+
+    def tick(self) -> None:
+        if not log.isEnabledFor(logging.DEBUG) or time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + STATS_EVERY
+        stats = self.loop.stats()
+        log.debug("stats: " + " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+
+
+def _log_event(event: int, message: str) -> None:
+    from dsvpn._loop import EV_LOG, EV_SESSION_DOWN, EV_SESSION_UP, EV_TUN_ERROR
+
+    if event == EV_SESSION_UP:
+        log.info("session up: client %s", message)
+    elif event == EV_SESSION_DOWN:
+        log.info("session down: %s", message)
+    elif event == EV_LOG:
+        log.warning("%s", message)
+    elif event == EV_TUN_ERROR:
+        raise DsvpnError(f"tun device failed: {message}")
+
+
+def run(cfg: Config) -> int:
+    """`dsvpn server|client`: needs root; returns the exit status."""
+    backend = platform.current()
+    cfg = dataclasses.replace(cfg, mtu=backend.default_mtu)
+    tunnel = Tunnel(cfg, backend)  # reads the key first: a bad key file changes nothing
+    if not _has_net_admin():
+        raise PermissionDenied("needs root (CAP_NET_ADMIN): run it with sudo")
+    return tunnel.run()
+
+
+def cleanup() -> int:
+    """`dsvpn cleanup`: undo what dead instances recorded under the run directory."""
+    if not _has_net_admin():
+        raise PermissionDenied("needs root (CAP_NET_ADMIN): run it with sudo")
+    count = cleanup_stale(log.info)
+    log.info("cleaned up after %d dead instance(s)" if count else "nothing to clean up", count)
+    return 0
+
+
+def dry_run(cfg: Config, platform_name: str | None) -> int:
+    """Print the plan without root and without changing anything."""
+    backend = platform.by_name(platform_name) if platform_name else platform.current()
+    here = platform_name is None
+    if not here:
+        with contextlib.suppress(DsvpnError):
+            here = platform.current().name == backend.name
+    if not cfg.is_server:
+        server_ip = "<server-ip>"
+        assert cfg.server is not None
+        with contextlib.suppress(DsvpnError):
+            server_ip = _resolve(cfg.server, cfg.port)
+        cfg = dataclasses.replace(cfg, server_ip=server_ip)
+    net = backend.placeholder_net()
+    if here:
+        with contextlib.suppress(DsvpnError):
+            net = backend.discover(cfg)
+    if cfg.mtu != backend.default_mtu:
+        cfg = dataclasses.replace(cfg, mtu=backend.default_mtu)
+    tun = cfg.tun_name or "<tun>"
+    plan = backend.plan(cfg, tun, net)
+    print(f"# dsvpn {cfg.mode} on {backend.name}: dry run, nothing is changed")
+    print(f"# open tun device {tun} (mtu {cfg.mtu})")
+    for line in plan.render():
+        print(line)
+    for line in backend.notes(cfg, tun, net):
+        print(f"# {line}")
+    return 0

@@ -1,0 +1,130 @@
+"""Command-line parsing: DSVPN's positional syntax with auto and trailing omission, our options."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from dsvpn import cli
+from dsvpn.config import DEFAULT_MTU, Config
+from dsvpn.errors import UsageError
+
+SERVER_VALUES = ["10.0.0.1", "7443", "tun5", "10.9.0.254", "10.9.0.1", "10.0.0.1"]
+CLIENT_VALUES = ["vpn.example", "7443", "tun5", "10.9.0.1", "10.9.0.254", "10.0.0.254"]
+FIELDS = ["server", "port", "tun_name", "local_tun_ip", "remote_tun_ip", "ext_ip"]
+
+
+def expected(mode: str, values: list[str | None]) -> Config:
+    server, port, tun, local, remote, ext = values
+    is_server = mode == "server"
+    return Config(
+        mode=mode,  # type: ignore[arg-type]
+        key_file="vpn.key",
+        server=server,
+        port=int(port) if port else 443,
+        tun_name=tun,
+        local_tun_ip=local or ("192.168.192.254" if is_server else "192.168.192.1"),
+        remote_tun_ip=remote or ("192.168.192.1" if is_server else "192.168.192.254"),
+        ext_ip=ext,
+        mtu=DEFAULT_MTU,
+    )
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_every_combination_of_auto_and_omission(mode: str) -> None:
+    values = SERVER_VALUES if mode == "server" else CLIENT_VALUES
+    # Each of the six optional positions is given, "auto", or (when all later ones are also
+    # left out) omitted: every pattern is checked against the Config it must produce.
+    for pattern in itertools.product(("value", "auto", "omit"), repeat=6):
+        if "omit" in pattern and any(p != "omit" for p in pattern[pattern.index("omit") :]):
+            continue
+        if mode == "client" and pattern[0] != "value":
+            continue  # the client needs its server
+        argv = [mode, "vpn.key"]
+        want: list[str | None] = []
+        for p, v in zip(pattern, values):
+            if p == "value":
+                argv.append(v)
+            elif p == "auto":
+                argv.append("auto")
+            want.append(v if p == "value" else None)
+        inv = cli.parse_args(argv)
+        assert inv.command == mode
+        assert inv.config == expected(mode, want), argv
+
+
+def test_options_anywhere_after_the_mode_word() -> None:
+    inv = cli.parse_args(["client", "-v", "vpn.key", "--dry-run", "h", "--platform", "macos"])
+    assert (inv.verbosity, inv.dry_run, inv.platform) == (1, True, "macos")
+    assert inv.config is not None and inv.config.server == "h"
+    assert cli.parse_args(["server", "k", "--quiet"]).verbosity == -1
+    assert cli.parse_args(["server", "k", "--dry-run", "--platform=openbsd"]).platform == "openbsd"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bogus"], "unknown mode"),
+        (["client", "vpn.key"], "needs the server"),
+        (["client", "vpn.key", "auto"], "needs the server"),
+        (["server"], "usage"),
+        (["server", "k", "auto", "0"], "invalid port"),
+        (["server", "k", "auto", "65536"], "invalid port"),
+        (["server", "k", "auto", "https"], "invalid port"),
+        (["server", "k", "not-an-ip"], "invalid server address"),
+        (["server", "k", "auto", "auto", "a/b"], "invalid tun name"),
+        (["server", "k", "auto", "auto", "x" * 16], "invalid tun name"),
+        (["server", "k", "auto", "auto", "auto", "fd00::1"], "expected an IPv4"),
+        (["server", "k", "auto", "auto", "auto", "10.0.0.1", "10.0.0.1"], "both 10.0.0.1"),
+        (["client", "k", "h", "auto", "auto", "auto", "auto", "gw"], "invalid gateway ip"),
+        (["server", "k", "1", "2", "3", "4", "5", "6", "7"], "too many arguments"),
+        (["server", "k", "--frobnicate"], "unknown option"),
+        (["server", "k", "--platform", "macos"], "only goes with --dry-run"),
+        (["keygen"], "usage"),
+        (["cleanup", "extra"], "no arguments"),
+    ],
+)
+def test_bad_input_is_a_usage_error(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        cli.parse_args(argv)
+
+
+def test_main_prints_one_line_and_exits_non_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["server", "k", "auto", "99999"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dsvpn: invalid port")
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "dsvpn server <key file>" in capsys.readouterr().out
+    assert cli.main(["--version"]) == 0
+    assert "0.1.5" in capsys.readouterr().out
+    assert cli.main([]) == 0
+
+
+def test_missing_key_file_fails_before_root_check(
+    tmp_path: object, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsvpn import tunnel
+
+    monkeypatch.setattr(tunnel, "_has_net_admin", lambda: pytest.fail("checked root first"))
+    assert cli.main(["client", "/nonexistent/vpn.key", "192.0.2.1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+
+
+def test_not_root_is_refused_before_anything(
+    tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dsvpn import tunnel
+
+    key = tmp_path / "vpn.key"  # type: ignore[operator]
+    key.write_bytes(bytes(range(32)))
+    key.chmod(0o600)
+    monkeypatch.setattr(tunnel, "_has_net_admin", lambda: False)
+    monkeypatch.setattr(tunnel.Tunnel, "run", lambda self: pytest.fail("touched the host"))
+    assert cli.main(["server", str(key)]) == 77
+    assert capsys.readouterr().err == "dsvpn: needs root (CAP_NET_ADMIN): run it with sudo\n"
