@@ -143,16 +143,15 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     args, verbosity, dry_run, platform = _split_options(rest)
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
-    common = {"verbosity": verbosity, "dry_run": dry_run, "platform": platform}
 
     if command == "keygen":
         if len(args) != 1:
             raise UsageError("usage: dsvpn keygen <key file>")
-        return Invocation("keygen", path=args[0], **common)
+        return Invocation("keygen", path=args[0], verbosity=verbosity)
     if command == "cleanup":
         if args:
             raise UsageError("usage: dsvpn cleanup (it takes no arguments)")
-        return Invocation("cleanup", **common)
+        return Invocation("cleanup", verbosity=verbosity)
 
     if not args:
         raise UsageError(f"usage: dsvpn {command} <key file> ... (see dsvpn --help)")
@@ -183,7 +182,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")
-    return Invocation(command, config=cfg, **common)
+    return Invocation(command, cfg, None, verbosity, dry_run, platform)
 
 
 def _setup_logging(verbosity: int) -> None:

@@ -1,4 +1,4 @@
-"""One exception family: the CLI prints ``str(exc)`` as one line and exits with ``exc.exit_code``."""
+"""One exception family: the CLI prints str(exc) as one line and exits with exc.exit_code."""
 
 from __future__ import annotations
 

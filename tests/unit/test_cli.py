@@ -43,7 +43,7 @@ def test_every_combination_of_auto_and_omission(mode: str) -> None:
             continue  # the client needs its server
         argv = [mode, "vpn.key"]
         want: list[str | None] = []
-        for p, v in zip(pattern, values):
+        for p, v in zip(pattern, values, strict=True):
             if p == "value":
                 argv.append(v)
             elif p == "auto":

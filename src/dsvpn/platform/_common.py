@@ -1,0 +1,210 @@
+"""The backend interface every OS module implements, and the types and helpers they share."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+from dsvpn.config import DEFAULT_MTU, Config
+from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied, PrerequisiteError
+from dsvpn.rules import Plan
+
+PLACEHOLDER_IF = "<ext-if>"
+PLACEHOLDER_GW = "<gateway>"
+PLACEHOLDER_SERVER = "<server-ip>"
+
+
+class NetInfo(NamedTuple):
+    """server: the interface carrying NATed traffic (and its gateway);
+    client: the gateway towards the server, and the interface that reaches it."""
+
+    ext_if: str
+    gateway: str
+
+
+class TunFraming(NamedTuple):
+    """Whether tun packets carry a 4-byte address-family header (utun, OpenBSD tun) and the
+    values this OS puts there, in network byte order."""
+
+    header: bool
+    af_inet: int
+    af_inet6: int
+
+
+class Backend(ABC):
+    name: str
+    modes: frozenset[str] = frozenset({"server", "client"})
+    framing: TunFraming
+    default_mtu: int = DEFAULT_MTU
+    # (tool, what provides it) that check_host() requires on PATH.
+    tools: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
+        self._which = which
+
+    def check_host(self, cfg: Config) -> None:
+        """PrerequisiteError naming what to install when a tool or device is missing."""
+        for tool, package in self.tools:
+            if self._which(tool) is None:
+                raise PrerequisiteError(f"`{tool}` not found (install {package})")
+
+    def discover(self, cfg: Config) -> NetInfo:
+        return discover(cfg)
+
+    def placeholder_net(self) -> NetInfo:
+        return NetInfo(PLACEHOLDER_IF, PLACEHOLDER_GW)
+
+    @abstractmethod
+    def open_tun(self, wanted: str | None, mtu: int) -> tuple[int, str]:
+        """Open a tun device (the `wanted` one, or the first free one), set its MTU and
+        return (fd, actual name)."""
+
+    def plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
+        return self.server_plan(cfg, tun, net) if cfg.is_server else self.client_plan(cfg, tun, net)
+
+    @abstractmethod
+    def server_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan: ...
+
+    @abstractmethod
+    def client_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan: ...
+
+    def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
+        """Lines to print once the tunnel is up: what the user still has to do by hand."""
+        return []
+
+    def gateway_changed(self, cfg: Config, old: NetInfo, new: NetInfo) -> bool:
+        """True if moving from `old` to `new` changes the plan (then the caller runs
+        Runner.reapply_gateway). Decided from the plans themselves, so no backend can
+        forget a gateway-dependent step: on Linux the client's plan ignores the gateway."""
+        if old == new:
+            return False
+        tun = "<tun>"
+        return self.plan(cfg, tun, old).gateway_steps() != self.plan(cfg, tun, new).gateway_steps()
+
+
+def server_address(cfg: Config) -> str:
+    """The server's IP as seen by a client (resolved once at start, as the reference)."""
+    return cfg.server_ip or cfg.server or PLACEHOLDER_SERVER
+
+
+def is_ipv6(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).version == 6
+    except ValueError:
+        return False
+
+
+def tun_open_error(exc: OSError, name: str) -> DsvpnError:
+    """The one-line error for a tun device that cannot be opened or configured."""
+    if exc.errno == errno.EBUSY:
+        return DsvpnError(f"tun device {name} is busy (another program or dsvpn uses it)")
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return PermissionDenied(f"cannot open tun device {name}: permission denied (run as root)")
+    return DsvpnError(f"cannot open tun device {name}: {exc.strerror or exc}")
+
+
+# -- discovery through netifaces ----------------------------------------------------------------
+
+
+def _netifaces() -> Any:
+    try:
+        import netifaces
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise PrerequisiteError(
+            "the netifaces module is missing (pip install netifaces-plus)"
+        ) from exc
+    return netifaces
+
+
+def discover(cfg: Config, ni: Any = None) -> NetInfo:
+    """Find the external interface and gateway. `ni` stands in for netifaces in tests."""
+    ni = ni if ni is not None else _netifaces()
+    if cfg.is_server:
+        if cfg.ext_ip:
+            ext_if = interface_with_address(ni, cfg.ext_ip)
+            if ext_if is None:
+                raise NetworkError(f"no interface has the external address {cfg.ext_ip}")
+            family = ni.AF_INET6 if is_ipv6(cfg.ext_ip) else ni.AF_INET
+            gateway = ni.gateways().get("default", {}).get(family, ("", ""))[0]
+            return NetInfo(ext_if, gateway)
+        default = _default_route(ni, ni.AF_INET)
+        if default is None:
+            raise NetworkError(
+                "no default IPv4 route, so the interface that should carry the clients' "
+                "traffic is unknown; give the external IP explicitly"
+            )
+        gateway, ext_if = default
+        return NetInfo(ext_if, gateway)
+
+    server = server_address(cfg)
+    family = ni.AF_INET6 if is_ipv6(server) else ni.AF_INET
+    if cfg.ext_ip:
+        ext_if = interface_reaching(ni, cfg.ext_ip)
+        if ext_if is None:
+            default = _default_route(ni, family)
+            ext_if = default[1] if default else ""
+        return NetInfo(ext_if, cfg.ext_ip)
+    default = _default_route(ni, family)
+    if default is None:
+        kind = "IPv6" if family == ni.AF_INET6 else "IPv4"
+        raise NetworkError(
+            f"no default {kind} route towards the server {server}; give the gateway IP explicitly"
+        )
+    gateway, ext_if = default
+    return NetInfo(ext_if, gateway)
+
+
+def _default_route(ni: Any, family: int) -> tuple[str, str] | None:
+    entry = ni.gateways().get("default", {}).get(family)
+    if not entry:
+        return None
+    return str(entry[0]), str(entry[1])
+
+
+def _addresses(ni: Any, family: int) -> Iterable[tuple[str, dict[str, str]]]:
+    for name in ni.interfaces():
+        try:
+            addrs = ni.ifaddresses(name).get(family, [])
+        except ValueError:
+            continue  # vanished meanwhile
+        for a in addrs:
+            yield name, a
+
+
+def _family(ni: Any, address: str) -> int:
+    return int(ni.AF_INET6 if is_ipv6(address) else ni.AF_INET)
+
+
+def interface_with_address(ni: Any, address: str) -> str | None:
+    wanted = ipaddress.ip_address(address)
+    for name, a in _addresses(ni, _family(ni, address)):
+        try:
+            if ipaddress.ip_address(a["addr"].split("%", 1)[0]) == wanted:
+                return name
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def interface_reaching(ni: Any, address: str) -> str | None:
+    """The interface whose on-link subnet contains `address` (the gateway)."""
+    try:
+        wanted = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    for name, a in _addresses(ni, _family(ni, address)):
+        try:
+            host = a["addr"].split("%", 1)[0]
+            mask = a.get("netmask", "")
+            # netifaces gives IPv6 masks as "ffff:ffff::/64": only the prefix length counts.
+            prefix = mask.rsplit("/", 1)[1] if "/" in mask else mask
+            net = ipaddress.ip_network(f"{host}/{prefix}" if prefix else host, strict=False)
+        except (KeyError, ValueError):
+            continue
+        if wanted in net and net.num_addresses > 1:
+            return name
+    return None
