@@ -19,7 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from dsvpn import platform
-from dsvpn.config import ROUTING_TABLE, Config
+from dsvpn.config import Config
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.keys import load_key
 from dsvpn.platform._common import Backend, NetInfo
@@ -156,18 +156,6 @@ class Signals:
         self._w.close()
 
 
-def _identity(cfg: Config, tun: str | None) -> Identity:
-    return Identity(
-        pid=os.getpid(),
-        mode=cfg.mode,
-        tun=tun,
-        port=cfg.port,
-        local_tun_ip=cfg.local_tun_ip,
-        remote_tun_ip=cfg.remote_tun_ip,
-        table=None if cfg.is_server else ROUTING_TABLE,
-    )
-
-
 class Tunnel:
     """One running instance. `run()` returns the exit status; everything it changed on the host
     is undone before it returns, whatever happened."""
@@ -187,7 +175,7 @@ class Tunnel:
             assert cfg.server is not None
             cfg = self.cfg = dataclasses.replace(cfg, server_ip=_resolve(cfg.server, cfg.port))
         cleanup_stale(log.info)
-        check_conflicts(_identity(cfg, cfg.tun_name))
+        check_conflicts(Identity.of(cfg, cfg.tun_name))
         with contextlib.ExitStack() as stack:
             listener = stack.enter_context(_listener(cfg)) if cfg.is_server else None
             self.net = backend.discover(cfg)
@@ -195,7 +183,7 @@ class Tunnel:
             stack.callback(os.close, tun_fd)
             log.info("tun device %s is up (mtu %d)", tun, cfg.mtu)
             signals = stack.enter_context(Signals())
-            journal = Journal(_identity(cfg, tun))
+            journal = Journal(Identity.of(cfg, tun))
             self.runner = Runner(journal, log.info)
             stack.callback(self.runner.undo)  # runs before the tun is closed (LIFO)
             self.plan = backend.plan(cfg, tun, self.net)
