@@ -55,8 +55,9 @@ class Loop:
         """Client: start the handshake on a connected TCP socket.
 
         The loop takes ownership of fd (pass ``sock.detach()``) and closes it when the session
-        or handshake ends, or at once if connect() raises. pkt1 is sent at once; pkt2 is awaited inside run() with a 60 s deadline. Any previous session
-        or handshake is dropped first.
+        or handshake ends, or at once if connect() raises. pkt1 is sent at once; pkt2 is
+        awaited inside run() with a 60 s deadline. Any previous session or handshake is
+        dropped first.
         """
     def run(self, timeout_ms: int) -> tuple[int, str]:
         """Forward packets without the GIL until the first event, or until timeout_ms has
@@ -82,7 +83,9 @@ class Loop:
     def _set_test_clock(self, t: int | None) -> None:
         """Test hook: fixed wall-clock seconds for the client timestamp and the server check."""
     def _set_test_timeouts(
-        self, accept_ms: int | None = None, connect_ms: int | None = None,
+        self,
+        accept_ms: int | None = None,
+        connect_ms: int | None = None,
         send_ms: int | None = None,
     ) -> None:
         """Test hook: shorten the server handshake (10 s), client handshake (60 s) and send

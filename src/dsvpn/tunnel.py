@@ -313,8 +313,13 @@ class Tunnel:
             return
         if net == self.net:
             return
-        log.info("gateway changed: %s via %s -> %s via %s", self.net.gateway, self.net.ext_if,
-                 net.gateway, net.ext_if)
+        log.info(
+            "gateway changed: %s via %s -> %s via %s",
+            self.net.gateway,
+            self.net.ext_if,
+            net.gateway,
+            net.ext_if,
+        )
         plan = self.backend.plan(self.cfg, tun, net)
         self.runner.reapply_gateway(self.plan, plan)
         self.plan, self.net = plan, net

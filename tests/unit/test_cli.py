@@ -116,7 +116,8 @@ def test_missing_key_file_fails_before_root_check(
 
 
 def test_not_root_is_refused_before_anything(
-    tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str],
+    tmp_path: pytest.TempPathFactory,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from dsvpn import tunnel
@@ -128,3 +129,29 @@ def test_not_root_is_refused_before_anything(
     monkeypatch.setattr(tunnel.Tunnel, "run", lambda self: pytest.fail("touched the host"))
     assert cli.main(["server", str(key)]) == 77
     assert capsys.readouterr().err == "dsvpn: needs root (CAP_NET_ADMIN): run it with sudo\n"
+
+
+@pytest.mark.parametrize("name", ["linux", "macos", "openbsd", "freebsd", "netbsd", "dragonfly"])
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_dry_run_prints_the_plan_of_any_platform_without_root(
+    name: str, mode: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsvpn import tunnel
+
+    monkeypatch.setattr(tunnel, "_has_net_admin", lambda: pytest.fail("dry run needs no root"))
+    argv = [mode, "/nonexistent/key", *(["192.0.2.7"] if mode == "client" else [])]
+    assert cli.main([*argv, "--dry-run", "--platform", name]) == 0
+    out = capsys.readouterr().out
+    assert f"dsvpn {mode} on {name}: dry run" in out
+    assert "# set up" in out and "# on exit" in out
+    assert f"(mtu {1500 if name == 'netbsd' else 9000})" in out
+    if name == "openbsd" and mode == "server":
+        assert "pass out from 192.168.192.1 nat-to egress" in out
+    if mode == "client" and name != "linux":
+        assert "route add 192.0.2.7 <gateway>" in out and "route delete 192.0.2.7" in out
+
+
+def test_unknown_platform_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["server", "k", "--dry-run", "--platform", "plan9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "linux" in err and "openbsd" in err
