@@ -1,0 +1,332 @@
+/* Xoodoo[12] kernels (protocol.md section 1) and the Charm duplex built on each of them.
+ *
+ * Kernels: "avx512" (AVX-512F+VL: 128-bit rotates and ternary logic), "ssse3" (pshufb for the
+ * 8-bit rotation), "portable" (plain C, any host and byte order). The SIMD kernels keep each
+ * plane in one 128-bit register. They are compiled with per-function target attributes so the
+ * module itself needs no -m flags and runs on any x86-64; xoo_best() picks one at run time. */
+#ifndef DSVPN_XOODOO_KERNELS_H
+#define DSVPN_XOODOO_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define XOO_FLAG_FINAL 0x01
+#define XOO_FLAG_FULL 0x02
+#define XOO_FLAG_CIPHER 0x04
+
+typedef struct xoo_kernel {
+    const char *name;
+    int (*supported)(void);
+    void (*permute)(uint32_t w[12]);
+    void (*encrypt)(uint32_t w[12], uint8_t *buf, size_t n, uint8_t tag[16]);
+    void (*decrypt)(uint32_t w[12], uint8_t *buf, size_t n, uint8_t tag[16]);
+    void (*hash)(uint32_t w[12], const uint8_t *msg, size_t n, uint8_t out[32]);
+} xoo_kernel;
+
+static const uint32_t XOO_RK[12] = {
+    0x058, 0x038, 0x3c0, 0x0d0, 0x120, 0x014, 0x060, 0x02c, 0x380, 0x0f0, 0x1a0, 0x012,
+};
+
+/* ---- portable ---------------------------------------------------------------------------- */
+
+#define XOO_ROL32(x, n) (((x) << (n)) | ((x) >> (32 - (n))))
+
+typedef struct { uint32_t a[12]; } xoo_portable_t;
+
+static inline uint32_t xoo_load32_le(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline void xoo_store32_le(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+/* A[y][x] = a[4y + x]; written as in the specification, the compiler keeps it in registers */
+static inline void xoo_portable_round(uint32_t a[12], uint32_t rc)
+{
+    uint32_t p[4], e[4], b[12], t;
+    int x;
+
+    for (x = 0; x < 4; x++) {
+        p[x] = a[x] ^ a[4 + x] ^ a[8 + x];
+    }
+    for (x = 0; x < 4; x++) {
+        t = p[(x + 3) & 3];
+        e[x] = XOO_ROL32(t, 5) ^ XOO_ROL32(t, 14);
+    }
+    for (x = 0; x < 4; x++) {
+        b[x] = a[x] ^ e[x];
+        b[4 + x] = a[4 + ((x + 3) & 3)] ^ e[(x + 3) & 3]; /* theta, then rho-west lane shift */
+        t = a[8 + x] ^ e[x];
+        b[8 + x] = XOO_ROL32(t, 11);
+    }
+    b[0] ^= rc;
+    for (x = 0; x < 4; x++) {
+        a[x] = b[x] ^ (~b[4 + x] & b[8 + x]);
+        t = b[4 + x] ^ (~b[8 + x] & b[x]);
+        a[4 + x] = XOO_ROL32(t, 1);
+    }
+    for (x = 0; x < 4; x++) { /* rho-east: A[2][x] = ROL(chi(A[2])[x + 2], 8) */
+        int s = (x + 2) & 3;
+        t = b[8 + s] ^ (~b[s] & b[4 + s]);
+        a[8 + x] = XOO_ROL32(t, 8);
+    }
+}
+
+static inline void xoo_portable_permute_s(xoo_portable_t *s)
+{
+    int r;
+
+    for (r = 0; r < 12; r++) {
+        xoo_portable_round(s->a, XOO_RK[r]);
+    }
+}
+
+static inline void xoo_portable_absorb(xoo_portable_t *s, const uint8_t *p)
+{
+    int i;
+
+    for (i = 0; i < 4; i++) {
+        s->a[i] ^= xoo_load32_le(p + 4 * i);
+    }
+}
+
+static inline void xoo_portable_squeeze(const xoo_portable_t *s, uint8_t *out)
+{
+    int i;
+
+    for (i = 0; i < 4; i++) {
+        xoo_store32_le(out + 4 * i, s->a[i]);
+    }
+}
+
+static inline void xoo_portable_decblock(xoo_portable_t *s, const uint8_t *c, uint8_t *p)
+{
+    int i;
+
+    for (i = 0; i < 4; i++) {
+        uint32_t cw = xoo_load32_le(c + 4 * i);
+        xoo_store32_le(p + 4 * i, cw ^ s->a[i]);
+        s->a[i] = cw;
+    }
+}
+
+static int xoo_portable_supported(void) { return 1; }
+
+#define XK_NAME xoo_portable
+#define XK_KERNEL_NAME "portable"
+#define XK_ATTR
+#define XK_T xoo_portable_t
+#define XK_LOAD(s, w) memcpy((s)->a, (w), 48)
+#define XK_STORE(w, s) memcpy((w), (s)->a, 48)
+#define XK_PERMUTE(s) xoo_portable_permute_s(s)
+#define XK_ABSORB(s, p) xoo_portable_absorb((s), (p))
+#define XK_SQUEEZE(s, out) xoo_portable_squeeze((s), (out))
+#define XK_DECBLOCK(s, c, p) xoo_portable_decblock((s), (c), (p))
+#define XK_FLAGS(s, f) ((s)->a[11] ^= (uint32_t)(f) << 24)
+#include "charm_duplex.h"
+#undef XK_NAME
+#undef XK_KERNEL_NAME
+#undef XK_ATTR
+#undef XK_T
+#undef XK_LOAD
+#undef XK_STORE
+#undef XK_PERMUTE
+#undef XK_ABSORB
+#undef XK_SQUEEZE
+#undef XK_DECBLOCK
+#undef XK_FLAGS
+
+/* ---- x86-64 SIMD ------------------------------------------------------------------------- */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define XOO_HAVE_X86 1
+#include <immintrin.h>
+
+/* planes A[0], A[1], A[2], lane x in 32-bit element x (x86 is little-endian, so the state
+ * bytes load straight into the registers) */
+typedef struct { __m128i a0, a1, a2; } xoo_x86_t;
+
+/* Both SIMD rounds apply rho-west and iota to the theta input instead of its output, since
+ * ROL(a ^ e, n) = ROL(a, n) ^ ROL(e, n) and a lane shift commutes with xor. The plane-side terms
+ * are then computed off the critical path, which shortens the dependency chain of a round (the
+ * duplex is serial, so latency is what sets the speed). */
+
+/* lane x <- lane x - 1 (Ps = P[x-1], rho-west), and lane x <- lane x - 2 (Pss = P[x-2]) */
+#define XOO_LANES_UP 0x93   /* _MM_SHUFFLE(2, 1, 0, 3) */
+#define XOO_LANES_UP2 0x4e  /* _MM_SHUFFLE(1, 0, 3, 2) */
+
+/* rho-east in one pshufb: lane x <- ROL32(lane x + 2, 8) */
+#define XOO_RHO_EAST_BYTES 11, 8, 9, 10, 15, 12, 13, 14, 3, 0, 1, 2, 7, 4, 5, 6
+
+#define XK_LOAD_X86(s, w)                                                                     \
+    do {                                                                                      \
+        (s)->a0 = _mm_loadu_si128((const __m128i *)(const void *)(w));                        \
+        (s)->a1 = _mm_loadu_si128((const __m128i *)(const void *)((w) + 4));                  \
+        (s)->a2 = _mm_loadu_si128((const __m128i *)(const void *)((w) + 8));                  \
+    } while (0)
+#define XK_STORE_X86(w, s)                                                                    \
+    do {                                                                                      \
+        _mm_storeu_si128((__m128i *)(void *)(w), (s)->a0);                                    \
+        _mm_storeu_si128((__m128i *)(void *)((w) + 4), (s)->a1);                              \
+        _mm_storeu_si128((__m128i *)(void *)((w) + 8), (s)->a2);                              \
+    } while (0)
+#define XK_ABSORB_X86(s, p)                                                                   \
+    ((s)->a0 = _mm_xor_si128((s)->a0, _mm_loadu_si128((const __m128i *)(const void *)(p))))
+#define XK_SQUEEZE_X86(s, out) _mm_storeu_si128((__m128i *)(void *)(out), (s)->a0)
+#define XK_DECBLOCK_X86(s, c, p)                                                              \
+    do {                                                                                      \
+        __m128i c_ = _mm_loadu_si128((const __m128i *)(const void *)(c));                     \
+        _mm_storeu_si128((__m128i *)(void *)(p), _mm_xor_si128(c_, (s)->a0));                 \
+        (s)->a0 = c_;                                                                         \
+    } while (0)
+#define XK_FLAGS_X86(s, f)                                                                    \
+    ((s)->a2 = _mm_xor_si128((s)->a2, _mm_set_epi32((int)((uint32_t)(f) << 24), 0, 0, 0)))
+
+/* SSSE3: a rotation by other than 8 is two shifts, whose halves have disjoint bits, so
+ * ROL(p, 5) ^ ROL(p, 14) is the xor of four shifts */
+#define XOO_SSSE3 __attribute__((target("ssse3")))
+#define XOO_SSE_ROL(x, n) _mm_or_si128(_mm_slli_epi32((x), (n)), _mm_srli_epi32((x), 32 - (n)))
+#define XOO_SSE_ROL2(x, m, n)                                                                 \
+    _mm_xor_si128(_mm_xor_si128(_mm_slli_epi32((x), (m)), _mm_srli_epi32((x), 32 - (m))),     \
+                  _mm_xor_si128(_mm_slli_epi32((x), (n)), _mm_srli_epi32((x), 32 - (n))))
+
+static inline XOO_SSSE3 void xoo_ssse3_permute_s(xoo_x86_t *s)
+{
+    const __m128i rho_east = _mm_setr_epi8(XOO_RHO_EAST_BYTES);
+    __m128i a0 = s->a0, a1 = s->a1, a2 = s->a2, p, ps, pss, b0, b1;
+    int r;
+
+    for (r = 0; r < 12; r++) {
+        p = _mm_xor_si128(_mm_xor_si128(a0, a2), a1);
+        ps = _mm_shuffle_epi32(p, XOO_LANES_UP);
+        pss = _mm_shuffle_epi32(p, XOO_LANES_UP2);
+        a0 = _mm_xor_si128(_mm_xor_si128(a0, _mm_cvtsi32_si128((int)XOO_RK[r])),
+                           XOO_SSE_ROL2(ps, 5, 14));
+        a1 = _mm_xor_si128(_mm_shuffle_epi32(a1, XOO_LANES_UP), XOO_SSE_ROL2(pss, 5, 14));
+        a2 = _mm_xor_si128(XOO_SSE_ROL(a2, 11), XOO_SSE_ROL2(ps, 16, 25));
+        b0 = _mm_xor_si128(a0, _mm_andnot_si128(a1, a2)); /* chi, from the pre-chi values */
+        b1 = _mm_xor_si128(a1, _mm_andnot_si128(a2, a0));
+        a2 = _mm_xor_si128(a2, _mm_andnot_si128(a0, a1));
+        a0 = b0;
+        a1 = XOO_SSE_ROL(b1, 1);
+        a2 = _mm_shuffle_epi8(a2, rho_east);
+    }
+    s->a0 = a0;
+    s->a1 = a1;
+    s->a2 = a2;
+}
+
+static int xoo_ssse3_supported(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("ssse3");
+}
+
+#define XK_NAME xoo_ssse3
+#define XK_KERNEL_NAME "ssse3"
+#define XK_ATTR XOO_SSSE3
+#define XK_T xoo_x86_t
+#define XK_LOAD XK_LOAD_X86
+#define XK_STORE XK_STORE_X86
+#define XK_PERMUTE(s) xoo_ssse3_permute_s(s)
+#define XK_ABSORB XK_ABSORB_X86
+#define XK_SQUEEZE XK_SQUEEZE_X86
+#define XK_DECBLOCK XK_DECBLOCK_X86
+#define XK_FLAGS XK_FLAGS_X86
+#include "charm_duplex.h"
+#undef XK_NAME
+#undef XK_KERNEL_NAME
+#undef XK_ATTR
+#undef XK_PERMUTE
+
+/* AVX-512VL: one-instruction rotates (vprold) and three-input logic (vpternlogd) make a round
+ * six dependent instructions deep. 0x96 = a ^ b ^ c, 0xd2 = a ^ (~b & c). */
+#define XOO_AVX512 __attribute__((target("avx512f,avx512vl")))
+
+static inline XOO_AVX512 void xoo_avx512_permute_s(xoo_x86_t *s)
+{
+    const __m128i rho_east = _mm_setr_epi8(XOO_RHO_EAST_BYTES);
+    __m128i a0 = s->a0, a1 = s->a1, a2 = s->a2, p, ps, pss, b0, b1;
+    int r;
+
+    for (r = 0; r < 12; r++) {
+        p = _mm_ternarylogic_epi32(a0, a1, a2, 0x96);
+        ps = _mm_shuffle_epi32(p, XOO_LANES_UP);
+        pss = _mm_shuffle_epi32(p, XOO_LANES_UP2);
+        a0 = _mm_ternarylogic_epi32(_mm_xor_si128(a0, _mm_cvtsi32_si128((int)XOO_RK[r])),
+                                    _mm_rol_epi32(ps, 5), _mm_rol_epi32(ps, 14), 0x96);
+        a1 = _mm_ternarylogic_epi32(_mm_shuffle_epi32(a1, XOO_LANES_UP), _mm_rol_epi32(pss, 5),
+                                    _mm_rol_epi32(pss, 14), 0x96);
+        a2 = _mm_ternarylogic_epi32(_mm_rol_epi32(a2, 11), _mm_rol_epi32(ps, 16),
+                                    _mm_rol_epi32(ps, 25), 0x96);
+        b0 = _mm_ternarylogic_epi32(a0, a1, a2, 0xd2);
+        b1 = _mm_ternarylogic_epi32(a1, a2, a0, 0xd2);
+        a2 = _mm_ternarylogic_epi32(a2, a0, a1, 0xd2);
+        a0 = b0;
+        a1 = _mm_rol_epi32(b1, 1);
+        a2 = _mm_shuffle_epi8(a2, rho_east);
+    }
+    s->a0 = a0;
+    s->a1 = a1;
+    s->a2 = a2;
+}
+
+static int xoo_avx512_supported(void)
+{
+    __builtin_cpu_init(); /* also checks that the OS saves the AVX-512 registers */
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+}
+
+#define XK_NAME xoo_avx512
+#define XK_KERNEL_NAME "avx512"
+#define XK_ATTR XOO_AVX512
+#define XK_PERMUTE(s) xoo_avx512_permute_s(s)
+#include "charm_duplex.h"
+#undef XK_NAME
+#undef XK_KERNEL_NAME
+#undef XK_ATTR
+#undef XK_T
+#undef XK_LOAD
+#undef XK_STORE
+#undef XK_PERMUTE
+#undef XK_ABSORB
+#undef XK_SQUEEZE
+#undef XK_DECBLOCK
+#undef XK_FLAGS
+#endif /* x86-64 */
+
+/* ---- selection --------------------------------------------------------------------------- */
+
+/* every kernel compiled in, fastest first; NULL-terminated */
+static const xoo_kernel *const xoo_kernels[] = {
+#ifdef XOO_HAVE_X86
+    &xoo_avx512_kernel,
+    &xoo_ssse3_kernel,
+#endif
+    &xoo_portable_kernel,
+    NULL,
+};
+
+/* the kernel behind charm_*(); set once at module init (tests may switch it) */
+static const xoo_kernel *xoo_active = &xoo_portable_kernel;
+
+static const xoo_kernel *xoo_best(void)
+{
+    const xoo_kernel *const *k;
+
+    for (k = xoo_kernels; *k != NULL; k++) {
+        if ((*k)->supported()) {
+            return *k;
+        }
+    }
+    return &xoo_portable_kernel;
+}
+
+#endif /* DSVPN_XOODOO_KERNELS_H */

@@ -1,0 +1,44 @@
+"""Shared fixtures for the unit tests."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# tests/vectors.py is a helper module, importable as `vectors` from every test file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import vectors as _vectors
+
+
+@pytest.fixture(scope="session")
+def vectors() -> dict[str, Any]:
+    """The parsed known-answer file of the C reference (skips when it is absent)."""
+    path = _vectors.path()
+    if not path.is_file():
+        pytest.skip(f"known-answer vectors not found at {path} (set DSVPN_VECTORS)")
+    return _vectors.load()
+
+
+def _charm_kernels() -> tuple[str, ...]:
+    try:
+        from dsvpn import charm
+    except ImportError:  # the test module's own import then reports the real error
+        return ("portable",)
+    return tuple(charm._available_kernels())
+
+
+@pytest.fixture(params=_charm_kernels())
+def charm_kernel(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test once per Xoodoo kernel this CPU supports (the portable one included)."""
+    from dsvpn import charm
+
+    previous = charm._use_kernel(request.param)
+    try:
+        yield request.param
+    finally:
+        charm._use_kernel(previous)
