@@ -1,0 +1,909 @@
+"""A network-namespace testbed for dsvpn (end-to-end tests and the benchmark).
+
+No pytest dependency: ``tests/e2e`` and ``ci/bench.py`` both import it. Run as root.
+
+Topology built by :class:`Testbed` (``X`` is a per-run octet; every address and device exists
+only inside the testbed's own namespaces, the root namespace is never touched)::
+
+    client ns  eth0 10.X.1.2/24 ─┐
+    client2 ns eth0 10.X.1.3/24 ─┼─ lan0 (bridge) 10.X.1.1/24  server ns  wan0 10.X.2.1/24 ──
+    ...                          ─┘                                      10.X.2.2/24 eth0  inet ns
+
+- Every client's default route goes via the server host (10.X.1.1).
+- The server's default route goes towards the inet host (10.X.2.2).
+- The inet host only knows 10.X.2.0/24, so it can answer a client only through the VPN and the
+  server's NAT. IPv4 forwarding is off on the server until dsvpn turns it on.
+
+``Testbed.close()`` (also via ``with``) stops the processes it started, by PID, and deletes its
+namespaces, which removes their veths, tun devices, routes and netfilter rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+NS_PREFIX = "dsvt"
+REPO = Path(__file__).resolve().parent.parent
+
+DEFAULT_PORT = 443
+SERVER_TUN_IP = "192.168.192.254"
+CLIENT_TUN_IP = "192.168.192.1"
+
+SYSCTLS = (
+    "net.ipv4.ip_forward",
+    "net.ipv6.conf.all.forwarding",
+    "net.ipv4.tcp_congestion_control",
+)
+
+
+class TestbedError(RuntimeError):
+    """A testbed command failed or a condition was not met in time."""
+
+    __test__ = False  # not a pytest test class
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run argv, capture text output; on failure raise with the command and its stderr."""
+    try:
+        proc = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise TestbedError(f"timed out after {timeout}s: {' '.join(argv)}") from exc
+    if check and proc.returncode != 0:
+        raise TestbedError(
+            f"exit {proc.returncode}: {' '.join(argv)}\n"
+            f"stdout: {proc.stdout.strip()}\nstderr: {proc.stderr.strip()}"
+        )
+    return proc
+
+
+def wait_until(
+    pred: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    procs: Iterable[Proc] = (),
+) -> Any:
+    """Poll pred until it returns a truthy value; raise naming ``what`` after ``timeout`` s.
+
+    If one of ``procs`` exits meanwhile, fail at once with its log instead of waiting.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        for proc in procs:
+            if not proc.alive():
+                raise TestbedError(
+                    f"{proc.name} exited with {proc.returncode} while waiting for {what};"
+                    f" log tail:\n{proc.log_tail()}"
+                )
+        try:
+            value = pred()
+            if value:
+                return value
+        except Exception as exc:  # the condition may raise until it becomes true
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_exc})" if last_exc else ""
+            raise TestbedError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------------------------
+# Namespaces and processes
+
+
+class Netns:
+    """One network namespace, addressed by name (``ip netns exec NAME ...``)."""
+
+    def __init__(self, name: str, role: str) -> None:
+        self.name = name
+        self.role = role
+        self.ip: str | None = None  # the host's main address, set by the testbed
+
+    def __repr__(self) -> str:
+        return f"Netns({self.role}={self.name}, ip={self.ip})"
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        # `ip netns exec` execs the command, so a Popen PID is the command's own PID.
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        return run(self.argv(argv), **kw)
+
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        return subprocess.Popen(self.argv(argv), **kw)
+
+    def sysctl(self, key: str) -> str:
+        return self.run(["sysctl", "-n", key]).stdout.strip()
+
+    def set_sysctl(self, key: str, value: str) -> None:
+        self.run(["sysctl", "-q", "-w", f"{key}={value}"])
+
+    def ping(
+        self, dest: str, count: int = 1, wait: float = 1.0, interval: float = 0.2, size: int = 56
+    ) -> dict[str, Any]:
+        """ICMP echo from this namespace (a python raw socket: no ping binary needed)."""
+        proc = self.run(
+            [sys.executable, "-c", PING, dest, str(count), str(interval), str(wait), str(size)],
+            check=False,
+            timeout=count * (interval + wait) + 20,
+        )
+        lines = proc.stdout.strip().splitlines()
+        if not lines or not lines[-1].startswith("{"):
+            raise TestbedError(f"ping {dest} from {self.name} failed: {proc.stderr.strip()}")
+        return json.loads(lines[-1])
+
+    def ping_ok(self, dest: str, wait: float = 1.0) -> bool:
+        return self.ping(dest, 1, wait)["received"] == 1
+
+    def wait_ping(
+        self, dest: str, timeout: float = 20, what: str | None = None, procs: Iterable[Proc] = ()
+    ) -> None:
+        wait_until(
+            lambda: self.ping_ok(dest), timeout, what or f"ping {self.role} -> {dest}", procs=procs
+        )
+
+    def pids(self) -> list[int]:
+        out = run(["ip", "netns", "pids", self.name], check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def link_stats(self, dev: str) -> dict[str, int]:
+        """The kernel's counters of one device (rx/tx packets, bytes, dropped, errors)."""
+        out = self.run(["ip", "-s", "-j", "link", "show", "dev", dev]).stdout
+        stats = json.loads(out)[0]["stats64"]
+        return {f"{d}_{k}": v for d in ("rx", "tx") for k, v in stats[d].items()}
+
+    def links(self) -> list[str]:
+        out = self.run(["ip", "-j", "link", "show"]).stdout
+        return [link["ifname"] for link in json.loads(out)]
+
+    def tun_links(self) -> list[str]:
+        out = self.run(["ip", "-j", "-d", "link", "show"]).stdout
+        return [
+            link["ifname"]
+            for link in json.loads(out)
+            if link.get("linkinfo", {}).get("info_kind") == "tun"
+        ]
+
+
+class Proc:
+    """A process started in a namespace with stdout+stderr captured to a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        ns: Netns,
+        argv: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.ns = ns
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.popen = ns.popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env
+        )
+        self.pid = self.popen.pid
+
+    def __repr__(self) -> str:
+        return f"Proc({self.name}, pid={self.pid}, ns={self.ns.name})"
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise TestbedError(
+                f"{self.name} (pid {self.pid}) still running after {timeout}s;"
+                f" log tail:\n{self.log_tail()}"
+            ) from exc
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Send sig and wait; SIGKILL (and raise) if the process does not exit in time."""
+        self.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise TestbedError(
+                f"{self.name} (pid {self.pid}) ignored signal {sig} for {timeout}s;"
+                f" log tail:\n{self.log_tail()}"
+            ) from None
+        finally:
+            self._log.close()
+
+    def kill(self) -> int:
+        self.send_signal(signal.SIGKILL)
+        rc = self.popen.wait(10)
+        self._log.close()
+        return rc
+
+
+# --------------------------------------------------------------------------------------------
+# dsvpn implementations (ours or the C reference), so tests and benchmark share one code path
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """How to start one dsvpn implementation: ``base`` argv then DSVPN's positional syntax."""
+
+    name: str
+    base: tuple[str, ...]
+    reference: bool = False  # the C DSVPN: no -v/--dry-run/cleanup, logs on stdout too
+
+    def server_argv(
+        self,
+        key: str | os.PathLike[str],
+        *,
+        port: int | str = "auto",
+        tun: str = "auto",
+        local: str = "auto",
+        remote: str = "auto",
+        ext: str = "auto",
+        listen: str = "auto",
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        return [
+            *self.base,
+            "server",
+            str(key),
+            listen,
+            str(port),
+            tun,
+            local,
+            remote,
+            ext,
+            *self._extra(extra),
+        ]
+
+    def client_argv(
+        self,
+        key: str | os.PathLike[str],
+        server: str,
+        *,
+        port: int | str = "auto",
+        tun: str = "auto",
+        local: str = "auto",
+        remote: str = "auto",
+        gateway: str = "auto",
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        return [
+            *self.base,
+            "client",
+            str(key),
+            server,
+            str(port),
+            tun,
+            local,
+            remote,
+            gateway,
+            *self._extra(extra),
+        ]
+
+    def cleanup_argv(self) -> list[str]:
+        if self.reference:
+            raise TestbedError("the C reference has no cleanup command")
+        return [*self.base, "cleanup"]
+
+    def _extra(self, extra: Sequence[str]) -> list[str]:
+        # The reference takes no options; ours logs every command with -v.
+        return [] if self.reference else list(extra)
+
+
+def ours() -> Impl:
+    return Impl("dsvpn", (sys.executable, "-m", "dsvpn"))
+
+
+def reference(path: str | os.PathLike[str]) -> Impl:
+    path = str(Path(path).resolve())
+    if not os.access(path, os.X_OK):
+        raise TestbedError(f"reference binary not executable: {path}")
+    # The C binary printf()s session events to stdout: line-buffer it so the log is live.
+    base = ("stdbuf", "-oL", "-eL", path) if shutil.which("stdbuf") else (path,)
+    return Impl("dsvpn-c", base, reference=True)
+
+
+def python_env() -> dict[str, str]:
+    """Environment for ``python -m dsvpn``.
+
+    An installed dsvpn is used as it is (CI tests the installed package); only when none is
+    importable does an in-tree build (``setup.py build_ext --inplace``) get src/ on the path.
+    """
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    src = REPO / "src"
+    if importlib.util.find_spec("dsvpn") is None and list((src / "dsvpn").glob("_loop*.so")):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH")) if p)
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots of a namespace's network configuration
+
+
+def _normalise_iptables(text: str) -> str:
+    """iptables-save without comments, counters and empty default tables.
+
+    An nft-backed table that dsvpn touched stays behind empty after its rules are deleted (the
+    kernel/iptables does that, not dsvpn), so a table with only built-in ACCEPT chains and no
+    rules counts as absent.
+    """
+    tables: list[tuple[str, list[str], list[str]]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or line == "COMMIT":
+            continue
+        if line.startswith("*"):
+            tables.append((line, [], []))
+        elif line.startswith(":"):
+            tables[-1][1].append(re.sub(r"\s*\[\d+:\d+\]$", "", line))
+        else:
+            tables[-1][2].append(re.sub(r"^\[\d+:\d+\]\s*", "", line))
+    out: list[str] = []
+    builtin = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
+    for name, chains, rules in tables:
+        trivial = all(c.split()[0][1:] in builtin and c.split()[1] == "ACCEPT" for c in chains)
+        if rules or not trivial:
+            out += [name, *chains, *rules]
+    return "\n".join(out)
+
+
+def _links(ns: Netns) -> str:
+    data = json.loads(ns.run(["ip", "-j", "-d", "link", "show"]).stdout)
+    rows = []
+    for link in data:
+        kind = link.get("linkinfo", {}).get("info_kind", "")
+        flags = ",".join(sorted(f for f in link.get("flags", []) if f != "LOWER_UP"))
+        rows.append(f"{link['ifname']} {kind} mtu {link.get('mtu')} <{flags}>")
+    return "\n".join(sorted(rows))
+
+
+def snapshot(ns: Netns) -> dict[str, str]:
+    """Everything dsvpn may change in a namespace, normalised for comparison."""
+    snap = {
+        "iptables": _normalise_iptables(ns.run(["iptables-save"]).stdout),
+        "ip6tables": _normalise_iptables(ns.run(["ip6tables-save"]).stdout),
+        "ip rule": ns.run(["ip", "rule"]).stdout.strip(),
+        "ip -6 rule": ns.run(["ip", "-6", "rule"]).stdout.strip(),
+        "ip route": ns.run(["ip", "route", "show", "table", "all"]).stdout.strip(),
+        "ip -6 route": ns.run(["ip", "-6", "route", "show", "table", "all"]).stdout.strip(),
+        "ip link": _links(ns),
+    }
+    for key in SYSCTLS:
+        snap[key] = ns.sysctl(key)
+    return snap
+
+
+def diff_snapshots(
+    before: dict[str, str], after: dict[str, str], ignore: Iterable[str] = ()
+) -> str:
+    """A readable unified diff of two snapshots ('' when equal), skipping ``ignore`` keys."""
+    parts = []
+    for key in before:
+        if key in ignore or before[key] == after.get(key):
+            continue
+        diff = difflib.unified_diff(
+            before[key].splitlines(),
+            after.get(key, "").splitlines(),
+            f"{key} before",
+            f"{key} after",
+            lineterm="",
+        )
+        parts.append("\n".join(diff))
+    return "\n".join(parts)
+
+
+def count_rules(ns: Netns, pattern: str) -> int:
+    """How many iptables-save rule lines match a regular expression."""
+    text = _normalise_iptables(ns.run(["iptables-save"]).stdout)
+    rules = [line for line in text.splitlines() if line.startswith("-A")]
+    return sum(1 for line in rules if re.search(pattern, line))
+
+
+# --------------------------------------------------------------------------------------------
+# Small traffic helpers run inside the namespaces (plain python, no extra tools)
+
+# ICMP echo over a raw socket (root). Prints "reply SEQ MONOTONIC RTT_MS" per answer, then JSON.
+PING = r"""
+import json, os, select, socket, struct, sys, time
+dest, count, interval, wait, size = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:5]), \
+    int(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident, payload, rtts = os.getpid() & 0xFFFF, bytes(size), []
+
+def checksum(b):
+    t = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    t = (t >> 16) + (t & 0xFFFF)
+    return ~(t + (t >> 16)) & 0xFFFF
+
+for seq in range(count):
+    seq16 = seq & 0xFFFF
+    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq16) + payload
+    pkt = struct.pack("!BBHHH", 8, 0, checksum(body), ident, seq16) + payload
+    t0 = time.monotonic()
+    s.sendto(pkt, (dest, 0))
+    rtt = None
+    while rtt is None:
+        left = t0 + wait - time.monotonic()
+        if left <= 0 or not select.select([s], [], [], left)[0]:
+            break
+        data, src = s.recvfrom(65535)
+        ihl = (data[0] & 15) * 4
+        typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+        if typ == 0 and rid == ident and rseq == seq16 and src[0] == dest:
+            rtt = time.monotonic() - t0
+    if rtt is not None:
+        rtts.append(rtt * 1000)
+        print(f"reply {seq} {time.monotonic():.6f} {rtt * 1000:.3f}", flush=True)
+    spare = t0 + interval - time.monotonic()
+    if spare > 0 and seq + 1 < count:
+        time.sleep(spare)
+print(json.dumps({"sent": count, "received": len(rtts), "rtts_ms": rtts}), flush=True)
+"""
+
+# Receiver: accept one TCP connection, read to EOF, print peer, byte count and sha256 as JSON.
+RECEIVER = r"""
+import hashlib, json, socket, sys
+port = int(sys.argv[1])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port)); srv.listen(1)
+print("listening", flush=True)
+conn, peer = srv.accept()
+h, n = hashlib.sha256(), 0
+while True:
+    b = conn.recv(1 << 20)
+    if not b:
+        break
+    h.update(b); n += len(b)
+conn.sendall(h.hexdigest().encode())
+conn.close()
+print(json.dumps({"peer": peer[0], "bytes": n, "sha256": h.hexdigest()}), flush=True)
+"""
+
+# Sender: send N random bytes, then read the receiver's digest; print what both sides saw.
+SENDER = r"""
+import hashlib, json, os, socket, sys, time
+host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port), timeout=60)
+h, sent, t0 = hashlib.sha256(), 0, time.monotonic()
+while sent < total:
+    b = os.urandom(min(1 << 18, total - sent))
+    s.sendall(b); h.update(b); sent += len(b)
+s.shutdown(socket.SHUT_WR)
+echo = b""
+while True:
+    b = s.recv(64)
+    if not b:
+        break
+    echo += b
+print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "echo": echo.decode(),
+                  "seconds": time.monotonic() - t0}), flush=True)
+"""
+
+# Request/response echo server and client for 1-byte round trips (TCP_NODELAY on both ends).
+RR_SERVER = r"""
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(1)
+print("listening", flush=True)
+c, _ = srv.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while (b := c.recv(1)):
+    c.sendall(b)
+"""
+
+RR_CLIENT = r"""
+import json, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(int(sys.argv[3])):
+    t0 = time.perf_counter(); s.sendall(b"x")
+    if s.recv(1) != b"x":
+        sys.exit("bad echo")
+    rtts.append(time.perf_counter() - t0)
+print(json.dumps(rtts))
+"""
+
+# Holds one TCP connection open, silent after sending the first N bytes (0: nothing at all, so
+# TCP_DEFER_ACCEPT keeps it from the server; a few bytes: a stalled handshake the server accepted).
+SILENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"\x00" * int(sys.argv[4]))
+print("connected", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# The testbed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_namespaces() -> list[str]:
+    """Delete testbed namespaces whose creating process is gone (a crashed earlier run).
+
+    Names are ``dsvt-<creator pid>-<random>-<role>``; a live creator's namespaces are kept.
+    """
+    removed = []
+    out = run(["ip", "netns", "list"], check=False).stdout
+    for line in out.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = re.fullmatch(rf"{NS_PREFIX}-(\d+)-[0-9a-f]+-\w+", name)
+        if m and not _pid_alive(int(m.group(1))):
+            run(["ip", "netns", "del", name], check=False)
+            removed.append(name)
+    return removed
+
+
+class Testbed:
+    """Client host(s), server host, far ("inet") host, in namespaces of their own."""
+
+    def __init__(
+        self,
+        clients: int = 1,
+        workdir: str | os.PathLike[str] | None = None,
+        octet: int | None = None,
+    ) -> None:
+        self.tag = f"{NS_PREFIX}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.octet = octet if octet is not None else 100 + secrets.randbelow(100)
+        self.lan = f"10.{self.octet}.1"  # clients and the server's LAN side
+        self.wan = f"10.{self.octet}.2"  # the server's external side and the inet host
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.tag}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = self.workdir / "run"  # DSVPN_RUN_DIR shared by this testbed's instances
+        self.run_dir.mkdir(exist_ok=True)
+        self.namespaces: list[Netns] = []
+        self.procs: list[Proc] = []
+        self.clients: list[Netns] = []
+        try:
+            self.server = self._add_ns("srv")
+            self.inet = self._add_ns("inet")
+            self._build_core()
+            for _ in range(clients):
+                self.add_client()
+            self.settle()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _add_ns(self, role: str) -> Netns:
+        ns = Netns(f"{self.tag}-{role}", role)
+        run(["ip", "netns", "add", ns.name])
+        self.namespaces.append(ns)
+        # No IPv6 duplicate address detection: addresses are final at once, snapshots stable.
+        for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
+            ns.set_sysctl(key, "0")
+        ns.run(["ip", "link", "set", "lo", "up"])
+        return ns
+
+    def _build_core(self) -> None:
+        srv, inet = self.server, self.inet
+        self._veth(srv, "wan0", inet, "eth0")
+        srv.run(["ip", "addr", "add", f"{self.wan}.1/24", "dev", "wan0"])
+        srv.run(["ip", "link", "set", "wan0", "up"])
+        inet.run(["ip", "addr", "add", f"{self.wan}.2/24", "dev", "eth0"])
+        inet.run(["ip", "link", "set", "eth0", "up"])
+        # The LAN is a bridge so that several clients share one subnet with different IPs.
+        srv.run(["ip", "link", "add", "lan0", "type", "bridge", "forward_delay", "0"])
+        srv.run(["ip", "addr", "add", f"{self.lan}.1/24", "dev", "lan0"])
+        srv.run(["ip", "link", "set", "lan0", "up"])
+        srv.run(["ip", "route", "add", "default", "via", f"{self.wan}.2"])
+        srv.set_sysctl("net.ipv4.ip_forward", "0")
+        srv.ip = f"{self.lan}.1"
+        inet.ip = f"{self.wan}.2"
+
+    @staticmethod
+    def _veth(a: Netns, name_a: str, b: Netns, name_b: str) -> None:
+        # Both ends are created directly inside their namespaces: no name in the root namespace.
+        a.run(
+            ["ip", "link", "add", name_a, "type", "veth", "peer", "name", name_b, "netns", b.name]
+        )
+
+    def add_client(self) -> Netns:
+        """Another client host on the server's LAN: 10.X.1.2, 10.X.1.3, ..."""
+        n = len(self.clients) + 1
+        ns = self._add_ns(f"cli{n}")
+        port = f"c{n}"
+        self._veth(self.server, port, ns, "eth0")
+        self.server.run(["ip", "link", "set", port, "master", "lan0"])
+        self.server.run(["ip", "link", "set", port, "up"])
+        ns.ip = f"{self.lan}.{n + 1}"
+        ns.run(["ip", "addr", "add", f"{ns.ip}/24", "dev", "eth0"])
+        ns.run(["ip", "link", "set", "eth0", "up"])
+        ns.run(["ip", "route", "add", "default", "via", f"{self.lan}.1"])
+        self.clients.append(ns)
+        wait_until(lambda: ns.ping_ok(self.server.ip), 10, f"LAN link {ns.name} -> server")
+        self.settle()
+        return ns
+
+    def settle(self, timeout: float = 10) -> None:
+        """Wait until every link that is up has its IPv6 link-local address.
+
+        The kernel adds those (and their routes) asynchronously; a snapshot taken before they
+        appear would differ from a later one for reasons that have nothing to do with dsvpn.
+        """
+
+        def settled() -> bool:
+            for ns in self.namespaces:
+                links = json.loads(ns.run(["ip", "-j", "link", "show", "up"]).stdout)
+                addrs = json.loads(
+                    ns.run(["ip", "-j", "-6", "addr", "show", "scope", "link"]).stdout
+                )
+                with_ll = {a["ifname"] for a in addrs if a.get("addr_info")}
+                if any(ln["ifname"] not in with_ll for ln in links if ln["ifname"] != "lo"):
+                    return False
+            return True
+
+        wait_until(settled, timeout, "IPv6 link-local addresses on every link")
+
+    @property
+    def client(self) -> Netns:
+        return self.clients[0]
+
+    @property
+    def server_ext_ip(self) -> str:
+        """The address the inet host sees when the server NATs a client."""
+        return f"{self.wan}.1"
+
+    # -- files and processes ------------------------------------------------------------------
+
+    def write_key(self, name: str = "key", data: bytes | None = None) -> Path:
+        path = self.workdir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32) if data is None else data)
+        return path
+
+    def env(self, ns: Netns) -> dict[str, str]:
+        """Environment of a dsvpn process in ns: its own DSVPN_RUN_DIR under the workdir.
+
+        One run directory per namespace, as if each namespace were its own host: journals of
+        one namespace's instances must never be undone in another namespace.
+        """
+        env = python_env()
+        run_dir = self.run_dir / ns.role
+        run_dir.mkdir(exist_ok=True)
+        env["DSVPN_RUN_DIR"] = str(run_dir)
+        return env
+
+    def start(self, ns: Netns, argv: Sequence[str], name: str) -> Proc:
+        """Start a process in ns; its output goes to workdir/<name>.log."""
+        log = self.workdir / f"{name}.log"
+        shown = " ".join("<script>" if "\n" in a else a for a in argv)
+        with open(log, "ab") as f:
+            f.write(f"=== {time.strftime('%H:%M:%S')} [{ns.role}] {shown}\n".encode())
+        proc = Proc(name, ns, argv, log, env=self.env(ns))
+        self.procs.append(proc)
+        return proc
+
+    def run_in(self, ns: Netns, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run a short command in ns with the testbed's environment (DSVPN_RUN_DIR)."""
+        kw.setdefault("env", self.env(ns))
+        return ns.run(argv, **kw)
+
+    def start_script(self, ns: Netns, script: str, args: Sequence[Any], name: str) -> Proc:
+        return self.start(ns, [sys.executable, "-c", script, *map(str, args)], name)
+
+    def start_server(
+        self,
+        impl: Impl,
+        key: Path,
+        *,
+        name: str = "server",
+        port: int = DEFAULT_PORT,
+        wait: bool = True,
+        **kw: Any,
+    ) -> Proc:
+        """Start a dsvpn server in the server namespace; wait until its port listens."""
+        kw.setdefault("extra", ("-v",))
+        proc = self.start(self.server, impl.server_argv(key, port=port, **kw), name)
+        if wait:
+            self.wait_listening(proc, port)
+        return proc
+
+    def start_client(
+        self,
+        impl: Impl,
+        key: Path,
+        *,
+        ns: Netns | None = None,
+        name: str = "client",
+        port: int = DEFAULT_PORT,
+        **kw: Any,
+    ) -> Proc:
+        kw.setdefault("extra", ("-v",))
+        assert self.server.ip
+        ns = ns or self.client
+        return self.start(ns, impl.client_argv(key, self.server.ip, port=port, **kw), name)
+
+    def tunnel_up(
+        self,
+        impl: Impl,
+        key: Path,
+        *,
+        client_impl: Impl | None = None,
+        ns: Netns | None = None,
+        port: int = DEFAULT_PORT,
+        net: str | None = None,
+        tun: str = "auto",
+        suffix: str = "",
+        timeout: float = 30,
+    ) -> tuple[Proc, Proc]:
+        """Start a server and a client; return once the client pings the server's tun address.
+
+        ``net`` ("192.168.193") selects the tunnel addresses net.254 (server) and net.1 (client);
+        None leaves them to the implementation's defaults (192.168.192.254 and .1).
+        """
+        ns = ns or self.client
+        addrs: dict[str, str] = {}
+        if net:
+            addrs = {"local": f"{net}.254", "remote": f"{net}.1"}
+        server = self.start_server(impl, key, port=port, tun=tun, name=f"server{suffix}", **addrs)
+        if net:
+            addrs = {"local": f"{net}.1", "remote": f"{net}.254"}
+        client = self.start_client(
+            client_impl or impl, key, ns=ns, port=port, tun=tun, name=f"client{suffix}", **addrs
+        )
+        ns.wait_ping(
+            f"{net or '192.168.192'}.254",
+            timeout,
+            procs=(server, client),
+            what=f"ping {ns.role} -> server tun address through the tunnel",
+        )
+        return server, client
+
+    def wait_listening(self, proc: Proc, port: int, timeout: float = 15) -> None:
+        def listening() -> bool:
+            if not proc.alive():
+                raise TestbedError(f"{proc.name} exited ({proc.returncode}):\n{proc.log_tail()}")
+            out = proc.ns.run(["ss", "-Hltn", f"sport = :{port}"]).stdout
+            return bool(out.strip())
+
+        wait_until(listening, timeout, f"{proc.name} listening on port {port}")
+
+    def wait_log(self, proc: Proc, pattern: str, timeout: float = 15) -> str:
+        """Wait for a regular expression in a process's log; return the matching line."""
+        rx = re.compile(pattern, re.IGNORECASE)
+
+        def found() -> str | None:
+            for line in proc.log().splitlines():
+                if rx.search(line):
+                    return line
+            return None
+
+        return wait_until(found, timeout, f"/{pattern}/ in {proc.name} log")
+
+    def transfer(
+        self,
+        src: Netns,
+        dst: Netns,
+        dst_ip: str,
+        nbytes: int,
+        port: int = 5201,
+        timeout: float = 180,
+    ) -> dict[str, Any]:
+        """Send nbytes src -> dst_ip over TCP; return the receiver's and sender's reports."""
+        rx = self.start_script(dst, RECEIVER, [port], f"receiver-{port}")
+        try:
+            self.wait_log(rx, "listening", 10)
+            tx = src.run(
+                [sys.executable, "-c", SENDER, dst_ip, str(port), str(nbytes)], timeout=timeout
+            )
+            rx.wait(30)
+            received = json.loads(rx.log().splitlines()[-1])
+        finally:
+            if rx.alive():
+                rx.kill()
+        return {"sent": json.loads(tx.stdout), "received": received}
+
+    def close(self) -> None:
+        """Stop every started process (by PID) and delete the namespaces. Idempotent."""
+        for proc in reversed(self.procs):
+            if proc.alive():
+                with contextlib.suppress(Exception):
+                    proc.kill()
+        self.procs.clear()
+        for ns in reversed(self.namespaces):
+            # Anything still inside our own namespace was started by this testbed.
+            for pid in ns.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            run(["ip", "netns", "del", ns.name], check=False)
+        self.namespaces.clear()
+        if self._own_workdir and not os.environ.get("DSVPN_KEEP_LOGS"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def logs(self) -> str:
+        """Every process log of this testbed, for a failure report."""
+        parts = []
+        for path in sorted(self.workdir.glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-60:]
+            parts.append(f"----- {path.name}\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def missing_prerequisites() -> str | None:
+    """Why the testbed cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, tun, iptables)"
+    for tool in ("ip", "ss", "iptables", "iptables-save", "ip6tables-save", "sysctl"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    return None
