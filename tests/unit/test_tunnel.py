@@ -48,7 +48,7 @@ def test_unresolvable_server_name(monkeypatch: pytest.MonkeyPatch) -> None:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", fail)
-    with pytest.raises(NetworkError, match="cannot resolve server name 'vpn.example'"):
+    with pytest.raises(NetworkError, match=r"cannot resolve server name 'vpn\.example'"):
         tunnel._resolve("vpn.example", 443)
 
 
