@@ -7,7 +7,12 @@ SSSE3 or portable C) is chosen once at import, from what this CPU supports.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 from libc.stdint cimport uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset, strcmp
@@ -115,6 +120,12 @@ cdef int _get(Py_buffer* view, object data, Py_ssize_t size, str what) except -1
 cdef bytes _copy_of(object data):
     """A new bytes object with the contents of data, ours to modify in place."""
     cdef Py_buffer view
+    cdef Py_ssize_t n
+    if PyBytes_CheckExact(data):  # the common case, without the buffer protocol's cost
+        n = PyBytes_GET_SIZE(data)
+        out = PyBytes_FromStringAndSize(NULL, n)
+        memcpy(PyBytes_AS_STRING(out), PyBytes_AS_STRING(data), n)
+        return out
     _get(&view, data, -1, "")
     # never PyBytes_FromStringAndSize(data, 1): CPython shares 1-byte objects
     out = PyBytes_FromStringAndSize(NULL, view.len)
