@@ -105,13 +105,17 @@ def main() -> None:
         t.join()
     cs, ss = cli.stats(), srv.stats()
     gbps = int(got) * 8 / float(dt) / 1e9
-    print(f"packet {args.size} B: {gbps:.2f} Gbit/s of payload "
-          f"({int(got) / args.size / float(dt) / 1e3:.0f} kpps), "
-          f"loops' CPU {((t1.user - t0.user) + (t1.system - t0.system)):.1f} s "
-          f"(user {t1.user - t0.user:.1f} sys {t1.system - t0.system:.1f})")
-    print(f"client: frames_tx {cs['frames_tx']} sock_tx {cs['sock_tx_bytes']} "
-          f"congestion_drops {cs['congestion_drops']}; "
-          f"server: frames_rx {ss['frames_rx']} tun_tx_errors {ss['tun_tx_errors']}")
+    print(
+        f"packet {args.size} B: {gbps:.2f} Gbit/s of payload "
+        f"({int(got) / args.size / float(dt) / 1e3:.0f} kpps), "
+        f"loops' CPU {((t1.user - t0.user) + (t1.system - t0.system)):.1f} s "
+        f"(user {t1.user - t0.user:.1f} sys {t1.system - t0.system:.1f})"
+    )
+    print(
+        f"client: frames_tx {cs['frames_tx']} sock_tx {cs['sock_tx_bytes']} "
+        f"congestion_drops {cs['congestion_drops']}; "
+        f"server: frames_rx {ss['frames_rx']} tun_tx_errors {ss['tun_tx_errors']}"
+    )
     srv.close()
     cli.close()
 

@@ -50,7 +50,11 @@ class Loop:
         af_inet: int = 2,
         af_inet6: int = 10,
         mtu: int = 9000,
-    ) -> None: ...
+        vnet_hdr: bool = False,
+    ) -> None:
+        """vnet_hdr: the tun was opened with IFF_VNET_HDR (Linux; excludes tun_header). TCP
+        segments are then merged into GSO packets on the way into the tun, and TSO packets
+        from the tun are cut into ordinary packets before framing (tun_vnet.h)."""
     def connect(self, fd: int) -> None:
         """Client: start the handshake on a connected TCP socket.
 
@@ -75,8 +79,10 @@ class Loop:
         """Counters: tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors,
         sock_rx_bytes, sock_tx_bytes (session bytes, handshakes not counted), frames_rx,
         frames_tx, congestion_drops, no_session_drops, oversize_drops (tun packets > 65535
-        bytes), short_drops (tun_header mode: packets < 20 bytes not written), handshakes_ok,
-        handshakes_failed, pending_handshakes, rx_buffered, tx_queued."""
+        bytes, or TSO packets that cannot be cut), tun_writes (write calls to the tun; fewer
+        than tun_tx_packets when segments were merged), tun_merged (packets written as part of
+        a merged GSO packet), short_drops (tun_header mode: packets < 20 bytes not written),
+        handshakes_ok, handshakes_failed, pending_handshakes, rx_buffered, tx_queued."""
     def _set_test_random(self, data: bytes | None) -> None:
         """Test hook: the next handshakes take their 32 random bytes from data, 32 at a time
         (then the OS again)."""

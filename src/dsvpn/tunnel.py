@@ -214,6 +214,7 @@ class Tunnel:
             af_inet=framing.af_inet,
             af_inet6=framing.af_inet6,
             mtu=self.cfg.mtu,
+            vnet_hdr=framing.vnet_hdr,
         )
 
     # -- server -----------------------------------------------------------------------------

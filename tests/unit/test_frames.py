@@ -86,8 +86,9 @@ class Session:
         self.lst.bind(("127.0.0.1", 0))
         self.lst.listen(4)
         self.lst.setblocking(False)
-        self.loop = L.Loop(self.tun.fileno(), key, is_server=True,
-                           listen_fd=self.lst.fileno(), **kw)
+        self.loop = L.Loop(
+            self.tun.fileno(), key, is_server=True, listen_fd=self.lst.fileno(), **kw
+        )
         if clock is not None:
             self.loop._set_test_clock(clock)
         if srv_rnd is not None:
@@ -144,8 +145,13 @@ def sessions():
 def stream_session(sessions, vec):
     fs = vec["frames_stream"]
     h = fs["handshake"]
-    s = sessions(key=hx(h["key"]), rnd=hx(h["client_random"]), ts=h["timestamp"],
-                 clock=h["server_clock"], srv_rnd=hx(h["server_random"]))
+    s = sessions(
+        key=hx(h["key"]),
+        rnd=hx(h["client_random"]),
+        ts=h["timestamp"],
+        clock=h["server_clock"],
+        srv_rnd=hx(h["server_random"]),
+    )
     assert s.session_key == hx(fs["session_key"])
     return s, fs
 
@@ -176,7 +182,7 @@ def test_stream_byte_by_byte(sessions, vec):
     s, fs = stream_session(sessions, vec)
     stream = hx(fs["stream"])
     for i in range(len(stream)):
-        s.feed(stream[i:i + 1])
+        s.feed(stream[i : i + 1])
         assert stat(s.loop, "rx_buffered") <= 8 + 104
     assert tun_drain(s.peer_tun) == [hx(f["plaintext"]) for f in fs["frames"]]
     assert stat(s.loop, "rx_buffered") == 0
@@ -244,8 +250,8 @@ def test_large_and_oversized_packets(sessions):
     s = sessions()
     big = bytes([0x45]) + bytes(i % 251 for i in range(65534))
     assert len(big) == 65535
-    s.peer_tun.send(bytes(65536))        # refused: LEN cannot encode it
-    s.peer_tun.send(big)                 # the largest that fits
+    s.peer_tun.send(bytes(65536))  # refused: LEN cannot encode it
+    s.peer_tun.send(big)  # the largest that fits
     pump(s.loop, lambda _: stat(s.loop, "frames_tx") == 1 and stat(s.loop, "tx_queued") == 0)
     assert stat(s.loop, "oversize_drops") == 1
     assert recv_exact(s.sock, 2) == b"\xff\xff"
@@ -254,7 +260,7 @@ def test_large_and_oversized_packets(sessions):
     # the other direction, in many small TCP segments
     f = s.frame(big)
     for i in range(0, len(f), 7000):
-        s.feed(f[i:i + 7000])
+        s.feed(f[i : i + 7000])
     assert tun_drain(s.peer_tun) == [big]
 
 
@@ -263,7 +269,7 @@ def test_split_frames_across_reads(sessions):
     pkts = [bytes([0x45]) + bytes([i]) * (i * 37 % 1400) for i in range(60)]
     wire = b"".join(s.frame(p) for p in pkts)
     for i in range(0, len(wire), 997):
-        s.feed(wire[i:i + 997])
+        s.feed(wire[i : i + 997])
     assert tun_drain(s.peer_tun) == pkts
 
 
@@ -355,7 +361,7 @@ def test_bufferbloat_control(vec):
         A, B, C = (hx(bb["packets"][k]) for k in "ABC")
         peer_tun.send(A)
         pump(loop, lambda _: stat(loop, "frames_tx") == 1)
-        assert stat(loop, "tx_queued") == len(A) + 8     # EAGAIN: held in our buffer
+        assert stat(loop, "tx_queued") == len(A) + 8  # EAGAIN: held in our buffer
         peer_tun.send(B)
         peer_tun.send(C)
         loop.run(50)

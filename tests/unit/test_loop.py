@@ -84,9 +84,13 @@ def test_end_to_end_both_directions(pair):
         pair.cpeer.send(up[i])
         pair.speer.send(down[i])
         if i % 50 == 49:
-            pump([pair.cli, pair.srv], lambda _, n=i + 1: (
-                pair.srv.stats()["tun_tx_packets"] == n
-                and pair.cli.stats()["tun_tx_packets"] == n))
+            pump(
+                [pair.cli, pair.srv],
+                lambda _, n=i + 1: (
+                    pair.srv.stats()["tun_tx_packets"] == n
+                    and pair.cli.stats()["tun_tx_packets"] == n
+                ),
+            )
             got_up += [pair.speer.recv(70000) for _ in range(50)]
             got_down += [pair.cpeer.recv(70000) for _ in range(50)]
     assert got_up == up and got_down == down
@@ -193,6 +197,7 @@ def test_send_timeout():
         import struct
 
         from dsvpn.charm import Charm
+
         c = socket.socket()
         c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         c.connect(lst.getsockname())

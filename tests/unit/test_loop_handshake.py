@@ -104,8 +104,9 @@ class Rig:
     def __init__(self, key, host="127.0.0.1", **kw):
         self.tun, self.peer_tun = tun_pair()
         self.lst = listener(host)
-        self.loop = L.Loop(self.tun.fileno(), key, is_server=True,
-                           listen_fd=self.lst.fileno(), **kw)
+        self.loop = L.Loop(
+            self.tun.fileno(), key, is_server=True, listen_fd=self.lst.fileno(), **kw
+        )
 
     def close(self):
         self.loop.close()
@@ -360,8 +361,9 @@ def test_other_ip_refused_same_ip_replaces(rigs):
     b = RawClient(rig.lst, KEY, src="127.0.0.3")
     b.hello()
     evs = pump(rig.loop, has(L.EV_LOG))
-    assert evs == [(L.EV_LOG, "connection from 127.0.0.3 refused: "
-                    "a session from 127.0.0.2 is already active")]
+    assert evs == [
+        (L.EV_LOG, "connection from 127.0.0.3 refused: a session from 127.0.0.2 is already active")
+    ]
     assert_closed(b.sock)
     roundtrip(rig, a, 2)
     # a reconnect from the same IP replaces the session
@@ -418,8 +420,9 @@ def test_dual_stack_mapped_address_compare():
         except OSError:
             pytest.skip("no ::1")
         evs = pump(loop, has(L.EV_LOG))
-        assert evs == [(L.EV_LOG, "connection from ::1 refused: "
-                        "a session from 127.0.0.1 is already active")]
+        assert evs == [
+            (L.EV_LOG, "connection from ::1 refused: a session from 127.0.0.1 is already active")
+        ]
         assert_closed(v6)
     finally:
         loop.close()
@@ -448,9 +451,13 @@ def test_client_server_closes_during_handshake():
         recv_exact(srv, 72)
         srv.close()
         evs = pump(loop, has(L.EV_HANDSHAKE_FAILED))
-        assert evs == [(L.EV_HANDSHAKE_FAILED,
-                        "the server closed the connection during the handshake: wrong key, "
-                        "or the server is busy with another client")]
+        assert evs == [
+            (
+                L.EV_HANDSHAKE_FAILED,
+                "the server closed the connection during the handshake: wrong key, "
+                "or the server is busy with another client",
+            )
+        ]
         assert not loop.session_active
         assert loop.stats()["handshakes_failed"] == 1
     finally:

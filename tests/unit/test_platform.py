@@ -73,8 +73,9 @@ def test_current_linux() -> None:
 
 
 def test_framing_and_mtu() -> None:
-    assert platform.by_name("macos").framing == (True, 2, 30)
-    assert platform.by_name("openbsd").framing == (True, 2, 24)
+    assert platform.by_name("macos").framing == (True, 2, 30, False)
+    assert platform.by_name("openbsd").framing == (True, 2, 24, False)
+    assert platform.by_name("linux").framing.vnet_hdr
     for name in ("linux", "freebsd", "netbsd", "dragonfly"):
         assert not platform.by_name(name).framing.header
     assert platform.by_name("netbsd").default_mtu == 1500
@@ -307,10 +308,13 @@ def test_linux_open_tun_ioctls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     fd, name = linux.LinuxBackend(clone_dev=str(dev)).open_tun(None, 9000)
     os.close(fd)
     assert name == "tun4"
-    (req1, ifr1), (req2, ifr2) = seen
+    (req1, ifr1), (req3, offloads), (req2, ifr2) = seen
+    assert req3 == linux.TUNSETOFFLOAD and offloads == linux.TUN_OFFLOADS
     assert req1 == linux.TUNSETIFF and len(ifr1) == 40
     assert ifr1[:16] == b"\0" * 16
-    assert int.from_bytes(ifr1[16:18], sys.byteorder) == linux.IFF_TUN | linux.IFF_NO_PI
+    assert int.from_bytes(ifr1[16:18], sys.byteorder) == (
+        linux.IFF_TUN | linux.IFF_NO_PI | linux.IFF_VNET_HDR
+    )
     assert req2 == linux.SIOCSIFMTU and ifr2[:5] == b"tun4\0"
     assert int.from_bytes(ifr2[16:20], sys.byteorder, signed=True) == 9000
 

@@ -33,6 +33,8 @@ class TunFraming(NamedTuple):
     header: bool
     af_inet: int
     af_inet6: int
+    # Linux: the tun is opened with IFF_VNET_HDR (a virtio_net_hdr before every packet).
+    vnet_hdr: bool = False
 
 
 class Backend(ABC):

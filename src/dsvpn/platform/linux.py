@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -17,6 +18,11 @@ from dsvpn.rules import Plan, Step
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+# TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN: the stack may hand us 64 KiB TCP
+# packets with partial checksums; the loop cuts them into ordinary packets (tun_vnet.h).
+TUN_OFFLOADS = 0x01 | 0x02 | 0x04 | 0x08
 SIOCSIFMTU = 0x8922
 IFNAMSIZ = 16
 
@@ -141,7 +147,8 @@ def client_plan(cfg: Config, tun: str, net: NetInfo) -> Plan:
 
 class LinuxBackend(Backend):
     name = "linux"
-    framing = TunFraming(header=False, af_inet=socket.AF_INET, af_inet6=10)
+    # vnet_hdr: lets the loop write merged TCP segments as one GSO packet (see tun_vnet.h).
+    framing = TunFraming(header=False, af_inet=socket.AF_INET, af_inet6=10, vnet_hdr=True)
     tools = (("ip", "iproute2"), ("iptables", "iptables"), ("sysctl", "procps"))
 
     def __init__(
@@ -180,12 +187,17 @@ class LinuxBackend(Backend):
             raise tun_open_error(exc, self._clone_dev) from exc
         try:
             # An empty name lets the kernel pick tunN.
-            ifr = struct.pack("16sH22x", (wanted or "").encode(), IFF_TUN | IFF_NO_PI)
+            # IFF_VNET_HDR: a virtio_net_hdr before every packet, for GSO in both directions.
+            flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR
+            ifr = struct.pack("16sH22x", (wanted or "").encode(), flags)
             try:
                 ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
             except OSError as exc:
                 raise tun_open_error(exc, label) from exc
             name = ifr[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+            # TSO on the tun is only a speed-up: without it the kernel sends ordinary packets.
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_OFFLOADS)
             set_mtu(name, mtu)
         except BaseException:
             os.close(fd)

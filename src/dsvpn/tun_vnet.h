@@ -1,0 +1,402 @@
+/* Linux tun with IFF_VNET_HDR: every read and write carries a 10-byte virtio_net_hdr.
+ *
+ * Why: each packet written to a tun walks the receiving host's stack on its own (forwarding,
+ * NAT, veth, the far host's TCP), and on the receiving side of the tunnel that per-packet
+ * work, not the cipher, was the bottleneck. Here consecutive segments of one TCP flow taken
+ * from one socket read are written as ONE GSO super-packet (userspace GRO, as wireguard-go
+ * does), so the kernel walks its stack once per up to 64 KB and splits the packet again only
+ * where it must (a veth delivers it whole to the far host's TCP).
+ *
+ * Nothing changes on the wire: frames still carry exactly the IP packets the peer's tun gave
+ * it; merging happens only after decryption, on the way into our own tun. The merge rules
+ * follow the kernel's own GRO (tcp_gro_receive): same addresses, ports, IP header fields, ACK,
+ * window and TCP options; contiguous sequence numbers; every segment but the last exactly
+ * gso_size long; only ACK/PSH flags; a PSH or short segment ends the group. Segments whose
+ * IPv4 header or TCP checksum is wrong are never merged (the kernel sees and drops them
+ * as before), since a merged packet gets a fresh checksum.
+ *
+ * Reads: no offloads are enabled (no TUNSETOFFLOAD), so the kernel hands us ordinary packets
+ * with complete checksums and the header is skipped; the rare partial checksum is completed
+ * and GSO packets, which it should never send, are refused by the caller. */
+#ifndef DSVPN_TUN_VNET_H
+#define DSVPN_TUN_VNET_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define DSVPN_VNET_HDR_LEN 10
+#define DSVPN_GRO_MAX_SEGS 64 /* 64 x 1448 bytes > 65535 anyway */
+#define DSVPN_GRO_MAX_LEN 65535
+
+/* struct virtio_net_hdr (legacy layout, native byte order on a legacy tun) */
+struct dsvpn_vnet_hdr {
+    uint8_t  flags;       /* 1 = VIRTIO_NET_HDR_F_NEEDS_CSUM */
+    uint8_t  gso_type;    /* 0 none, 1 TCPV4, 4 TCPV6 */
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+};
+
+struct dsvpn_gro {
+    struct dsvpn_vnet_hdr hdr;
+    struct iovec          iov[DSVPN_GRO_MAX_SEGS + 1];
+    int                   segs;     /* 0: no group pending */
+    uint8_t              *first;    /* first packet: headers are patched in place on flush */
+    size_t                iphl, hl; /* IP header length, IP + TCP header length */
+    size_t                total;    /* length of the super-packet */
+    size_t                gso_size;
+    uint32_t              next_seq;
+    int                   v6, psh, closed;
+    uint64_t              writes, errors, merged; /* tun writes, failed ones, segments merged */
+};
+
+static inline uint64_t dsvpn_csum_add(uint64_t sum, const uint8_t *p, size_t n)
+{
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        sum += (w & 0xffffffffu) + (w >> 32); /* native-order words; folded the same way */
+        p += 8;
+        n -= 8;
+    }
+    while (n >= 2) {
+        uint16_t w;
+        memcpy(&w, p, 2);
+        sum += w;
+        p += 2;
+        n -= 2;
+    }
+    if (n) {
+        uint16_t w = 0;
+        memcpy(&w, p, 1);
+        sum += w;
+    }
+    return sum;
+}
+
+/* Fold to 16 bits, result in native order of the summed 16-bit words. */
+static inline uint16_t dsvpn_csum_fold(uint64_t sum)
+{
+    while (sum >> 16) {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    return (uint16_t) sum;
+}
+
+static inline uint16_t dsvpn_be16(const uint8_t *p)
+{
+    return (uint16_t) ((p[0] << 8) | p[1]);
+}
+
+static inline void dsvpn_put_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t) (v >> 8);
+    p[1] = (uint8_t) v;
+}
+
+static inline uint32_t dsvpn_be32(const uint8_t *p)
+{
+    return ((uint32_t) p[0] << 24) | ((uint32_t) p[1] << 16) | ((uint32_t) p[2] << 8) | p[3];
+}
+
+/* Pseudo-header sum (not folded) for TCP over the given L4 length. */
+static inline uint64_t dsvpn_pseudo(const uint8_t *pkt, int v6, size_t l4len)
+{
+    uint8_t  tail[4] = { 0, 6, 0, 0 }; /* zero, protocol (TCP) / length, as 16-bit words */
+    uint8_t  len4[4];
+    uint64_t s;
+    if (v6) {
+        s = dsvpn_csum_add(0, pkt + 8, 32);
+        len4[0] = (uint8_t) (l4len >> 24);
+        len4[1] = (uint8_t) (l4len >> 16);
+        len4[2] = (uint8_t) (l4len >> 8);
+        len4[3] = (uint8_t) l4len;
+        s = dsvpn_csum_add(s, len4, 4);
+        tail[0] = 0;
+        tail[1] = 0;
+        tail[2] = 0;
+        tail[3] = 6;
+        return dsvpn_csum_add(s, tail, 4);
+    }
+    s = dsvpn_csum_add(0, pkt + 12, 8);
+    tail[2] = (uint8_t) (l4len >> 8);
+    tail[3] = (uint8_t) l4len;
+    return dsvpn_csum_add(s, tail, 4);
+}
+
+/* If pkt is a TCP segment that may be merged, fill *iphl, *hl and return 1. */
+static inline int dsvpn_gro_candidate(const uint8_t *pkt, size_t len, size_t *iphl, size_t *hl)
+{
+    size_t ipl, thl;
+    int    v6;
+    if (len < 40) {
+        return 0;
+    }
+    if ((pkt[0] >> 4) == 4) {
+        /* IHL 5, TCP, DF set, not a fragment, total length exact */
+        if (pkt[0] != 0x45 || pkt[9] != 6 || (dsvpn_be16(pkt + 6) & 0x7fff) != 0x4000
+            || dsvpn_be16(pkt + 2) != len) {
+            return 0;
+        }
+        if (dsvpn_csum_fold(dsvpn_csum_add(0, pkt, 20)) != 0xffff) {
+            return 0;
+        }
+        ipl = 20;
+        v6 = 0;
+    } else if ((pkt[0] >> 4) == 6) {
+        if (len < 60 || pkt[6] != 6 || (size_t) dsvpn_be16(pkt + 4) + 40 != len) {
+            return 0;
+        }
+        ipl = 40;
+        v6 = 1;
+    } else {
+        return 0;
+    }
+    thl = (size_t) (pkt[ipl + 12] >> 4) * 4;
+    if (thl < 20 || ipl + thl >= len) {
+        return 0; /* no payload: pure ACKs go as they are */
+    }
+    /* only ACK, optionally PSH; no urgent pointer */
+    if ((pkt[ipl + 13] & ~0x08) != 0x10 || pkt[ipl + 18] || pkt[ipl + 19]) {
+        return 0;
+    }
+    if (dsvpn_csum_fold(dsvpn_csum_add(dsvpn_pseudo(pkt, v6, len - ipl), pkt + ipl, len - ipl))
+        != 0xffff) {
+        return 0;
+    }
+    *iphl = ipl;
+    *hl = ipl + thl;
+    return 1;
+}
+
+static inline void dsvpn_tun_writev(int fd, struct dsvpn_gro *g, struct iovec *iov, int n)
+{
+    ssize_t r;
+    do {
+        r = writev(fd, iov, n);
+    } while (r < 0 && errno == EINTR);
+    g->writes++;
+    if (r < 0) {
+        g->errors++;
+    }
+}
+
+/* Write one packet unchanged, with an empty header. */
+static inline void dsvpn_vnet_write1(int fd, struct dsvpn_gro *g, uint8_t *pkt, size_t len)
+{
+    static const uint8_t zero[DSVPN_VNET_HDR_LEN] = { 0 };
+    struct iovec         iov[2];
+    iov[0].iov_base = (void *) zero;
+    iov[0].iov_len = DSVPN_VNET_HDR_LEN;
+    iov[1].iov_base = pkt;
+    iov[1].iov_len = len;
+    dsvpn_tun_writev(fd, g, iov, 2);
+}
+
+static inline void dsvpn_gro_flush(int fd, struct dsvpn_gro *g)
+{
+    uint8_t *p = g->first;
+    size_t   iphl = g->iphl;
+    uint16_t c;
+    if (g->segs == 0) {
+        return;
+    }
+    if (g->segs == 1) {
+        dsvpn_vnet_write1(fd, g, p, g->iov[1].iov_len);
+        g->segs = 0;
+        return;
+    }
+    if (g->v6) {
+        dsvpn_put_be16(p + 4, (uint16_t) (g->total - 40));
+    } else {
+        dsvpn_put_be16(p + 2, (uint16_t) g->total);
+        p[10] = p[11] = 0;
+        c = (uint16_t) ~dsvpn_csum_fold(dsvpn_csum_add(0, p, 20));
+        memcpy(p + 10, &c, 2); /* native-order sum stored as is = network order result */
+    }
+    if (g->psh) {
+        p[iphl + 13] |= 0x08;
+    }
+    /* CHECKSUM_PARTIAL convention: the field holds the folded pseudo-header sum */
+    c = dsvpn_csum_fold(dsvpn_pseudo(p, g->v6, g->total - iphl));
+    memcpy(p + iphl + 16, &c, 2);
+    g->hdr.flags = 1;
+    g->hdr.gso_type = g->v6 ? 4 : 1;
+    g->hdr.hdr_len = (uint16_t) g->hl;
+    g->hdr.gso_size = (uint16_t) g->gso_size;
+    g->hdr.csum_start = (uint16_t) iphl;
+    g->hdr.csum_offset = 16;
+    g->iov[0].iov_base = &g->hdr;
+    g->iov[0].iov_len = DSVPN_VNET_HDR_LEN;
+    dsvpn_tun_writev(fd, g, g->iov, g->segs + 1);
+    g->merged += (uint64_t) g->segs;
+    g->segs = 0;
+}
+
+/* Same flow and mergeable into the pending group? */
+static inline int dsvpn_gro_fits(const struct dsvpn_gro *g, const uint8_t *p, size_t len,
+                                 size_t iphl, size_t hl)
+{
+    const uint8_t *f = g->first;
+    size_t         pay = len - hl;
+    if (g->closed || iphl != g->iphl || hl != g->hl || pay > g->gso_size
+        || g->segs >= DSVPN_GRO_MAX_SEGS || g->total + pay > DSVPN_GRO_MAX_LEN
+        || dsvpn_be32(p + iphl + 4) != g->next_seq) {
+        return 0;
+    }
+    if (g->v6) {
+        if (memcmp(f, p, 4) || memcmp(f + 6, p + 6, 34)) {
+            return 0;
+        }
+    } else if (memcmp(f, p, 2) || memcmp(f + 6, p + 6, 4) || memcmp(f + 12, p + 12, 8)) {
+        return 0; /* version/IHL/TOS, flags/TTL/protocol, addresses */
+    }
+    /* ports; ACK number; data offset; flags other than PSH; window; options */
+    return memcmp(f + iphl, p + iphl, 4) == 0 && memcmp(f + iphl + 8, p + iphl + 8, 5) == 0
+           && ((f[iphl + 13] ^ p[iphl + 13]) & ~0x08) == 0
+           && memcmp(f + iphl + 14, p + iphl + 14, 2) == 0
+           && memcmp(f + iphl + 20, p + iphl + 20, hl - iphl - 20) == 0;
+}
+
+/* Hand one decrypted packet to the tun. pkt must stay valid until dsvpn_gro_flush(). */
+static inline void dsvpn_gro_add(int fd, struct dsvpn_gro *g, uint8_t *pkt, size_t len)
+{
+    size_t iphl, hl, pay;
+    if (!dsvpn_gro_candidate(pkt, len, &iphl, &hl)) {
+        dsvpn_gro_flush(fd, g);
+        dsvpn_vnet_write1(fd, g, pkt, len);
+        return;
+    }
+    pay = len - hl;
+    if (g->segs > 0 && dsvpn_gro_fits(g, pkt, len, iphl, hl)) {
+        g->iov[g->segs + 1].iov_base = pkt + hl;
+        g->iov[g->segs + 1].iov_len = pay;
+        g->segs++;
+    } else {
+        dsvpn_gro_flush(fd, g);
+        g->first = pkt;
+        g->iphl = iphl;
+        g->hl = hl;
+        g->total = hl;
+        g->gso_size = pay;
+        g->v6 = (pkt[0] >> 4) == 6;
+        g->psh = 0;
+        g->closed = 0;
+        g->iov[1].iov_base = pkt;
+        g->iov[1].iov_len = len;
+        g->segs = 1;
+    }
+    g->total += pay;
+    g->next_seq = dsvpn_be32(pkt + iphl + 4) + (uint32_t) pay;
+    if (pkt[iphl + 13] & 0x08) {
+        g->psh = 1;
+        g->closed = 1;
+    }
+    if (pay < g->gso_size) {
+        g->closed = 1;
+    }
+}
+
+/* Complete a partial checksum the kernel left to us (VIRTIO_NET_HDR_F_NEEDS_CSUM): the field
+ * at csum_start + csum_offset holds the pseudo-header sum. Returns -1 if out of range. */
+static inline int dsvpn_vnet_finish_csum(const struct dsvpn_vnet_hdr *h, uint8_t *pkt, size_t len)
+{
+    size_t   start = h->csum_start, at = (size_t) h->csum_start + h->csum_offset;
+    uint16_t c;
+    if (start >= len || at + 2 > len) {
+        return -1;
+    }
+    c = (uint16_t) ~dsvpn_csum_fold(dsvpn_csum_add(0, pkt + start, len - start));
+    memcpy(pkt + at, &c, 2);
+    return 0;
+}
+
+/* TSO on the read side (TUNSETOFFLOAD TSO4/TSO6): the local stack hands the tun up to 64 KB
+ * TCP super-packets, walking its own path once per 64 KB instead of once per segment. Each
+ * one is cut here into the ordinary packets the kernel would have produced (as
+ * tcp_gso_segment does), so every frame on the wire still carries one IP packet <= MTU.
+ * The header's gso_size is what the peer's stack allows per segment (MSS), so segments
+ * never exceed the tun MTU. */
+
+/* Number of segments of the GSO packet pkt[0..len) and the room they take as frames with
+ * frame_hdr bytes before each; 0 if it is not a TCP GSO packet we can split. */
+static inline size_t dsvpn_gso_count(const struct dsvpn_vnet_hdr *h, const uint8_t *pkt, size_t len,
+                                     size_t frame_hdr, size_t *room)
+{
+    size_t iphl, hl, pay, n, gso = h->gso_size;
+    int    t = h->gso_type & 0x7f;
+    if (gso == 0 || len < 20) {
+        return 0;
+    }
+    if (t == 1 && (pkt[0] >> 4) == 4 && pkt[9] == 6) {
+        iphl = (size_t) (pkt[0] & 15) * 4;
+        if (iphl < 20) {
+            return 0;
+        }
+    } else if (t == 4 && (pkt[0] >> 4) == 6 && len >= 40 && pkt[6] == 6) {
+        iphl = 40;
+    } else {
+        return 0;
+    }
+    if (iphl + 20 > len) {
+        return 0;
+    }
+    hl = iphl + (size_t) (pkt[iphl + 12] >> 4) * 4;
+    if (hl < iphl + 20 || hl >= len) {
+        return 0;
+    }
+    pay = len - hl;
+    n = (pay + gso - 1) / gso;
+    *room = n * (frame_hdr + hl) + pay;
+    return n;
+}
+
+/* Write segment i of the GSO packet src[0..len) at out; returns its length. */
+static inline size_t dsvpn_gso_segment(const struct dsvpn_vnet_hdr *h, const uint8_t *src,
+                                       size_t len, size_t i, size_t nseg, uint8_t *out)
+{
+    size_t   gso = h->gso_size;
+    int      v6 = (src[0] >> 4) == 6;
+    size_t   iphl = v6 ? 40 : (size_t) (src[0] & 15) * 4;
+    size_t   hl = iphl + (size_t) (src[iphl + 12] >> 4) * 4;
+    size_t   off = hl + i * gso;
+    size_t   chunk = len - off < gso ? len - off : gso;
+    uint8_t *th = out + iphl;
+    uint16_t c;
+    memcpy(out, src, hl);
+    memcpy(out + hl, src + off, chunk);
+    if (v6) {
+        dsvpn_put_be16(out + 4, (uint16_t) (hl - 40 + chunk));
+    } else {
+        dsvpn_put_be16(out + 2, (uint16_t) (hl + chunk));
+        dsvpn_put_be16(out + 4, (uint16_t) (dsvpn_be16(src + 4) + i));
+        out[10] = out[11] = 0;
+        c = (uint16_t) ~dsvpn_csum_fold(dsvpn_csum_add(0, out, iphl));
+        memcpy(out + 10, &c, 2);
+    }
+    {
+        uint32_t seq = dsvpn_be32(src + iphl + 4) + (uint32_t) (i * gso);
+        th[4] = (uint8_t) (seq >> 24);
+        th[5] = (uint8_t) (seq >> 16);
+        th[6] = (uint8_t) (seq >> 8);
+        th[7] = (uint8_t) seq;
+    }
+    if (i + 1 < nseg) {
+        th[13] &= (uint8_t) ~0x09; /* FIN and PSH only on the last segment */
+    }
+    if (i > 0) {
+        th[13] &= (uint8_t) ~0x80; /* CWR only on the first */
+    }
+    th[16] = th[17] = 0;
+    c = (uint16_t) ~dsvpn_csum_fold(
+        dsvpn_csum_add(dsvpn_pseudo(out, v6, hl - iphl + chunk), th, hl - iphl + chunk));
+    memcpy(th + 16, &c, 2);
+    return hl + chunk;
+}
+
+#endif
