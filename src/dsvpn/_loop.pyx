@@ -23,7 +23,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset, strerror
 from libc.stdio cimport snprintf
-from libc.errno cimport errno, EINTR
+from libc.errno cimport errno, EINTR, ECONNRESET
 from posix.unistd cimport close, read, write
 
 from dsvpn.charm cimport charm_decrypt, charm_encrypt, charm_hash, charm_init, charm_state
@@ -472,7 +472,9 @@ cdef class Loop:
             return
         # Exactly 64 bytes: frames may follow pkt2 immediately and belong to the session.
         n = read(self.hs_fd, self.hs_in + self.hs_got, PKT2_LEN - self.hs_got)
-        if n == 0:
+        # A server that refuses us closes without reading pkt1, which the kernel turns into a
+        # reset rather than EOF: both mean the same thing to the user.
+        if n == 0 or (n < 0 and errno == ECONNRESET):
             self._client_fail(CLIENT_EOF_MSG)
             return
         if n < 0:

@@ -445,10 +445,15 @@ def client_rig(key=KEY):
     return loop, srv, (tun, peer_tun, lst)
 
 
-def test_client_server_closes_during_handshake():
+@pytest.mark.parametrize("how", ["eof", "reset"])
+def test_client_server_closes_during_handshake(how):
     loop, srv, keep = client_rig()
     try:
-        recv_exact(srv, 72)
+        if how == "reset":
+            # What a refusing server does: close without reading pkt1, so the kernel sends RST.
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            recv_exact(srv, 72)
         srv.close()
         evs = pump(loop, has(L.EV_HANDSHAKE_FAILED))
         assert evs == [
