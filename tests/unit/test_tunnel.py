@@ -78,3 +78,69 @@ def test_signals_restores_previous_handlers() -> None:
     with tunnel.Signals():
         assert signal.getsignal(signal.SIGTERM) != before
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+class FakeLoop:
+    """Every connection attempt ends in a failed handshake."""
+
+    def __init__(self) -> None:
+        self.connected: list[int] = []
+
+    def connect(self, fd: int) -> None:
+        os.close(fd)
+        self.connected.append(fd)
+
+    def run(self, timeout_ms: int) -> tuple[int, str]:
+        from dsvpn._loop import EV_HANDSHAKE_FAILED
+
+        return EV_HANDSHAKE_FAILED, "the server closed the connection during the handshake"
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.reapplied: list[tuple[object, object]] = []
+
+    def reapply_gateway(self, old: object, new: object) -> None:
+        self.reapplied.append((old, new))
+
+
+def test_client_retries_like_the_reference_and_follows_the_gateway(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsvpn.platform._common import NetInfo
+
+    key = tmp_path / "k"  # type: ignore[operator]
+    key.write_bytes(bytes(32))
+    key.chmod(0o600)
+    cfg = Config("client", str(key), "192.0.2.1", 443, None, "10.0.0.1", "10.0.0.254", None)
+    cfg = tunnel.dataclasses.replace(cfg, server_ip="192.0.2.1")
+    nets = iter([NetInfo("eth0", "10.1.0.1")] * 3 + [NetInfo("wlan0", "10.2.0.1")] * 200)
+
+    class Backend:
+        def discover(self, cfg: Config) -> NetInfo:
+            return next(nets)
+
+        def plan(self, cfg: Config, tun: str, net: NetInfo) -> str:
+            return f"plan via {net.gateway}"
+
+    t = tunnel.Tunnel(cfg, Backend())  # type: ignore[arg-type]
+    t.runner = FakeRunner()  # type: ignore[assignment]
+    t.net, t.plan = NetInfo("eth0", "10.1.0.1"), "plan via 10.1.0.1"  # type: ignore[assignment]
+    waits: list[float] = []
+
+    class NoSleep(tunnel.Signals):
+        def wait(self, seconds: float, sock: socket.socket | None = None) -> bool:
+            waits.append(seconds)
+            return False
+
+    monkeypatch.setattr(t, "_dial", lambda signals: socket.socket())
+    loop = FakeLoop()
+    with NoSleep() as signals, pytest.raises(NetworkError, match="gave up after 100 attempts"):
+        t._connect_forever(loop, signals, "tun0")  # type: ignore[arg-type]
+    assert len(loop.connected) == 100
+    assert waits == [0, 1, 2] + [3] * 97
+    # The gateway moved before the fourth attempt: its routes moved once, and only then.
+    assert t.runner.reapplied == [("plan via 10.1.0.1", "plan via 10.2.0.1")]  # type: ignore[attr-defined]
