@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-# tests/vectors.py is a helper module, importable as `vectors` from every test file
+# tests/vectors.py and tests/unit/loop_rig.py are helper modules, importable as `vectors` and
+# `loop_rig` from every test file (whatever pytest's import mode)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vectors as _vectors
 

@@ -3,65 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import socket
 import struct
 import time
-from pathlib import Path
 
 import pytest
+from loop_rig import (
+    ClientRig,
+    RawClient,
+    ServerRig,
+    hx,
+    pump,
+    recv_exact,
+    serve_handshake,
+    stat,
+    tun_pair,
+)
 
-L = pytest.importorskip("dsvpn._loop")
-charm = pytest.importorskip("dsvpn.charm")
+from dsvpn import _loop as L
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "charm.json"
-KX_IV = b"VPN Key Exchange"
 KEY = bytes(range(32))
-
-
-@pytest.fixture(scope="module")
-def vec():
-    if not VECTORS.exists():
-        pytest.skip(f"{VECTORS} not present")
-    return json.loads(VECTORS.read_text())
-
-
-def hx(s: str) -> bytes:
-    return bytes.fromhex(s)
-
-
-def tun_pair():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for s in (a, b):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-    b.settimeout(5)
-    return a, b
-
-
-def pump(loop, cond, timeout=5.0, step=2):
-    events: list[tuple[int, str]] = []
-    deadline = time.monotonic() + timeout
-    while not cond(events):
-        assert time.monotonic() < deadline, f"condition not met, events={events}"
-        ev = loop.run(step)
-        if ev[0] != L.EV_TIMEOUT:
-            events.append(ev)
-    return events
-
-
-def stat(loop, name):
-    return loop.stats()[name]
-
-
-def recv_exact(sock, n):
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return out
 
 
 def tun_drain(peer_tun):
@@ -77,44 +38,25 @@ def tun_drain(peer_tun):
         peer_tun.settimeout(5)
 
 
-class Session:
+class Session(ServerRig):
     """A server Loop with one authenticated raw client (Python Charm) on loopback."""
 
     def __init__(self, key=KEY, rnd=bytes(32), ts=None, clock=None, srv_rnd=None, **kw):
-        self.tun, self.peer_tun = tun_pair()
-        self.lst = socket.socket()
-        self.lst.bind(("127.0.0.1", 0))
-        self.lst.listen(4)
-        self.lst.setblocking(False)
-        self.loop = L.Loop(
-            self.tun.fileno(), key, is_server=True, listen_fd=self.lst.fileno(), **kw
-        )
+        super().__init__(key, **kw)
         if clock is not None:
             self.loop._set_test_clock(clock)
         if srv_rnd is not None:
             self.loop._set_test_random(srv_rnd)
-        ts = int(time.time()) if ts is None else ts
-        kx = charm.Charm(key, KX_IV)
-        body = rnd + struct.pack("<Q", ts)
-        self.sock = socket.create_connection(self.lst.getsockname(), timeout=5)
+        self.client = RawClient(self.lst, key, ts=ts, rnd=rnd)
+        self.sock = self.client.sock
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(body + kx.hash(body))
+        self.client.hello()
         pump(self.loop, lambda e: (L.EV_SESSION_UP, "127.0.0.1") in e)
-        pkt2 = recv_exact(self.sock, 64)
-        assert kx.hash(pkt2[:32]) == pkt2[32:]
-        k = kx.hash(b"")
-        self.session_key = k
-        self.tx = charm.Charm(k, bytes(16))
-        self.rx = charm.Charm(k, b"\x01" + bytes(15))
-
-    def frame(self, pt):
-        ct, tag = self.tx.encrypt(pt)
-        return struct.pack("<H", len(pt)) + tag[:6] + ct
-
-    def recv_frame(self):
-        hdr = recv_exact(self.sock, 8)
-        (n,) = struct.unpack("<H", hdr[:2])
-        return self.rx.decrypt(recv_exact(self.sock, n), hdr[2:8], 6)
+        self.client.finish()
+        self.session_key = self.client.session_key
+        self.rx = self.client.rx
+        self.frame = self.client.frame
+        self.recv_frame = self.client.recv
 
     def feed(self, data):
         """Send bytes and run the loop until it has read all of them."""
@@ -123,9 +65,8 @@ class Session:
         return pump(self.loop, lambda e: stat(self.loop, "sock_rx_bytes") >= want or e)
 
     def close(self):
-        self.loop.close()
-        for s in (self.tun, self.peer_tun, self.lst, self.sock):
-            s.close()
+        super().close()
+        self.sock.close()
 
 
 @pytest.fixture
@@ -142,8 +83,8 @@ def sessions():
         s.close()
 
 
-def stream_session(sessions, vec):
-    fs = vec["frames_stream"]
+def stream_session(sessions, vectors):
+    fs = vectors["frames_stream"]
     h = fs["handshake"]
     s = sessions(
         key=hx(h["key"]),
@@ -159,16 +100,16 @@ def stream_session(sessions, vec):
 # --------------------------------------------------------------------- frames_stream vectors
 
 
-def test_stream_whole(sessions, vec):
-    s, fs = stream_session(sessions, vec)
+def test_stream_whole(sessions, vectors):
+    s, fs = stream_session(sessions, vectors)
     assert s.feed(hx(fs["stream"])) == []
     pump(s.loop, lambda _: stat(s.loop, "tun_tx_packets") == len(fs["frames"]))
     assert tun_drain(s.peer_tun) == [hx(f["plaintext"]) for f in fs["frames"]]
     assert stat(s.loop, "rx_buffered") == 0 and stat(s.loop, "frames_rx") == 5
 
 
-def test_stream_chunked(sessions, vec):
-    s, fs = stream_session(sessions, vec)
+def test_stream_chunked(sessions, vectors):
+    s, fs = stream_session(sessions, vectors)
     stream = hx(fs["stream"])
     for d in fs["chunked_delivery"]["deliveries"]:
         a, b = d["range"]
@@ -178,8 +119,8 @@ def test_stream_chunked(sessions, vec):
         assert stat(s.loop, "rx_buffered") == d["buffered_after"], d
 
 
-def test_stream_byte_by_byte(sessions, vec):
-    s, fs = stream_session(sessions, vec)
+def test_stream_byte_by_byte(sessions, vectors):
+    s, fs = stream_session(sessions, vectors)
     stream = hx(fs["stream"])
     for i in range(len(stream)):
         s.feed(stream[i : i + 1])
@@ -188,8 +129,8 @@ def test_stream_byte_by_byte(sessions, vec):
     assert stat(s.loop, "rx_buffered") == 0
 
 
-def test_stream_tampered(sessions, vec):
-    s, fs = stream_session(sessions, vec)
+def test_stream_tampered(sessions, vectors):
+    s, fs = stream_session(sessions, vectors)
     t = fs["tampered"]
     stream = bytearray(hx(fs["stream"]))
     stream[t["flipped_byte_offset"]] ^= int(t["xor_mask"], 16)
@@ -317,32 +258,19 @@ def test_no_session_discards_tun_packets():
 # --------------------------------------------------------------------- bufferbloat control
 
 
-def test_bufferbloat_control(vec):
+def test_bufferbloat_control(vectors):
     """Reference vector: EAGAIN on A sets the congestion flag, B is dropped, C follows A."""
-    bb = vec["vpn_behaviour"]["bufferbloat_control"]
+    bb = vectors["vpn_behaviour"]["bufferbloat_control"]
     sess = bb["session"]
     key = hx(sess["key"])
-    tun, peer_tun = tun_pair()
-    lst = socket.socket()
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    loop = L.Loop(tun.fileno(), key, is_server=False)
-    c = socket.socket()
-    try:
+    with ClientRig(key, rcvbuf=32768) as rig:
+        loop, peer_tun = rig.loop, rig.peer_tun
         loop._set_test_random(hx(sess["client_random"]))
         loop._set_test_clock(sess["timestamp"])
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
-        L.tcp_options(c.fileno())
-        c.connect(lst.getsockname())
-        loop.connect(os.dup(c.fileno()))  # keep c: we fill the socket through it
-        srv, _ = lst.accept()
-        srv.settimeout(5)
-        pkt1 = recv_exact(srv, 72)
-        kx = charm.Charm(key, KX_IV)
-        assert kx.hash(pkt1[:40]) == pkt1[40:]
-        rs = hx(sess["server_random"])
-        srv.sendall(rs + kx.hash(rs))
+        # keep c: we fill the socket through it
+        c = rig.connect(sndbuf=32768, tcp_options=True, keep=True)
+        srv = rig.srv
+        serve_handshake(srv, key, hx(sess["server_random"]))
         pump(loop, lambda e: e)
         assert loop.session_active
         # Fill the path with bytes outside the protocol (through our own handle on the same
@@ -383,9 +311,5 @@ def test_bufferbloat_control(vec):
         assert st["congestion_drops"] == 1 and st["frames_tx"] == 2
         assert st["tun_rx_packets"] == 3
         # the receiving side decrypts A then C (its state never saw B)
-        h = vec["handshake"][0]
+        h = vectors["handshake"][0]
         assert hx(h["key"]) == key
-    finally:
-        loop.close()
-        for s in (tun, peer_tun, lst, c):
-            s.close()

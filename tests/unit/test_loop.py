@@ -6,68 +6,21 @@ import contextlib
 import os
 import random
 import socket
+import struct
 import threading
 import time
 
 import pytest
+from loop_rig import ClientRig, Pair, pump, serve_handshake, tun_pair
 
-L = pytest.importorskip("dsvpn._loop")
+from dsvpn import _loop as L
 
 KEY = bytes(range(1, 33))
 
 
-def tun_pair():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for s in (a, b):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-    b.settimeout(5)
-    return a, b
-
-
-def pump(loops, cond, timeout=5.0, step=2):
-    """Alternate run() calls on the loops until cond(events) holds."""
-    events: list[tuple[int, str]] = []
-    deadline = time.monotonic() + timeout
-    while not cond(events):
-        assert time.monotonic() < deadline, f"condition not met, events={events}"
-        for lp in loops:
-            ev = lp.run(step)
-            if ev[0] != L.EV_TIMEOUT:
-                events.append(ev)
-    return events
-
-
-class Pair:
-    def __init__(self):
-        self.stun, self.speer = tun_pair()
-        self.ctun, self.cpeer = tun_pair()
-        self.lst = socket.socket()
-        self.lst.bind(("127.0.0.1", 0))
-        self.lst.listen(4)
-        self.lst.setblocking(False)
-        self.srv = L.Loop(self.stun.fileno(), KEY, is_server=True, listen_fd=self.lst.fileno())
-        self.cli = L.Loop(self.ctun.fileno(), KEY, is_server=False)
-
-    def connect(self):
-        c = socket.socket()
-        L.tcp_options(c.fileno())
-        c.settimeout(5)
-        c.connect(self.lst.getsockname())
-        self.cli.connect(c.detach())
-        evs = pump([self.srv, self.cli], lambda e: len(e) == 2)
-        assert sorted(evs) == [(L.EV_SESSION_UP, "127.0.0.1")] * 2
-
-    def close(self):
-        self.srv.close()
-        self.cli.close()
-        for s in (self.stun, self.speer, self.ctun, self.cpeer, self.lst):
-            s.close()
-
-
 @pytest.fixture
 def pair():
-    p = Pair()
+    p = Pair(KEY)
     yield p
     p.close()
 
@@ -187,29 +140,11 @@ def test_run_returns_promptly_under_load(pair):
 
 
 def test_send_timeout():
-    tun, peer = tun_pair()
-    lst = socket.socket()
-    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    loop = L.Loop(tun.fileno(), KEY, is_server=False)
+    rig = ClientRig(KEY, rcvbuf=16384)
+    loop = rig.loop
     try:
-        import struct
-
-        from dsvpn.charm import Charm
-
-        c = socket.socket()
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-        c.connect(lst.getsockname())
-        loop.connect(c.detach())
-        srv, _ = lst.accept()
-        srv.settimeout(5)
-        pkt1 = b""
-        while len(pkt1) < 72:
-            pkt1 += srv.recv(72 - len(pkt1))
-        kx = Charm(KEY, b"VPN Key Exchange")
-        kx.hash(pkt1[:40])
-        srv.sendall(bytes(32) + kx.hash(bytes(32)))
+        rig.connect(sndbuf=16384)
+        serve_handshake(rig.srv, KEY)
         pump([loop], lambda e: e)
         assert loop.session_active and struct.calcsize("<Q") == 8
         loop._set_test_timeouts(send_ms=400)
@@ -219,17 +154,15 @@ def test_send_timeout():
         while not evs:
             assert time.monotonic() < deadline, loop.stats()
             for _ in range(20):
-                peer.send(b"\x45" + bytes(1399))
+                rig.peer_tun.send(b"\x45" + bytes(1399))
             ev = loop.run(20)
             if ev[0] != L.EV_TIMEOUT:
                 evs.append(ev)
         assert evs == [(L.EV_SESSION_DOWN, "send timeout")]
         assert loop.stats()["tx_queued"] == 0
-        srv.close()
+        rig.srv.close()
     finally:
-        loop.close()
-        for s in (tun, peer, lst):
-            s.close()
+        rig.close()
 
 
 def test_tcp_options():

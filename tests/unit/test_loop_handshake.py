@@ -1,86 +1,35 @@
 """Handshakes of the compiled loop (dsvpn._loop) against the reference transcripts.
 
 Sockets only: TCP on loopback for the session, AF_UNIX SOCK_SEQPACKET as the tun stand-in
-(it keeps packet boundaries, one packet per read/write, like a tun device).
+(it keeps packet boundaries, one packet per read/write, like a tun device); rigs in loop_rig.
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import time
-from pathlib import Path
 
 import pytest
+from loop_rig import (
+    ClientRig,
+    RawClient,
+    ServerRig,
+    dial,
+    hx,
+    make_pkt1,
+    pump,
+    recv_exact,
+    tun_pair,
+)
 
-L = pytest.importorskip("dsvpn._loop")
-charm = pytest.importorskip("dsvpn.charm")
+from dsvpn import _loop as L
 
-VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "charm.json"
-KX_IV = b"VPN Key Exchange"
-
-
-@pytest.fixture(scope="module")
-def vec():
-    if not VECTORS.exists():
-        pytest.skip(f"{VECTORS} not present")
-    return json.loads(VECTORS.read_text())
-
-
-def hx(s: str) -> bytes:
-    return bytes.fromhex(s)
-
-
-def tun_pair():
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for s in (a, b):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    b.settimeout(5)
-    return a, b
-
-
-def listener(host="127.0.0.1"):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, 0))
-    s.listen(16)
-    s.setblocking(False)
-    return s
-
-
-def dial(lst, src="127.0.0.1"):
-    c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    c.bind((src, 0))
-    c.settimeout(5)
-    c.connect(lst.getsockname())
-    return c
-
-
-def pump(loop, cond, timeout=5.0, step=5):
-    """Run the loop until cond(events) holds; events other than timeouts are collected."""
-    events: list[tuple[int, str]] = []
-    deadline = time.monotonic() + timeout
-    while not cond(events):
-        assert time.monotonic() < deadline, f"condition not met, events={events}"
-        ev = loop.run(step)
-        if ev[0] != L.EV_TIMEOUT:
-            events.append(ev)
-    return events
+KEY = bytes(range(32))
 
 
 def has(code, text=None):
     return lambda evs: any(c == code and (text is None or text in m) for c, m in evs)
-
-
-def recv_exact(sock, n):
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return out
 
 
 def assert_closed(sock, timeout=5.0):
@@ -92,34 +41,12 @@ def assert_closed(sock, timeout=5.0):
     assert data == b""
 
 
-def make_pkt1(key, rnd, ts):
-    kx = charm.Charm(key, KX_IV)
-    body = rnd + struct.pack("<Q", ts)
-    return body + kx.hash(body), kx
-
-
-class Rig:
-    """A server Loop with its tun stand-in and listener."""
-
-    def __init__(self, key, host="127.0.0.1", **kw):
-        self.tun, self.peer_tun = tun_pair()
-        self.lst = listener(host)
-        self.loop = L.Loop(
-            self.tun.fileno(), key, is_server=True, listen_fd=self.lst.fileno(), **kw
-        )
-
-    def close(self):
-        self.loop.close()
-        for s in (self.tun, self.peer_tun, self.lst):
-            s.close()
-
-
 @pytest.fixture
 def rigs():
-    made: list[Rig] = []
+    made: list[ServerRig] = []
 
     def make(key, **kw):
-        r = Rig(key, **kw)
+        r = ServerRig(key, **kw)
         made.append(r)
         return r
 
@@ -132,8 +59,8 @@ def rigs():
 
 
 @pytest.mark.parametrize("idx", [0, 1, 2])
-def test_server_transcript(vec, rigs, idx):
-    h = vec["handshake"][idx]
+def test_server_transcript(vectors, rigs, idx):
+    h = vectors["handshake"][idx]
     rig = rigs(hx(h["key"]))
     rig.loop._set_test_random(hx(h["server_random"]))
     rig.loop._set_test_clock(h["server_clock"])
@@ -164,20 +91,14 @@ def test_server_transcript(vec, rigs, idx):
 
 
 @pytest.mark.parametrize("idx", [0, 1, 2])
-def test_client_transcript(vec, idx):
-    h = vec["handshake"][idx]
-    tun, peer_tun = tun_pair()
-    lst = listener()
-    lst.setblocking(True)
-    loop = L.Loop(tun.fileno(), hx(h["key"]), is_server=False)
-    try:
+def test_client_transcript(vectors, idx):
+    h = vectors["handshake"][idx]
+    with ClientRig(hx(h["key"])) as rig:
+        loop, peer_tun = rig.loop, rig.peer_tun
         loop._set_test_random(hx(h["client_random"]))
         loop._set_test_clock(h["timestamp"])
-        c = socket.create_connection(lst.getsockname(), timeout=5)
-        L.tcp_options(c.fileno())
-        loop.connect(c.detach())  # the loop owns it now
-        srv, _ = lst.accept()
-        srv.settimeout(5)
+        rig.connect(tcp_options=True)
+        srv = rig.srv
         assert recv_exact(srv, 72) == hx(h["pkt1"])
         s2c = [hx(f["wire"]) for f in h["server_to_client"]]
         # pkt2 and the first frame in one segment: the handshake must not eat the frame
@@ -196,17 +117,13 @@ def test_client_transcript(vec, idx):
         srv.close()
         evs = pump(loop, has(L.EV_SESSION_DOWN))
         assert evs[-1] == (L.EV_SESSION_DOWN, "connection closed by peer")
-    finally:
-        loop.close()
-        for s in (tun, peer_tun, lst):
-            s.close()
 
 
 # --------------------------------------------------------------------- server checks
 
 
-def test_handshake_checks(vec, rigs):
-    hc = vec["vpn_behaviour"]["handshake_checks"]
+def test_handshake_checks(vectors, rigs):
+    hc = vectors["vpn_behaviour"]["handshake_checks"]
     sess = hc["session"]
     for case in hc["cases"]:
         rig = rigs(hx(sess["key"]))
@@ -234,41 +151,6 @@ def test_handshake_checks(vec, rigs):
             assert st["handshakes_failed"] == 1 and not rig.loop.session_active
         assert case["pkt2_sent"] == (case["server_result"] == 0)
         c.close()
-
-
-class RawClient:
-    """A protocol client written in Python on top of dsvpn.charm, for driving a server Loop."""
-
-    def __init__(self, lst, key, src="127.0.0.1", ts=None, family=socket.AF_INET):
-        if family == socket.AF_INET:
-            self.sock = dial(lst, src)
-        else:
-            self.sock = socket.create_connection(("::1", lst.getsockname()[1]), timeout=5)
-        self.key = key
-        self.ts = int(time.time()) if ts is None else ts
-        self.pkt1, self.kx = make_pkt1(key, bytes(range(32)), self.ts)
-
-    def hello(self):
-        self.sock.sendall(self.pkt1)
-
-    def finish(self):
-        pkt2 = recv_exact(self.sock, 64)
-        assert self.kx.hash(pkt2[:32]) == pkt2[32:]
-        k = self.kx.hash(b"")
-        self.tx = charm.Charm(k, bytes(16))
-        self.rx = charm.Charm(k, b"\x01" + bytes(15))
-
-    def send(self, pt):
-        ct, tag = self.tx.encrypt(pt)
-        self.sock.sendall(struct.pack("<H", len(pt)) + tag[:6] + ct)
-
-    def recv(self):
-        hdr = recv_exact(self.sock, 8)
-        (n,) = struct.unpack("<H", hdr[:2])
-        return self.rx.decrypt(recv_exact(self.sock, n), hdr[2:8], 6)
-
-
-KEY = bytes(range(32))
 
 
 def connect_raw(rig, src="127.0.0.1", **kw):
@@ -433,22 +315,17 @@ def test_dual_stack_mapped_address_compare():
 # --------------------------------------------------------------------- client failures
 
 
-def client_rig(key=KEY):
-    tun, peer_tun = tun_pair()
-    lst = listener()
-    lst.setblocking(True)
-    loop = L.Loop(tun.fileno(), key, is_server=False)
-    c = socket.create_connection(lst.getsockname(), timeout=5)
-    loop.connect(c.detach())
-    srv, _ = lst.accept()
-    srv.settimeout(5)
-    return loop, srv, (tun, peer_tun, lst)
+def client_rig() -> ClientRig:
+    """A client Loop (key KEY) in the middle of its handshake with a test-played server."""
+    rig = ClientRig(KEY)
+    rig.connect()
+    return rig
 
 
 @pytest.mark.parametrize("how", ["eof", "reset"])
 def test_client_server_closes_during_handshake(how):
-    loop, srv, keep = client_rig()
-    try:
+    with client_rig() as rig:
+        loop, srv = rig.loop, rig.srv
         if how == "reset":
             # What a refusing server does: close without reading pkt1, so the kernel sends RST.
             srv.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -465,34 +342,20 @@ def test_client_server_closes_during_handshake(how):
         ]
         assert not loop.session_active
         assert loop.stats()["handshakes_failed"] == 1
-    finally:
-        loop.close()
-        for s in keep:
-            s.close()
 
 
 def test_client_bad_reply_and_timeout():
-    loop, srv, keep = client_rig()
-    try:
-        recv_exact(srv, 72)
-        srv.sendall(bytes(64))
-        evs = pump(loop, has(L.EV_HANDSHAKE_FAILED))
+    with client_rig() as rig:
+        recv_exact(rig.srv, 72)
+        rig.srv.sendall(bytes(64))
+        evs = pump(rig.loop, has(L.EV_HANDSHAKE_FAILED))
         assert "failed authentication" in evs[0][1]
-        assert_closed(srv)
-    finally:
-        loop.close()
-        for s in keep:
-            s.close()
-    loop, srv, keep = client_rig()
-    try:
-        loop._set_test_timeouts(connect_ms=300)
-        c = socket.create_connection(keep[2].getsockname(), timeout=5)
-        loop.connect(c.detach())  # restart with the short deadline
+        assert_closed(rig.srv)
+    with client_rig() as rig:
+        rig.loop._set_test_timeouts(connect_ms=300)
+        c = socket.create_connection(rig.lst.getsockname(), timeout=5)
+        rig.loop.connect(c.detach())  # restart with the short deadline
         t0 = time.monotonic()
-        evs = pump(loop, has(L.EV_HANDSHAKE_FAILED))
+        evs = pump(rig.loop, has(L.EV_HANDSHAKE_FAILED))
         assert evs == [(L.EV_HANDSHAKE_FAILED, "handshake timed out")]
         assert 0.2 < time.monotonic() - t0 < 2
-    finally:
-        loop.close()
-        for s in keep:
-            s.close()

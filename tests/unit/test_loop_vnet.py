@@ -4,11 +4,12 @@ The fake tun is a SEQPACKET socketpair that carries the 10-byte virtio_net_hdr l
 
 from __future__ import annotations
 
-import socket
 import struct
 
 import pytest
-from test_loop import KEY, L, pump, tun_pair
+from loop_rig import Pair, pump
+
+KEY = bytes(range(1, 33))
 
 VH = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 NO_VH = bytes(10)
@@ -57,35 +58,10 @@ def valid(pkt: bytes) -> bool:
     return csum(pkt[:ihl]) == 0xFFFF and csum(pseudo + pkt[ihl:]) == 0xFFFF
 
 
-class VPair:
-    def __init__(self):
-        self.stun, self.speer = tun_pair()
-        self.ctun, self.cpeer = tun_pair()
-        self.lst = socket.socket()
-        self.lst.bind(("127.0.0.1", 0))
-        self.lst.listen(4)
-        self.lst.setblocking(False)
-        self.srv = L.Loop(
-            self.stun.fileno(), KEY, is_server=True, listen_fd=self.lst.fileno(), vnet_hdr=True
-        )
-        self.cli = L.Loop(self.ctun.fileno(), KEY, is_server=False, vnet_hdr=True)
-        c = socket.socket()
-        L.tcp_options(c.fileno())
-        c.settimeout(5)
-        c.connect(self.lst.getsockname())
-        self.cli.connect(c.detach())
-        pump([self.srv, self.cli], lambda e: len(e) == 2)
-
-    def close(self):
-        self.srv.close()
-        self.cli.close()
-        for s in (self.stun, self.speer, self.ctun, self.cpeer, self.lst):
-            s.close()
-
-
 @pytest.fixture
 def vpair():
-    p = VPair()
+    p = Pair(KEY, server={"vnet_hdr": True}, client={"vnet_hdr": True})
+    p.connect()
     yield p
     p.close()
 
@@ -139,24 +115,13 @@ def test_tso_packet_is_cut_into_ordinary_frames(vpair):
 def test_tso_segments_on_a_plain_receiver():
     """The wire carries ordinary packets: a receiver without vnet_hdr (a C DSVPN) gets each
     segment as its own valid IP packet."""
-    ctun, cpeer = tun_pair()
-    stun, speer = tun_pair()
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(4)
-    lst.setblocking(False)
-    srv = L.Loop(stun.fileno(), KEY, is_server=True, listen_fd=lst.fileno())
-    cli = L.Loop(ctun.fileno(), KEY, is_server=False, vnet_hdr=True)
+    p = Pair(KEY, client={"vnet_hdr": True})
     try:
-        c = socket.socket()
-        c.settimeout(5)
-        c.connect(lst.getsockname())
-        cli.connect(c.detach())
-        pump([srv, cli], lambda e: len(e) == 2)
+        p.connect()
         payload = bytes(range(256)) * 23  # 5888 bytes: 4 x 1448 + 96
-        cpeer.send(VH.pack(1, 1, 52, 1448, 20, 16) + tcp4(5, payload, flags=0x19, ident=7))
-        pump([cli, srv], lambda _: srv.stats()["tun_tx_packets"] == 5)
-        segs = [speer.recv(70000) for _ in range(5)]
+        p.cpeer.send(VH.pack(1, 1, 52, 1448, 20, 16) + tcp4(5, payload, flags=0x19, ident=7))
+        pump([p.cli, p.srv], lambda _: p.srv.stats()["tun_tx_packets"] == 5)
+        segs = [p.speer.recv(70000) for _ in range(5)]
         for i, s in enumerate(segs):
             assert valid(s), i
             assert struct.unpack("!I", s[24:28])[0] == 5 + 1448 * i
@@ -165,7 +130,4 @@ def test_tso_segments_on_a_plain_receiver():
         assert b"".join(s[52:] for s in segs) == payload
         assert [len(s) for s in segs] == [1500] * 4 + [148]
     finally:
-        srv.close()
-        cli.close()
-        for s in (ctun, cpeer, stun, speer, lst):
-            s.close()
+        p.close()
