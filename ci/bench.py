@@ -49,7 +49,7 @@ TUN_SERVER_IP = testbed.SERVER_TUN_IP
 # Measurements
 
 
-def iperf(tb: Testbed, seconds: int, reverse: bool) -> dict[str, float]:
+def iperf(tb: Testbed, seconds: int, reverse: bool, label: str) -> dict[str, float]:
     """One iperf3 run client host -> far host (or back with reverse); Gbit/s and retransmits."""
     argv = ["iperf3", "-c", tb.inet.ip or "", "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
     if reverse:
@@ -70,7 +70,7 @@ def iperf(tb: Testbed, seconds: int, reverse: bool) -> dict[str, float]:
             except (ValueError, KeyError):
                 error = f"{out.stdout[-300:]} {out.stderr[-300:]}".strip()
             print(
-                f"iperf3 {' '.join(argv[1:])}: attempt {attempt + 1} failed: {error}",
+                f"{label}: iperf3 {' '.join(argv[1:])}: attempt {attempt + 1} failed: {error}",
                 file=sys.stderr,
             )
             time.sleep(1)
@@ -127,7 +127,7 @@ def tun_drops(ns: Netns) -> int:
 
 
 def throughput_runs(
-    tb: Testbed, runs: int, seconds: int, procs: tuple[Proc, Proc] | None
+    tb: Testbed, runs: int, seconds: int, procs: tuple[Proc, Proc] | None, label: str
 ) -> dict[str, Any]:
     """Forward and reverse iperf3 runs; with procs, also tun drops and CPU per GB."""
     result: dict[str, Any] = {}
@@ -137,7 +137,7 @@ def throughput_runs(
         samples, drops = [], []
         for _ in range(runs):
             d0 = (tun_drops(tb.client), tun_drops(tb.server)) if procs else (0, 0)
-            sample = iperf(tb, seconds, reverse)
+            sample = iperf(tb, seconds, reverse, label)
             if procs:
                 drops.append(tun_drops(tb.client) - d0[0] + tun_drops(tb.server) - d0[1])
             samples.append(sample)
@@ -178,7 +178,7 @@ def underlay(tb: Testbed):
 def bench_underlay(tb: Testbed, runs: int, seconds: int) -> dict[str, Any]:
     with underlay(tb):
         tb.client.wait_ping(tb.inet.ip or "", 10)
-        res = throughput_runs(tb, runs, seconds, None)
+        res = throughput_runs(tb, runs, seconds, None, "underlay")
         res["ping"] = ping_rtt(tb.client, tb.inet.ip or "")
         res["rr"] = request_response(tb, tb.inet.ip or "")
     return res
@@ -190,7 +190,7 @@ def bench_tunnel(
     server, client = tb.tunnel_up(impl, key, suffix=f"-{impl.name}")
     try:
         tb.client.wait_ping(tb.inet.ip or "", 15, procs=(server, client))
-        res = throughput_runs(tb, runs, seconds, (server, client))
+        res = throughput_runs(tb, runs, seconds, (server, client), impl.name)
         res["rss_peak_kib"] = {
             "server": proc_status(server.pid, "VmHWM"),
             "client": proc_status(client.pid, "VmHWM"),
@@ -278,8 +278,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(row(f"Gbit/s {name}", lambda r, c, d=d: _f(r[d]["gbps"])))
         lines.append(
             row(
-                "  ratio to underlay",
-                lambda r, c, d=d: _f(r[d]["gbps"] / base[d]["gbps"], "{:.2f}"),
+                "  share of the underlay",
+                lambda r, c, d=d: _f(100 * r[d]["gbps"] / base[d]["gbps"], "{:.1f}%"),
             )
         )
         lines.append(
