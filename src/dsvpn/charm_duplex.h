@@ -11,6 +11,7 @@
  *   XK_SQUEEZE(s, out)   out[0..16] = rate
  *   XK_DECBLOCK(s, c, p) p[0..16] = c ^ rate; rate = c   (c and p may alias)
  *   XK_FLAGS(s, f)       state byte 47 ^= f
+ * and undefines them all at its end.
  * The whole message runs with the state in registers: it is loaded and stored once per call,
  * which is where the SIMD kernels gain most over a permute-only kernel. */
 
@@ -115,3 +116,15 @@ static const xoo_kernel XK_FN(kernel) = {
 #undef XK_CAT2
 #undef XK_CAT
 #undef XK_FN
+/* Consume the parameters, so the next kernel defines its own and a missing one is an error. */
+#undef XK_NAME
+#undef XK_KERNEL_NAME
+#undef XK_ATTR
+#undef XK_T
+#undef XK_LOAD
+#undef XK_STORE
+#undef XK_PERMUTE
+#undef XK_ABSORB
+#undef XK_SQUEEZE
+#undef XK_DECBLOCK
+#undef XK_FLAGS

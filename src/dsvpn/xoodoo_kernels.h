@@ -130,18 +130,7 @@ static int xoo_portable_supported(void) { return 1; }
 #define XK_SQUEEZE(s, out) xoo_portable_squeeze((s), (out))
 #define XK_DECBLOCK(s, c, p) xoo_portable_decblock((s), (c), (p))
 #define XK_FLAGS(s, f) ((s)->a[11] ^= (uint32_t)(f) << 24)
-#include "charm_duplex.h"
-#undef XK_NAME
-#undef XK_KERNEL_NAME
-#undef XK_ATTR
-#undef XK_T
-#undef XK_LOAD
-#undef XK_STORE
-#undef XK_PERMUTE
-#undef XK_ABSORB
-#undef XK_SQUEEZE
-#undef XK_DECBLOCK
-#undef XK_FLAGS
+#include "charm_duplex.h" /* undefines the XK_ parameters */
 
 /* ---- x86-64 SIMD ------------------------------------------------------------------------- */
 
@@ -240,11 +229,7 @@ static int xoo_ssse3_supported(void)
 #define XK_SQUEEZE XK_SQUEEZE_X86
 #define XK_DECBLOCK XK_DECBLOCK_X86
 #define XK_FLAGS XK_FLAGS_X86
-#include "charm_duplex.h"
-#undef XK_NAME
-#undef XK_KERNEL_NAME
-#undef XK_ATTR
-#undef XK_PERMUTE
+#include "charm_duplex.h" /* undefines the XK_ parameters */
 
 /* AVX-512VL: one-instruction rotates (vprold) and three-input logic (vpternlogd; 0x96 = a ^ b ^ c,
  * 0xd2 = a ^ (~b & c)). On the CPUs that have it the round is latency-bound (on Zen 5 every
@@ -315,18 +300,14 @@ static int xoo_avx512_supported(void)
 #define XK_KERNEL_NAME "avx512"
 #define XK_ATTR XOO_AVX512
 #define XK_PERMUTE(s) xoo_avx512_permute_s(s)
-#include "charm_duplex.h"
-#undef XK_NAME
-#undef XK_KERNEL_NAME
-#undef XK_ATTR
-#undef XK_T
-#undef XK_LOAD
-#undef XK_STORE
-#undef XK_PERMUTE
-#undef XK_ABSORB
-#undef XK_SQUEEZE
-#undef XK_DECBLOCK
-#undef XK_FLAGS
+#define XK_T xoo_x86_t
+#define XK_LOAD XK_LOAD_X86
+#define XK_STORE XK_STORE_X86
+#define XK_ABSORB XK_ABSORB_X86
+#define XK_SQUEEZE XK_SQUEEZE_X86
+#define XK_DECBLOCK XK_DECBLOCK_X86
+#define XK_FLAGS XK_FLAGS_X86
+#include "charm_duplex.h" /* undefines the XK_ parameters */
 #endif /* x86-64 */
 
 /* ---- selection --------------------------------------------------------------------------- */
