@@ -114,6 +114,7 @@ cdef enum:
     TX_CAP = TX_BATCH_BYTES + 262144
     RX_READ = 262144
     RX_CAP = RX_READ + HDR + MAX_PAYLOAD + 16
+    QUICK_MAX = 512             # a lone tun packet up to this size is sent at once (_tun_batch)
     DISCARD_PKTS = 64           # tun packets discarded per iteration when there is no session
     ACCEPT_BUDGET = 16          # accept() calls per iteration
     MAX_PENDING = 8             # concurrent server-side handshakes; the oldest is dropped
@@ -624,6 +625,15 @@ cdef class Loop:
                 self.n_oversize_drops += 1
                 continue
             self._emit(p, plen)
+            if count == 1 and plen <= QUICK_MAX and self.tx_end > 0 \
+                    and not _bulk_ack(p + HDR, plen):
+                # Latency: a lone small packet (ping, DNS, a keystroke, a request) goes out now,
+                # not after the read that would only confirm the tun is empty. Pure ACKs and
+                # TSO packets still wait for the batch, so bulk transfers keep one send().
+                self.tx_since = now
+                self._flush(now)
+                if self.sock < 0 or self.tx_end != 0:
+                    return      # session gone, or socket full: backpressure as below
         if self.tx_end > self.tx_off:
             if self.tx_off == 0 and self.tx_since < now:
                 self.tx_since = now
@@ -738,7 +748,7 @@ cdef class Loop:
         cdef int pidx[MAX_PENDING]
         cdef uint64_t pseq[MAX_PENDING]
         cdef int nfds, i, r, i_wake, i_listen, i_tun, i_sock, i_hs, wait
-        cdef uint64_t gen
+        cdef uint64_t gen, wrote
         cdef int64_t now, end, nxt
         cdef uint8_t drain[256]
         cdef short rev
@@ -803,13 +813,18 @@ cdef class Loop:
                     while read(self.wake_fd, drain, 256) > 0:
                         pass
                     self._push(C_EV_WAKE, b"")
+                wrote = self.n_tun_tx_packets
                 if i_sock >= 0 and fds[i_sock].revents and gen == self.gen:
                     rev = fds[i_sock].revents
                     if rev & (POLLIN | POLLHUP | POLLERR):
                         self._sock_read()
                     if gen == self.gen and (rev & POLLOUT) and self.tx_end > self.tx_off:
                         self._flush(now)
-                if i_tun >= 0 and fds[i_tun].revents:
+                # Writing to the tun usually makes the answer (a forwarded reply, the local
+                # stack's ACK) ready at once, in the same call: read it now, not after one more
+                # poll() round.
+                if i_tun >= 0 and (fds[i_tun].revents or (
+                        self.n_tun_tx_packets != wrote and self.sock >= 0)):
                     if self.sock < 0:
                         self._tun_discard()
                     elif self.tx_end == self.tx_off:
@@ -939,6 +954,21 @@ cdef class Loop:
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS if accept_ms is None else accept_ms
         self.connect_timeout_ms = TIMEOUT_MS if connect_ms is None else connect_ms
         self.send_timeout_ms = TIMEOUT_MS if send_ms is None else send_ms
+
+
+cdef inline bint _bulk_ack(const uint8_t* p, size_t n) noexcept nogil:
+    """A TCP segment without payload with only ACK set (or ACK|PSH): the reverse stream of
+    a bulk transfer, fine to batch. Anything else (SYN, FIN, RST, payload, non-TCP) is not."""
+    cdef size_t ipl
+    if n >= 40 and (p[0] >> 4) == 4 and p[9] == 6:
+        ipl = (p[0] & 15) * 4
+    elif n >= 60 and (p[0] >> 4) == 6 and p[6] == 6:
+        ipl = 40
+    else:
+        return False
+    if ipl + 20 > n:
+        return False
+    return ipl + (p[ipl + 12] >> 4) * 4 == n and (p[ipl + 13] & 0xf7) == 0x10
 
 
 cdef inline int memcmp16(const uint8_t* a, const uint8_t* b) noexcept nogil:

@@ -11,13 +11,13 @@
  * it; merging happens only after decryption, on the way into our own tun. The merge rules
  * follow the kernel's own GRO (tcp_gro_receive): same addresses, ports, IP header fields, ACK,
  * window and TCP options; contiguous sequence numbers; every segment but the last exactly
- * gso_size long; only ACK/PSH flags; a PSH or short segment ends the group. Segments whose
- * IPv4 header or TCP checksum is wrong are never merged (the kernel sees and drops them
- * as before), since a merged packet gets a fresh checksum.
+ * gso_size long; only ACK/PSH flags; a PSH or short segment ends the group, which is then
+ * written at once. Segments whose IPv4 header or TCP checksum is wrong are never merged (the
+ * kernel sees and drops them as before), since a merged packet gets a fresh checksum.
  *
- * Reads: no offloads are enabled (no TUNSETOFFLOAD), so the kernel hands us ordinary packets
- * with complete checksums and the header is skipped; the rare partial checksum is completed
- * and GSO packets, which it should never send, are refused by the caller. */
+ * Reads: with TUNSETOFFLOAD (CSUM, TSO4/6) the kernel may hand us TCP super-packets, which are
+ * cut into ordinary packets (below), and partial checksums, which are completed; a packet
+ * without offload flags is passed on as it is. */
 #ifndef DSVPN_TUN_VNET_H
 #define DSVPN_TUN_VNET_H
 
@@ -299,6 +299,11 @@ static inline void dsvpn_gro_add(int fd, struct dsvpn_gro *g, uint8_t *pkt, size
     }
     if (pay < g->gso_size) {
         g->closed = 1;
+    }
+    if (g->closed) {
+        /* nothing can join it: write it now rather than after the rest of the recv() is
+         * decrypted (a lone request or a flow's last segment is not held back) */
+        dsvpn_gro_flush(fd, g);
     }
 }
 
