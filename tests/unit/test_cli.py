@@ -155,3 +155,24 @@ def test_unknown_platform_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
     assert cli.main(["server", "k", "--dry-run", "--platform", "plan9"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "linux" in err and "openbsd" in err
+
+
+def test_cleanup_needs_root(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsvpn import tunnel
+
+    monkeypatch.setattr(tunnel, "_has_net_admin", lambda: False)
+    monkeypatch.setattr(tunnel, "cleanup_stale", lambda log: pytest.fail("cleaned without root"))
+    assert cli.main(["cleanup"]) == 77
+    assert "needs root" in capsys.readouterr().err
+
+
+def test_keygen_from_the_command_line(
+    tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "vpn.key"  # type: ignore[operator]
+    assert cli.main(["keygen", str(path)]) == 0
+    assert len(path.read_bytes()) == 32
+    assert cli.main(["keygen", str(path)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
