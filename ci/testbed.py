@@ -14,6 +14,14 @@ only inside the testbed's own namespaces, the root namespace is never touched)::
 - The inet host only knows 10.X.2.0/24, so it can answer a client only through the VPN and the
   server's NAT. IPv4 forwarding is off on the server until dsvpn turns it on.
 
+The same links also carry IPv6, from a random ULA /48 ``U`` per run: ``U:1::/64`` on the LAN
+(server ``U:1::1``, clients ``U:1::2``, ``U:1::3``...) and ``U:2::/64`` between the server
+(``U:2::1``) and the inet host (``U:2::2``), with the same default routes (clients via
+``U:1::1``, server via ``U:2::2``) and IPv6 forwarding off on the server. A client can thus
+reach the server over IPv6 (``Netns.ip6``); the inet host is reachable over IPv4 only through
+the VPN, as above (dsvpn does no IPv6 NAT). Duplicate address detection is off, and the
+testbed waits until no address is tentative, so every address is usable once it returns.
+
 ``Testbed.close()`` (also via ``with``) stops the processes it started, by PID, and deletes its
 namespaces, which removes their veths, tun devices, routes and netfilter rules.
 """
@@ -24,6 +32,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -44,6 +53,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PORT = 443
 SERVER_TUN_IP = "192.168.192.254"
 CLIENT_TUN_IP = "192.168.192.1"
+# The IPv6 tunnel addresses dsvpn derives from the IPv4 ones (64:ff9b::<tun ip>, peer /96).
+SERVER_TUN_IP6 = str(ipaddress.IPv6Address(f"64:ff9b::{SERVER_TUN_IP}"))
+CLIENT_TUN_IP6 = str(ipaddress.IPv6Address(f"64:ff9b::{CLIENT_TUN_IP}"))
 
 SYSCTLS = (
     "net.ipv4.ip_forward",
@@ -134,9 +146,10 @@ class Netns:
         self.name = name
         self.role = role
         self.ip: str | None = None  # the host's main address, set by the testbed
+        self.ip6: str | None = None  # its IPv6 (ULA) address on the same link, canonical form
 
     def __repr__(self) -> str:
-        return f"Netns({self.role}={self.name}, ip={self.ip})"
+        return f"Netns({self.role}={self.name}, ip={self.ip}, ip6={self.ip6})"
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         # `ip netns exec` execs the command, so a Popen PID is the command's own PID.
@@ -157,7 +170,8 @@ class Netns:
     def ping(
         self, dest: str, count: int = 1, wait: float = 1.0, interval: float = 0.2, size: int = 56
     ) -> dict[str, Any]:
-        """ICMP echo from this namespace (a python raw socket: no ping binary needed)."""
+        """ICMP (or, to an IPv6 address, ICMPv6) echo from this namespace (a python raw socket:
+        no ping binary needed)."""
         proc = self.run(
             [sys.executable, "-c", PING, dest, str(count), str(interval), str(wait), str(size)],
             check=False,
@@ -464,7 +478,15 @@ PING = r"""
 import json, os, select, socket, struct, sys, time
 dest, count, interval, wait, size = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:5]), \
     int(sys.argv[5])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+family = socket.AF_INET6 if ":" in dest else socket.AF_INET
+if family == socket.AF_INET6:
+    # ICMPv6: the kernel fills in the checksum and delivers no IP header.
+    s = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    request, reply = 128, 129
+else:
+    s = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    request, reply = 8, 0
+want = socket.inet_pton(family, dest)
 ident, payload, rtts = os.getpid() & 0xFFFF, bytes(size), []
 
 def checksum(b):
@@ -474,8 +496,8 @@ def checksum(b):
 
 for seq in range(count):
     seq16 = seq & 0xFFFF
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq16) + payload
-    pkt = struct.pack("!BBHHH", 8, 0, checksum(body), ident, seq16) + payload
+    body = struct.pack("!BBHHH", request, 0, 0, ident, seq16) + payload
+    pkt = struct.pack("!BBHHH", request, 0, checksum(body), ident, seq16) + payload
     t0 = time.monotonic()
     s.sendto(pkt, (dest, 0))
     rtt = None
@@ -484,9 +506,12 @@ for seq in range(count):
         if left <= 0 or not select.select([s], [], [], left)[0]:
             break
         data, src = s.recvfrom(65535)
-        ihl = (data[0] & 15) * 4
+        ihl = (data[0] & 15) * 4 if family == socket.AF_INET else 0
+        if len(data) < ihl + 8:
+            continue
         typ, _, _, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-        if typ == 0 and rid == ident and rseq == seq16 and src[0] == dest:
+        from_dest = socket.inet_pton(family, src[0].split("%")[0]) == want
+        if typ == reply and rid == ident and rseq == seq16 and from_dest:
             rtt = time.monotonic() - t0
     if rtt is not None:
         rtts.append(rtt * 1000)
@@ -498,11 +523,14 @@ print(json.dumps({"sent": count, "received": len(rtts), "rtts_ms": rtts}), flush
 """
 
 # Receiver: accept one TCP connection, read to EOF, print peer, byte count and sha256 as JSON.
+# Listens on 0.0.0.0, or on the address given after the port ("::" for IPv6).
 RECEIVER = r"""
 import hashlib, json, socket, sys
 port = int(sys.argv[1])
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", port)); srv.listen(1)
+addr = sys.argv[2] if len(sys.argv) > 2 else "0.0.0.0"
+srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addr, port)); srv.listen(1)
 print("listening", flush=True)
 conn, peer = srv.accept()
 h, n = hashlib.sha256(), 0
@@ -585,6 +613,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _ipv6_not_ready(ns: Netns, dev: str | None = None) -> list[str]:
+    """IPv6 addresses of ns (of dev) that cannot be used yet (tentative) or never will (DAD
+    failed)."""
+    bad = []
+    for flag in ("tentative", "dadfailed"):
+        argv = ["ip", "-j", "-6", "addr", "show", *(("dev", dev) if dev else ()), flag]
+        out = ns.run(argv).stdout
+        for link in json.loads(out or "[]"):
+            info = link.get("addr_info", [])
+            bad += [f"{a['local']} on {link['ifname']} {flag}" for a in info if "local" in a]
+    return bad
+
+
 def remove_stale_namespaces() -> list[str]:
     """Delete testbed namespaces whose creating process is gone (a crashed earlier run).
 
@@ -614,6 +655,8 @@ class Testbed:
         self.octet = octet if octet is not None else 100 + secrets.randbelow(100)
         self.lan = f"10.{self.octet}.1"  # clients and the server's LAN side
         self.wan = f"10.{self.octet}.2"  # the server's external side and the inet host
+        # A random ULA /48 (RFC 4193): U:1::/64 is the LAN, U:2::/64 the server-inet link.
+        self.ula = ipaddress.IPv6Network(((0xFD << 120) | (secrets.randbits(40) << 80), 48))
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -632,6 +675,10 @@ class Testbed:
         except BaseException:
             self.close()
             raise
+
+    def addr6(self, subnet: int, host: int) -> str:
+        """``U:<subnet>::<host>`` of this run's ULA, canonical (as ``ip`` and ``ss`` print it)."""
+        return str(self.ula.network_address + (subnet << 64) + host)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -660,6 +707,16 @@ class Testbed:
         srv.set_sysctl("net.ipv4.ip_forward", "0")
         srv.ip = f"{self.lan}.1"
         inet.ip = f"{self.wan}.2"
+        # IPv6 on the same links (the bridge gets a carrier, and so its address and prefix
+        # route, once the first client port joins it).
+        srv.run(["ip", "-6", "addr", "add", f"{self.addr6(2, 1)}/64", "dev", "wan0"])
+        inet.run(["ip", "-6", "addr", "add", f"{self.addr6(2, 2)}/64", "dev", "eth0"])
+        srv.run(["ip", "-6", "addr", "add", f"{self.addr6(1, 1)}/64", "dev", "lan0"])
+        srv.set_sysctl("net.ipv6.conf.all.forwarding", "0")
+        self._wait_ipv6_ready(srv, "wan0")
+        srv.run(["ip", "-6", "route", "add", "default", "via", self.addr6(2, 2)])
+        srv.ip6 = self.addr6(1, 1)
+        inet.ip6 = self.addr6(2, 2)
 
     @staticmethod
     def _veth(a: Netns, name_a: str, b: Netns, name_b: str) -> None:
@@ -680,13 +737,45 @@ class Testbed:
         ns.run(["ip", "addr", "add", f"{ns.ip}/24", "dev", "eth0"])
         ns.run(["ip", "link", "set", "eth0", "up"])
         ns.run(["ip", "route", "add", "default", "via", f"{self.lan}.1"])
+        ns.ip6 = self.addr6(1, n + 1)
+        ns.run(["ip", "-6", "addr", "add", f"{ns.ip6}/64", "dev", "eth0"])
+        self._wait_ipv6_ready(ns, "eth0")
+        self._wait_ipv6_ready(self.server, "lan0")
+        ns.run(["ip", "-6", "route", "add", "default", "via", self.addr6(1, 1)])
         self.clients.append(ns)
         wait_until(lambda: ns.ping_ok(self.server.ip), 10, f"LAN link {ns.name} -> server")
+        assert self.server.ip6
+        wait_until(
+            lambda: ns.ping_ok(self.server.ip6 or ""), 10, f"IPv6 LAN link {ns.name} -> server"
+        )
         self.settle()
         return ns
 
+    @staticmethod
+    def _wait_ipv6_ready(ns: Netns, dev: str, timeout: float = 10) -> None:
+        """Wait until no IPv6 address of dev in ns is tentative (or failed DAD) and its global
+        addresses have their prefix routes: only then can a route use them as gateway."""
+
+        def ready() -> bool:
+            if _ipv6_not_ready(ns, dev):
+                return False
+            show = ["ip", "-j", "-6", "addr", "show", "dev", dev, "scope", "global"]
+            addrs = json.loads(ns.run(show).stdout)
+            routes = ns.run(["ip", "-6", "route", "show"]).stdout
+            for link in addrs:
+                for a in link.get("addr_info", []):
+                    if "local" not in a:  # `ip -j` lists filtered-out addresses as {}
+                        continue
+                    net = ipaddress.IPv6Network(f"{a['local']}/{a['prefixlen']}", strict=False)
+                    if f"{net} dev {link['ifname']}" not in routes:
+                        return False
+            return True
+
+        wait_until(ready, timeout, f"usable IPv6 addresses on {dev} in {ns.name}")
+
     def settle(self, timeout: float = 10) -> None:
-        """Wait until every link that is up has its IPv6 link-local address.
+        """Wait until every link that is up has its IPv6 link-local address, and no IPv6
+        address is tentative.
 
         The kernel adds those (and their routes) asynchronously; a snapshot taken before they
         appear would differ from a later one for reasons that have nothing to do with dsvpn.
@@ -694,16 +783,20 @@ class Testbed:
 
         def settled() -> bool:
             for ns in self.namespaces:
+                if _ipv6_not_ready(ns):
+                    return False
                 links = json.loads(ns.run(["ip", "-j", "link", "show", "up"]).stdout)
                 addrs = json.loads(
                     ns.run(["ip", "-j", "-6", "addr", "show", "scope", "link"]).stdout
                 )
-                with_ll = {a["ifname"] for a in addrs if a.get("addr_info")}
+                with_ll = {
+                    a["ifname"] for a in addrs if any("local" in i for i in a.get("addr_info", []))
+                }
                 if any(ln["ifname"] not in with_ll for ln in links if ln["ifname"] != "lo"):
                     return False
             return True
 
-        wait_until(settled, timeout, "IPv6 link-local addresses on every link")
+        wait_until(settled, timeout, "IPv6 link-local addresses on every link, none tentative")
 
     @property
     def client(self) -> Netns:
@@ -713,6 +806,24 @@ class Testbed:
     def server_ext_ip(self) -> str:
         """The address the inet host sees when the server NATs a client."""
         return f"{self.wan}.1"
+
+    @property
+    def server_ext_ip6(self) -> str:
+        """The server's IPv6 address on the link to the inet host."""
+        return self.addr6(2, 1)
+
+    def snapshots(self) -> dict[str, dict[str, str]]:
+        """:func:`snapshot` of every namespace, by role."""
+        return {ns.role: snapshot(ns) for ns in self.namespaces}
+
+    def changes(self, before: dict[str, dict[str, str]], ignore: Iterable[str] = ()) -> str:
+        """What differs from ``before`` (:meth:`snapshots`), per namespace; '' if nothing."""
+        diffs = {
+            ns.role: d
+            for ns in self.namespaces
+            if (d := diff_snapshots(before[ns.role], snapshot(ns), ignore))
+        }
+        return "\n".join(f"[{role}]\n{d}" for role, d in diffs.items())
 
     # -- files and processes ------------------------------------------------------------------
 
@@ -778,12 +889,16 @@ class Testbed:
         ns: Netns | None = None,
         name: str = "client",
         port: int = DEFAULT_PORT,
+        server_ip: str | None = None,
         **kw: Any,
     ) -> Proc:
+        """Start a client connecting to ``server_ip`` (the server's LAN IPv4 address unless
+        given; ``tb.server.ip6`` makes the tunnel's own connection IPv6)."""
         kw.setdefault("extra", ("-v",))
-        assert self.server.ip
+        server_ip = server_ip or self.server.ip
+        assert server_ip
         ns = ns or self.client
-        return self.start(ns, impl.client_argv(key, self.server.ip, port=port, **kw), name)
+        return self.start(ns, impl.client_argv(key, server_ip, port=port, **kw), name)
 
     def tunnel_up(
         self,
@@ -797,21 +912,34 @@ class Testbed:
         tun: str = "auto",
         suffix: str = "",
         timeout: float = 30,
+        server_ip: str | None = None,
+        listen: str = "auto",
     ) -> tuple[Proc, Proc]:
         """Start a server and a client; return once the client pings the server's tun address.
 
         ``net`` ("192.168.193") selects the tunnel addresses net.254 (server) and net.1 (client);
         None leaves them to the implementation's defaults (192.168.192.254 and .1).
+        ``server_ip`` is the address the client connects to (default: the server's LAN IPv4),
+        ``listen`` the server's listen address (default: all, dual-stack).
         """
         ns = ns or self.client
         addrs: dict[str, str] = {}
         if net:
             addrs = {"local": f"{net}.254", "remote": f"{net}.1"}
-        server = self.start_server(impl, key, port=port, tun=tun, name=f"server{suffix}", **addrs)
+        server = self.start_server(
+            impl, key, port=port, tun=tun, listen=listen, name=f"server{suffix}", **addrs
+        )
         if net:
             addrs = {"local": f"{net}.1", "remote": f"{net}.254"}
         client = self.start_client(
-            client_impl or impl, key, ns=ns, port=port, tun=tun, name=f"client{suffix}", **addrs
+            client_impl or impl,
+            key,
+            ns=ns,
+            port=port,
+            tun=tun,
+            name=f"client{suffix}",
+            server_ip=server_ip,
+            **addrs,
         )
         ns.wait_ping(
             f"{net or '192.168.192'}.254",
@@ -851,8 +979,10 @@ class Testbed:
         port: int = 5201,
         timeout: float = 180,
     ) -> dict[str, Any]:
-        """Send nbytes src -> dst_ip over TCP; return the receiver's and sender's reports."""
-        rx = self.start_script(dst, RECEIVER, [port], f"receiver-{port}")
+        """Send nbytes src -> dst_ip (IPv4 or IPv6) over TCP; return the receiver's and
+        sender's reports."""
+        bind = "::" if ":" in dst_ip else "0.0.0.0"
+        rx = self.start_script(dst, RECEIVER, [port, bind], f"receiver-{port}")
         try:
             self.wait_log(rx, "listening", 10)
             tx = src.run(
