@@ -995,6 +995,19 @@ class Testbed:
                 rx.kill()
         return {"sent": json.loads(tx.stdout), "received": received}
 
+    def check_transfer_through_vpn(self, src: Netns, nbytes: int) -> None:
+        """src sends nbytes to the far host: the bytes and their sha256 match at both ends,
+        the far host sees the server's external address (NAT), and the server's tun carried
+        the bytes (the data really went through the tunnel). AssertionError otherwise."""
+        result = self.transfer(src, self.inet, self.inet.ip or "", nbytes)
+        sent, received = result["sent"], result["received"]
+        assert received["bytes"] == sent["bytes"] == nbytes, result
+        assert received["sha256"] == sent["sha256"] == sent["echo"], result
+        assert received["peer"] == self.server_ext_ip, result
+        tun = self.server.tun_links()
+        assert len(tun) == 1, tun
+        assert self.server.link_stats(tun[0])["rx_bytes"] >= nbytes
+
     def close(self) -> None:
         """Stop every started process (by PID) and delete the namespaces. Idempotent."""
         for proc in reversed(self.procs):

@@ -69,14 +69,7 @@ def test_client_connects_over_ipv6(request, tb, impl, key, listen):
     assert server_conns == [(f"[{server_ip6}]:{port}", conns[0][0])], server_conns
 
     # IPv4 traffic inside that tunnel reaches the far host through the server's NAT.
-    result = tb.transfer(tb.client, tb.inet, tb.inet.ip, TRANSFER_BYTES)
-    sent, received = result["sent"], result["received"]
-    assert received["bytes"] == sent["bytes"] == TRANSFER_BYTES
-    assert received["sha256"] == sent["sha256"] == sent["echo"]
-    assert received["peer"] == tb.server_ext_ip
-    tun = tb.server.tun_links()
-    assert len(tun) == 1, tun
-    assert tb.server.link_stats(tun[0])["rx_bytes"] >= TRANSFER_BYTES
+    tb.check_transfer_through_vpn(tb.client, TRANSFER_BYTES)
 
     _stop_and_compare(tb, impl, before, server, client)
 
