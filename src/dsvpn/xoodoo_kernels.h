@@ -32,60 +32,98 @@ static const uint32_t XOO_RK[12] = {
 
 #define XOO_ROL32(x, n) (((x) << (n)) | ((x) >> (32 - (n))))
 
+/* the permutations must be inlined into the duplex loops, so the state stays in registers from
+ * block to block: left to itself clang makes them out-of-line calls through memory */
+#if defined(__GNUC__) || defined(__clang__)
+#define XOO_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define XOO_INLINE __forceinline
+#else
+#define XOO_INLINE inline
+#endif
+
 typedef struct { uint32_t a[12]; } xoo_portable_t;
 
-static inline uint32_t xoo_load32_le(const uint8_t *p)
+/* little-endian hosts copy the words as they are: clang 14 leaves the byte-wise form below as
+ * separate byte stores on aarch64 (Apple Silicon runs this kernel), and gcc too gains ~5% */
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) &&                             \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+static XOO_INLINE uint32_t xoo_load32_le(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static XOO_INLINE void xoo_store32_le(uint8_t *p, uint32_t v)
+{
+    memcpy(p, &v, 4);
+}
+#else
+static XOO_INLINE uint32_t xoo_load32_le(const uint8_t *p)
 {
     return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
-static inline void xoo_store32_le(uint8_t *p, uint32_t v)
+static XOO_INLINE void xoo_store32_le(uint8_t *p, uint32_t v)
 {
     p[0] = (uint8_t)v;
     p[1] = (uint8_t)(v >> 8);
     p[2] = (uint8_t)(v >> 16);
     p[3] = (uint8_t)(v >> 24);
 }
+#endif
 
-/* A[y][x] = a[4y + x]; written as in the specification, the compiler keeps it in registers */
-static inline void xoo_portable_round(uint32_t a[12], uint32_t rc)
+/* One round from the twelve words i0..i11 (A[y][x] = i(4y + x)) into o0..o11. The lane shifts
+ * of rho-west and rho-east are made by the choice of input and output words, and the two sets of
+ * names alternate between rounds, so the state stays in plain scalars (from an array form clang
+ * vectorised the round into slow SSE2 shuffles, ~40% slower than gcc). The round goes a column
+ * at a time, finishing each column's three outputs before the next, which keeps few values live
+ * (on x86-64 the state alone takes 12 of the 15 registers); measured ~6% faster under gcc. */
+#define XOO_E(p) (XOO_ROL32((p), 5) ^ XOO_ROL32((p), 14))
+/* column x: theta (E[x] = e, E[x-1] = ew), rho-west, iota (rc), chi and rho-east; plane 1 is
+ * read from word wi (lane x-1) and written to wo, plane 2 read from zi and written to zo (lane
+ * x-2) */
+#define XOO_PORTABLE_COLUMN(i, o, x, wi, wo, zi, zo, e, ew, rc)                               \
+    do {                                                                                      \
+        uint32_t b0_ = i##x ^ (e) ^ (rc);                                                     \
+        uint32_t b1_ = i##wi ^ (ew);                                                          \
+        uint32_t b2_ = XOO_ROL32(i##zi ^ (e), 11);                                            \
+        o##x = b0_ ^ (~b1_ & b2_);                                                            \
+        o##wo = XOO_ROL32(b1_ ^ (~b2_ & b0_), 1);                                             \
+        o##zo = XOO_ROL32(b2_ ^ (~b0_ & b1_), 8);                                             \
+    } while (0)
+#define XOO_PORTABLE_ROUND(i, o, rc)                                                          \
+    do {                                                                                      \
+        uint32_t p0_ = i##0 ^ i##4 ^ i##8, p1_ = i##1 ^ i##5 ^ i##9;                          \
+        uint32_t p2_ = i##2 ^ i##6 ^ i##10, p3_ = i##3 ^ i##7 ^ i##11;                        \
+        uint32_t e0_ = XOO_E(p3_), e1_ = XOO_E(p0_), e2_ = XOO_E(p1_), e3_ = XOO_E(p2_);      \
+        XOO_PORTABLE_COLUMN(i, o, 0, 7, 4, 8, 10, e0_, e3_, rc);                              \
+        XOO_PORTABLE_COLUMN(i, o, 1, 4, 5, 9, 11, e1_, e0_, 0);                               \
+        XOO_PORTABLE_COLUMN(i, o, 2, 5, 6, 10, 8, e2_, e1_, 0);                               \
+        XOO_PORTABLE_COLUMN(i, o, 3, 6, 7, 11, 9, e3_, e2_, 0);                               \
+    } while (0)
+
+static XOO_INLINE void xoo_portable_permute_s(xoo_portable_t *s)
 {
-    uint32_t p[4], e[4], b[12], t;
-    int x;
-
-    for (x = 0; x < 4; x++) {
-        p[x] = a[x] ^ a[4 + x] ^ a[8 + x];
-    }
-    for (x = 0; x < 4; x++) {
-        t = p[(x + 3) & 3];
-        e[x] = XOO_ROL32(t, 5) ^ XOO_ROL32(t, 14);
-    }
-    for (x = 0; x < 4; x++) {
-        b[x] = a[x] ^ e[x];
-        b[4 + x] = a[4 + ((x + 3) & 3)] ^ e[(x + 3) & 3]; /* theta, then rho-west lane shift */
-        t = a[8 + x] ^ e[x];
-        b[8 + x] = XOO_ROL32(t, 11);
-    }
-    b[0] ^= rc;
-    for (x = 0; x < 4; x++) {
-        a[x] = b[x] ^ (~b[4 + x] & b[8 + x]);
-        t = b[4 + x] ^ (~b[8 + x] & b[x]);
-        a[4 + x] = XOO_ROL32(t, 1);
-    }
-    for (x = 0; x < 4; x++) { /* rho-east: A[2][x] = ROL(chi(A[2])[x + 2], 8) */
-        int s = (x + 2) & 3;
-        t = b[8 + s] ^ (~b[s] & b[4 + s]);
-        a[8 + x] = XOO_ROL32(t, 8);
-    }
-}
-
-static inline void xoo_portable_permute_s(xoo_portable_t *s)
-{
+    uint32_t a0 = s->a[0], a1 = s->a[1], a2 = s->a[2], a3 = s->a[3];
+    uint32_t a4 = s->a[4], a5 = s->a[5], a6 = s->a[6], a7 = s->a[7];
+    uint32_t a8 = s->a[8], a9 = s->a[9], a10 = s->a[10], a11 = s->a[11];
+    uint32_t n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11;
     int r;
 
-    for (r = 0; r < 12; r++) {
-        xoo_portable_round(s->a, XOO_RK[r]);
+    /* two rounds a pass, so the names come back; unrolling further only grows the code, which
+     * is inlined three times per duplex function */
+#if defined(__GNUC__) /* gcc and clang */
+#pragma GCC unroll 1
+#endif
+    for (r = 0; r < 12; r += 2) {
+        XOO_PORTABLE_ROUND(a, n, XOO_RK[r]);
+        XOO_PORTABLE_ROUND(n, a, XOO_RK[r + 1]);
     }
+    s->a[0] = a0; s->a[1] = a1; s->a[2] = a2; s->a[3] = a3;
+    s->a[4] = a4; s->a[5] = a5; s->a[6] = a6; s->a[7] = a7;
+    s->a[8] = a8; s->a[9] = a9; s->a[10] = a10; s->a[11] = a11;
 }
 
 static inline void xoo_portable_absorb(xoo_portable_t *s, const uint8_t *p)
@@ -186,7 +224,7 @@ typedef struct { __m128i a0, a1, a2; } xoo_x86_t;
     _mm_xor_si128(_mm_xor_si128(_mm_slli_epi32((x), (m)), _mm_srli_epi32((x), 32 - (m))),     \
                   _mm_xor_si128(_mm_slli_epi32((x), (n)), _mm_srli_epi32((x), 32 - (n))))
 
-static inline XOO_SSSE3 void xoo_ssse3_permute_s(xoo_x86_t *s)
+static XOO_INLINE XOO_SSSE3 void xoo_ssse3_permute_s(xoo_x86_t *s)
 {
     const __m128i rho_east = _mm_setr_epi8(XOO_RHO_EAST_BYTES);
     __m128i a0 = s->a0, a1 = s->a1, a2 = s->a2, p, ps, pss, b0, b1;
@@ -244,10 +282,27 @@ static int xoo_ssse3_supported(void)
  * Folding more (e.g. chi on pre-rotated inputs) needs more rotates than the two shift pipes can
  * issue and measured slower. Measured: 17 cycles a round against 20 for the direct form. */
 #define XOO_AVX512 __attribute__((target("avx512f,avx512vl")))
+/* clang reorders the inputs of vpternlogd, putting a non-critical one in the destination (~7%
+ * slower), so under clang the operand order is pinned with inline asm */
+#if defined(__clang__)
+static XOO_INLINE XOO_AVX512 __m128i xoo_tern96(__m128i a, __m128i b, __m128i c)
+{
+    __asm__("vpternlogd $0x96, %2, %1, %0" : "+v"(a) : "v"(b), "v"(c));
+    return a;
+}
+static XOO_INLINE XOO_AVX512 __m128i xoo_ternd2(__m128i a, __m128i b, __m128i c)
+{
+    __asm__("vpternlogd $0xd2, %2, %1, %0" : "+v"(a) : "v"(b), "v"(c));
+    return a;
+}
+#define XOO_X3(a, b, c) xoo_tern96((a), (b), (c))
+#define XOO_CHI(a, b, c) xoo_ternd2((a), (b), (c))
+#else
 #define XOO_X3(a, b, c) _mm_ternarylogic_epi32((a), (b), (c), 0x96)
 #define XOO_CHI(a, b, c) _mm_ternarylogic_epi32((a), (b), (c), 0xd2)
+#endif
 
-static inline XOO_AVX512 void xoo_avx512_permute_s(xoo_x86_t *s)
+static XOO_INLINE XOO_AVX512 void xoo_avx512_permute_s(xoo_x86_t *s)
 {
     const __m128i rho_east = _mm_setr_epi8(XOO_RHO_EAST_BYTES);
     /* lane x <- ROL32(lane x + 1, 8), and lane x <- ROL32(lane x, 8): S1 and S2 of rho-east */
