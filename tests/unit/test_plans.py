@@ -179,11 +179,16 @@ def test_server_notes() -> None:
     assert by_name("linux").notes(s, "tun0", NET) == []
 
 
-def test_gateway_changed() -> None:
+def test_only_a_new_gateway_changes_the_gateway_steps() -> None:
+    # Runner.reapply_gateway moves routes only when these steps differ between two plans.
+    def changed(name: str, cfg: Config, old: NetInfo, new: NetInfo) -> bool:
+        plan = by_name(name).plan
+        return plan(cfg, "tun0", old).gateway_steps() != plan(cfg, "tun0", new).gateway_steps()
+
     other = NetInfo("wlan0", "10.0.0.1")
     same_gw = NetInfo("wlan0", NET.gateway)
-    assert by_name("macos").gateway_changed(client_cfg(), NET, other)
-    assert not by_name("macos").gateway_changed(client_cfg(), NET, same_gw)
-    assert not by_name("macos").gateway_changed(client_cfg(), NET, NET)
-    assert not by_name("linux").gateway_changed(client_cfg(), NET, other)
-    assert not by_name("openbsd").gateway_changed(server_cfg(), NET, other)
+    assert changed("macos", client_cfg(), NET, other)
+    assert not changed("macos", client_cfg(), NET, same_gw)
+    assert not changed("macos", client_cfg(), NET, NET)
+    assert not changed("linux", client_cfg(), NET, other)
+    assert not changed("openbsd", server_cfg(), NET, other)

@@ -78,15 +78,6 @@ class Backend(ABC):
         """Lines to print once the tunnel is up: what the user still has to do by hand."""
         return []
 
-    def gateway_changed(self, cfg: Config, old: NetInfo, new: NetInfo) -> bool:
-        """True if moving from `old` to `new` changes the plan (then the caller runs
-        Runner.reapply_gateway). Decided from the plans themselves, so no backend can
-        forget a gateway-dependent step: on Linux the client's plan ignores the gateway."""
-        if old == new:
-            return False
-        tun = "<tun>"
-        return self.plan(cfg, tun, old).gateway_steps() != self.plan(cfg, tun, new).gateway_steps()
-
 
 def server_address(cfg: Config) -> str:
     """The server's IP as seen by a client (resolved once at start, as the reference)."""
