@@ -22,7 +22,7 @@ from dsvpn import platform
 from dsvpn.config import Config
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.keys import load_key
-from dsvpn.platform._common import Backend, NetInfo
+from dsvpn.platform._common import PLACEHOLDER_SERVER, Backend, NetInfo, is_ipv6
 from dsvpn.rules import Identity, Journal, Plan, Runner, check_conflicts, cleanup_stale
 
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
@@ -68,7 +68,7 @@ def _listener(cfg: Config) -> socket.socket:
     if cfg.server is None:
         candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
     else:
-        family = socket.AF_INET6 if ":" in cfg.server else socket.AF_INET
+        family = socket.AF_INET6 if is_ipv6(cfg.server) else socket.AF_INET
         candidates = [(family, cfg.server)]
     last: OSError | None = None
     for family, address in candidates:
@@ -278,7 +278,7 @@ class Tunnel:
 
         cfg = self.cfg
         assert cfg.server_ip is not None
-        family = socket.AF_INET6 if ":" in cfg.server_ip else socket.AF_INET
+        family = socket.AF_INET6 if is_ipv6(cfg.server_ip) else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             tcp_options(sock.fileno())
@@ -381,7 +381,7 @@ def dry_run(cfg: Config, platform_name: str | None) -> int:
         with contextlib.suppress(DsvpnError):
             here = platform.current().name == backend.name
     if not cfg.is_server:
-        server_ip = "<server-ip>"
+        server_ip = PLACEHOLDER_SERVER
         assert cfg.server is not None
         with contextlib.suppress(DsvpnError):
             server_ip = _resolve(cfg.server, cfg.port)
