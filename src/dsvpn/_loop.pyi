@@ -112,9 +112,9 @@ class Loop:
 
     The loop never closes tun_fd, listen_fd, wake_fd or control_fd, but it sets O_NONBLOCK on
     tun_fd (it drains the tun until EAGAIN). It owns every accepted or connected session socket.
-    Server: at most 8 handshakes are pending at once (the oldest is dropped), each with a 10 s
-    deadline for the whole handshake; a successful handshake from the active client's IP
-    replaces the session, another IP is refused while a session is active.
+    Server: at most 8 handshakes are pending at once (the oldest is dropped), each with
+    Timeout.ACCEPT_TIMEOUT_MS for the whole handshake; a successful handshake from the active
+    client's IP replaces the session, another IP is refused while a session is active.
 
     Frames from the peer: a bad tag ends the session ("corrupted stream"); an empty frame is
     accepted and writes nothing (as the reference: it works as a keepalive); a payload larger
@@ -154,7 +154,7 @@ class Loop:
 
         The loop takes ownership of fd (pass ``sock.detach()``) and closes it when the session
         or handshake ends, or at once if connect() raises. pkt1 is sent at once; pkt2 is
-        awaited inside run() with a 60 s deadline. Any previous session or handshake is
+        awaited inside run() until Timeout.TIMEOUT_MS. Any previous session or handshake is
         dropped first.
         """
     def run(self, timeout_ms: int) -> tuple[Event, str]:
@@ -194,5 +194,5 @@ class Loop:
         connect_ms: int | None = None,
         send_ms: int | None = None,
     ) -> None:
-        """Test hook: shorten the server handshake (10 s), client handshake (60 s) and send
-        progress (60 s) deadlines; None restores the default."""
+        """Test hook: shorten the server handshake (ACCEPT_TIMEOUT_MS), client handshake and
+        send progress (TIMEOUT_MS) deadlines; None restores the default."""

@@ -218,7 +218,7 @@ def test_bad_arguments(kw: dict[str, object]) -> None:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         with pytest.raises(ValueError):
-            L.Loop(a.fileno(), KEY, is_server=True, **kw)  # type: ignore[arg-type]
+            L.Loop(a.fileno(), KEY, is_server=True, **kw)
     finally:
         a.close()
         b.close()
