@@ -23,6 +23,6 @@ cpdef enum Drop:
     DROP_NON_IP = 5
 
 cpdef enum Timeout:
-    # docs/protocol.md, Timeouts
+    # docs/protocol.md, Timeouts and limits
     TIMEOUT_MS = 60000          # client connect and handshake, send progress, TCP_USER_TIMEOUT
     ACCEPT_TIMEOUT_MS = 10000   # the whole server side of a handshake

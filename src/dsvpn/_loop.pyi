@@ -46,7 +46,7 @@ class Drop(IntEnum):
     DROP_NON_IP = ...
 
 class Timeout(IntEnum):
-    """Milliseconds (docs/protocol.md, Timeouts)."""
+    """Milliseconds (docs/protocol.md, Timeouts and limits)."""
 
     TIMEOUT_MS = ...
     ACCEPT_TIMEOUT_MS = ...
@@ -102,7 +102,7 @@ class EndedSession(Session):
     reason: str
 
 def tcp_options(fd: int, mark: int = 0) -> None:
-    """The TCP options of docs/protocol.md, Sockets, plus TCP_NODELAY. mark != 0 also sets
+    """The TCP options of docs/protocol.md, TCP options, plus TCP_NODELAY. mark != 0 also sets
     SO_MARK (Linux; ignored elsewhere), so that routing rules can keep the tunnel's own
     connection out of the tunnel: failing to set it raises OSError. Other errors are ignored
     (those options only tune)."""

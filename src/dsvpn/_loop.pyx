@@ -120,7 +120,7 @@ cdef enum:
     N_DROPS = DROP_NON_IP + 1
     SHORT_READ = -3             # _tun_read: a packet shorter than the tun's own header
 
-# BUFFERBLOAT_CONTROL (docs/protocol.md, Framing): when a send() of a fresh batch could take
+# BUFFERBLOAT_CONTROL (docs/protocol.md, Congestion drop): when a send() of a fresh batch could take
 # nothing at all (EAGAIN), the next tun packet read is discarded, as the reference does after
 # a write that fails with EAGAIN. Partial sends do not set it (same as the reference). With
 # batched sends and the tun not being read while our buffer is non-empty, this fires rarely;
@@ -232,7 +232,7 @@ cdef inline bint bulk_ack(const uint8_t* p, size_t n) noexcept nogil:
 
 
 def tcp_options(int fd, int mark=0):
-    """Apply the TCP options of docs/protocol.md, Sockets (plus TCP_NODELAY); see _loop.pyi."""
+    """Apply the TCP options of docs/protocol.md, TCP options (plus TCP_NODELAY); see _loop.pyi."""
     cdef int r, err = 0
     with nogil:
         r = dsvpn_tcp_opts(fd, mark, TIMEOUT_MS, NOTSENT_LOWAT)

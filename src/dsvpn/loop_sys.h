@@ -80,7 +80,7 @@ static inline void dsvpn_set_cloexec(int fd)
     }
 }
 
-/* The TCP options of docs/protocol.md, Sockets, plus TCP_NODELAY everywhere. mark != 0 sets
+/* The TCP options of docs/protocol.md, TCP options, plus TCP_NODELAY everywhere. mark != 0 sets
  * SO_MARK (Linux), so that the routing rules can keep the tunnel's own connection out of the
  * tunnel; a failure to set it is the only error reported (-1, errno set), since without it the
  * tunnel would route into itself. Every other error is ignored: those options only tune. */

@@ -1,4 +1,4 @@
-# Sizes of the wire protocol (docs/protocol.md, Handshake, Framing and Limits), for the Cython
+# Sizes of the wire protocol (docs/protocol.md, Handshake, Framing, Timeouts and limits), for the Cython
 # modules. The timeouts, which Python needs too, are in _loop.pxd.
 
 cdef enum:
