@@ -179,8 +179,7 @@ def test_stats_only_when_something_moved(restore_logger: None) -> None:
     ]
     assert stats.lines([session(2048, 100)]) == []  # nothing moved
     assert stats.lines([session(2048, 100, congestion=3)]) == [
-        "198.51.100.2 port 53422: received 2.00 KiB (+0 B), sent 100 B (+0 B); "
-        "drops: congestion 3"
+        "198.51.100.2 port 53422: received 2.00 KiB (+0 B), sent 100 B (+0 B); drops: congestion 3"
     ]
     assert stats.lines([]) == []
 
