@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from dsvpn import PROTOCOL_VERSION, __version__
 from dsvpn.config import (
     DEFAULT_CLIENT_TUN_IP,
-    DEFAULT_MTU,
     DEFAULT_PORT,
     DEFAULT_SERVER_TUN_IP,
+    ClientConfig,
     Config,
+    ServerConfig,
 )
 from dsvpn.errors import DsvpnError, UsageError
 
@@ -159,27 +160,32 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         raise UsageError(f"too many arguments for {command}: {' '.join(args[MAX_POSITIONALS:])}")
     key_file = args[0]
     given: list[str | None] = [*args[1:], *[None] * (MAX_POSITIONALS - len(args))]
-    server, port, tun, local_ip, remote_ip, ext_ip = given
-    is_server = command == "server"
-    if is_server:
-        local_default, remote_default = DEFAULT_SERVER_TUN_IP, DEFAULT_CLIENT_TUN_IP
-        server = _ip(server, "server address")
+    address, port, tun, local_ip, remote_ip, last_ip = given
+    cfg: Config
+    if command == "server":
+        # Checked in the order of the command line: the first bad argument is reported.
+        cfg = ServerConfig(
+            key_file=key_file,
+            listen_ip=_ip(address, "listen ip"),  # an address of this host, not a name
+            port=_port(port),
+            tun_name=_tun(tun),
+            local_tun_ip=_ipv4(local_ip, DEFAULT_SERVER_TUN_IP, "local tun ip"),
+            remote_tun_ip=_ipv4(remote_ip, DEFAULT_CLIENT_TUN_IP, "remote tun ip"),
+            external_ip=_ip(last_ip, "external ip"),
+        )
     else:
-        local_default, remote_default = DEFAULT_CLIENT_TUN_IP, DEFAULT_SERVER_TUN_IP
-        server = _auto(server)
+        server = _auto(address)
         if server is None:
             raise UsageError("the client needs the server's address or name")
-    cfg = Config(
-        mode="server" if is_server else "client",
-        key_file=key_file,
-        server=server,
-        port=_port(port),
-        tun_name=_tun(tun),
-        local_tun_ip=_ipv4(local_ip, local_default, "local tun ip"),
-        remote_tun_ip=_ipv4(remote_ip, remote_default, "remote tun ip"),
-        ext_ip=_ip(ext_ip, "external ip" if is_server else "gateway ip"),
-        mtu=DEFAULT_MTU,
-    )
+        cfg = ClientConfig(
+            key_file=key_file,
+            server=server,
+            port=_port(port),
+            tun_name=_tun(tun),
+            local_tun_ip=_ipv4(local_ip, DEFAULT_CLIENT_TUN_IP, "local tun ip"),
+            remote_tun_ip=_ipv4(remote_ip, DEFAULT_SERVER_TUN_IP, "remote tun ip"),
+            gateway_ip=_ip(last_ip, "gateway ip"),
+        )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")
     return Invocation(command, cfg, None, verbosity, dry_run, platform)
