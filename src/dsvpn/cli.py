@@ -21,7 +21,7 @@ from dsvpn.errors import DsvpnError, UsageError
 
 USAGE = """\
 usage:
-  dsvpn server <key file> [<server ip or name>|auto] [<port>|auto] [<tun>|auto]
+  dsvpn server <key file> [<listen ip>|auto] [<port>|auto] [<tun>|auto]
                [<local tun ip>|auto] [<remote tun ip>|auto] [<external ip>|auto]
   dsvpn client <key file> <server ip or name> [<port>|auto] [<tun>|auto]
                [<local tun ip>|auto] [<remote tun ip>|auto] [<gateway ip>|auto]
@@ -36,13 +36,18 @@ options (anywhere after the mode word):
   --platform NAME      with --dry-run: the plan of another OS
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
 
-Trailing "auto" arguments may be left out. Defaults: port 443, server tun IP 192.168.192.254,
-client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>, MTU 9000 (1500 on NetBSD).
+Trailing "auto" arguments may be left out. Defaults: listen on every address, port 443,
+server tun IP 192.168.192.254, client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>,
+MTU 9000 (1500 on NetBSD). A tun name has at most 15 characters (macOS: utunN, BSD: tunN).
+
+exit status:
+  0 success, 1 other error, 2 usage error, 69 missing prerequisite (tool, tun device),
+  75 conflict with a running dsvpn, 77 permission denied (not root), 130 interrupted
 
 example:
   dsvpn keygen vpn.key                 (copy vpn.key to the other host, e.g. with scp)
-  sudo dsvpn server vpn.key            (on the server)
-  sudo dsvpn client vpn.key 203.0.113.7   (on the client: all traffic now goes through it)
+  dsvpn server vpn.key                 (as root, on the server)
+  dsvpn client vpn.key 203.0.113.7     (as root, on the client: all traffic goes through it)
 """
 
 MAX_POSITIONALS = 7
@@ -98,7 +103,9 @@ def _tun(value: str | None) -> str | None:
         return None
     # IFNAMSIZ is 16 including the NUL; '/' and spaces are never valid interface names.
     if not value or len(value) > 15 or any(c in value for c in "/ \t\n:") or value in {".", ".."}:
-        raise UsageError(f"invalid tun name {value!r}")
+        raise UsageError(
+            f"invalid tun name {value!r}: at most 15 characters, without '/', ':' or spaces"
+        )
     return value
 
 

@@ -82,7 +82,7 @@ def test_options_anywhere_after_the_mode_word() -> None:
         (["server", "k", "not-an-ip"], "invalid listen ip 'not-an-ip': expected an IP address"),
         (["server", "k", "vpn.example.com"], "invalid listen ip"),
         (["server", "k", "auto", "auto", "a/b"], "invalid tun name"),
-        (["server", "k", "auto", "auto", "x" * 16], "invalid tun name"),
+        (["server", "k", "auto", "auto", "x" * 16], "invalid tun name .*at most 15 characters"),
         (["server", "k", "auto", "auto", "auto", "fd00::1"], "expected an IPv4"),
         (["server", "k", "auto", "auto", "auto", "10.0.0.1", "10.0.0.1"], "both 10.0.0.1"),
         (["client", "k", "h", "auto", "auto", "auto", "auto", "gw"], "invalid gateway ip"),
@@ -106,7 +106,11 @@ def test_main_prints_one_line_and_exits_non_zero(capsys: pytest.CaptureFixture[s
 
 def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
-    assert "dsvpn server <key file>" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dsvpn server <key file> [<listen ip>|auto]" in out
+    assert "[<server ip or name>|auto]" not in out  # the server binds an address, not a name
+    for code in (2, 69, 75, 77, 130):
+        assert f" {code} " in out
     assert cli.main(["--version"]) == 0
     assert "0.1.5" in capsys.readouterr().out
     assert cli.main([]) == 0
