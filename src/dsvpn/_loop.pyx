@@ -134,6 +134,7 @@ cdef const char* CLIENT_EOF_MSG = (
     b"wrong key, or the server is busy with another client")
 cdef const char* REFUSED_FMT = b"connection from %s refused: a session from %s is already active"
 cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
+cdef const char* CLOCK_FMT = b"clock difference too large from %s: %s"
 cdef const char* NO_RANDOM = b"the system's random source failed"
 
 # stats() and session() name each drop counter after its Drop member.
@@ -539,12 +540,13 @@ cdef class Loop:
         with pkt2 and make the connection the session."""
         cdef Pending* p = &self.pend[i]
         cdef const char* why
+        cdef char arg[MSG_LEN]
         cdef int fd
         if not self._pending_read(i):
             return
-        why = self._verify_pkt1(p)
+        why = self._verify_pkt1(p, arg)
         if why != NULL:
-            self._pending_fail(i, why, b"")
+            self._pending_fail(i, why, arg)
             return
         if self._busy_for(&p.addr):
             # Another client's session came up while this one was shaking hands.
@@ -572,23 +574,30 @@ cdef class Loop:
         p.got += <int> n
         return p.got == PKT1_LEN
 
-    cdef const char* _verify_pkt1(self, Pending* p) noexcept nogil:
-        """NULL if pkt1 is authentic and fresh, else the log format (%s: the peer's IP).
-        Advances p.st over pkt1's first 40 bytes, as the session key derivation expects."""
+    cdef const char* _verify_pkt1(self, Pending* p, char* arg) noexcept nogil:
+        """NULL if pkt1 is authentic and fresh, else the log format (%s: the peer's IP, then
+        arg, MSG_LEN bytes, filled in here: by how much the clocks differ, so the operator
+        knows which one to fix). Advances p.st over pkt1's first 40 bytes, as the session key
+        derivation expects."""
         cdef uint8_t h[CHARM_HASH_LEN]
         cdef uint64_t ts = 0
         cdef int64_t diff
         cdef int j
+        arg[0] = 0
         charm_hash(&p.st, p.buf, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
         if not ct_eq(h, p.buf + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN):
             return b"authentication failed from %s: wrong key or garbage"
         for j in range(HS_TIMESTAMP_LEN):
             ts |= (<uint64_t> p.buf[HS_RANDOM_LEN + j]) << (8 * j)
         if ts > <uint64_t> 0x7fffffffffffffff:
-            return b"clock difference too large from %s"
+            snprintf(arg, MSG_LEN, "its timestamp is out of range")
+            return CLOCK_FMT
         diff = <int64_t> ts - self._wall()
         if diff > TS_TOLERANCE_S or diff < -TS_TOLERANCE_S:
-            return b"clock difference too large from %s"
+            snprintf(arg, MSG_LEN, "its clock is %lld s %s ours (at most %d s)",
+                     <long long> (diff if diff > 0 else -diff),
+                     <const char*> (b"ahead of" if diff > 0 else b"behind"), <int> TS_TOLERANCE_S)
+            return CLOCK_FMT
         return NULL
 
     cdef bint _send_pkt2(self, int i) noexcept nogil:

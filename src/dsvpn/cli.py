@@ -27,6 +27,7 @@ usage:
                [<local tun ip>|auto] [<remote tun ip>|auto] [<gateway ip>|auto]
   dsvpn keygen <key file>      write a new random 32-byte key (mode 0600)
   dsvpn cleanup                remove what crashed dsvpn instances left behind
+  dsvpn status [--json]        every dsvpn running in this network namespace, its sessions
   dsvpn --version | --help
 
 options (anywhere after the mode word):
@@ -55,12 +56,13 @@ MAX_POSITIONALS = 7
 
 @dataclass(frozen=True)
 class Invocation:
-    command: str  # server, client, keygen, cleanup, version, help
+    command: str  # server, client, keygen, cleanup, status, version, help
     config: Config | None = None
     path: str | None = None  # keygen's file
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
     dry_run: bool = False
     platform: str | None = None
+    json: bool = False  # status --json
 
 
 def _auto(value: str | None) -> str | None:
@@ -144,10 +146,16 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     if argv[0] in ("-V", "--version", "version"):
         return Invocation("version")
     command, rest = argv[0], argv[1:]
-    if command not in ("server", "client", "keygen", "cleanup"):
-        raise UsageError(f"unknown mode {command!r}: expected server, client, keygen or cleanup")
+    if command not in ("server", "client", "keygen", "cleanup", "status"):
+        raise UsageError(
+            f"unknown mode {command!r}: expected server, client, keygen, cleanup or status"
+        )
     if "-h" in rest or "--help" in rest:
         return Invocation("help")
+    if command == "status":
+        if any(arg != "--json" for arg in rest):
+            raise UsageError("usage: dsvpn status [--json]")
+        return Invocation("status", json=bool(rest))
     args, verbosity, dry_run, platform = _split_options(rest)
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
@@ -198,16 +206,6 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     return Invocation(command, cfg, None, verbosity, dry_run, platform)
 
 
-def _setup_logging(verbosity: int) -> None:
-    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity]
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("dsvpn")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-
-
 def _dispatch(inv: Invocation) -> int:
     # Imported here so that --help, --version and usage errors never pay for the compiled core.
     if inv.command == "help":
@@ -216,7 +214,9 @@ def _dispatch(inv: Invocation) -> int:
     if inv.command == "version":
         print(f"dsvpn {__version__} (wire protocol of DSVPN {PROTOCOL_VERSION})")
         return 0
-    _setup_logging(inv.verbosity)
+    from dsvpn import logs
+
+    logs.setup(inv.verbosity)
     if inv.command == "keygen":
         from dsvpn.keys import generate_key_file
 
@@ -224,6 +224,10 @@ def _dispatch(inv: Invocation) -> int:
         generate_key_file(inv.path)
         logging.getLogger("dsvpn").info("wrote a new key to %s (mode 0600)", inv.path)
         return 0
+    if inv.command == "status":
+        from dsvpn import status
+
+        return status.command(inv.json)
     from dsvpn import tunnel
 
     if inv.command == "cleanup":

@@ -165,6 +165,32 @@ def session_down(ended: Mapping[str, Any], mode: str) -> str:
     return f"session down: {why} ({moved})"
 
 
+class SessionLog:
+    """The up and down lines of one instance's sessions. A session replaced by another has
+    no event of its own: whoever sees a new ended session first tells it, once."""
+
+    def __init__(self, mode: str, peer_name: str | None = None) -> None:
+        self.mode = mode
+        self.peer_name = peer_name  # the client's name for its server, where it has one
+        self._told: tuple[str, int, int] | None = None
+
+    def up(self, session: Mapping[str, Any] | None, peer_ip: str) -> str:
+        """session: Loop.session() (None if it went down again at once: then the peer's IP
+        from the event)."""
+        endpoint = str(session["endpoint"]) if session else peer_ip
+        return session_up(self.mode, endpoint, self.peer_name)
+
+    def ended(self, ended: Mapping[str, Any] | None) -> str | None:
+        """The line for Loop.ended_session(), or None if that one was told already."""
+        if ended is None:
+            return None
+        key = (str(ended.get("endpoint")), int(ended.get("since", 0)), int(ended.get("ended", 0)))
+        if key == self._told:
+            return None
+        self._told = key
+        return session_down(ended, self.mode)
+
+
 CLIENT_EOF_PREFIX = "the server closed the connection during the handshake"
 
 

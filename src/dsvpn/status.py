@@ -22,6 +22,7 @@ import selectors
 import socket
 import stat
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +37,6 @@ log = logging.getLogger("dsvpn")
 
 PROTOCOL = 1
 REQUEST = b"status\n"
-SOCKET_SUFFIX = ".sock"
 MAX_REQUEST = 256  # bytes of a request line
 MAX_ANSWER = 1 << 20  # bytes of an answer
 MAX_CLIENTS = 8  # connections served at once; the oldest is dropped for a new one
@@ -55,8 +55,10 @@ class StatusError(DsvpnError):
 
 
 def socket_path(run_dir: str | os.PathLike[str], pid: int) -> Path:
-    """Where instance `pid` answers."""
-    return Path(run_dir) / f"{pid}{SOCKET_SUFFIX}"
+    """Where instance `pid` answers: beside its record, removed with it."""
+    from dsvpn.instances import socket_name
+
+    return Path(run_dir) / socket_name(pid)
 
 
 # -- what a running instance says about itself -------------------------------------------------
@@ -553,7 +555,38 @@ def _state(inst: dict[str, Any]) -> str:
     return state
 
 
-def is_status_socket(name: str) -> bool:
-    """A file name of the run directory that is an instance's status socket."""
-    stem, dot, suffix = name.partition(".")
-    return bool(dot) and "." + suffix == SOCKET_SUFFIX and stem.isdigit() and stem[0] != "0"
+# -- the command -------------------------------------------------------------------------------
+
+
+def known_here(run_dir: str | os.PathLike[str] | None = None) -> list[Known]:
+    """What the records of this network namespace say (none if there is no run directory)."""
+    from dsvpn import instances, platform
+
+    directory = instances.RunDir(instances.RUN_DIR if run_dir is None else run_dir)
+    if not directory.exists():
+        return []
+    netns = instances.current_netns()
+    with directory.lock():
+        records = directory.records(platform.current())
+    return [
+        Known(
+            pid=r.pid,
+            mode=r.identity.mode,
+            tun=r.identity.tun,
+            port=r.identity.port,
+            alive=r.alive(),
+            applied=len(r.applied),
+        )
+        for r in records
+        if r.identity.netns == netns
+    ]
+
+
+def command(as_json: bool, run_dir: str | os.PathLike[str] | None = None) -> int:
+    """`dsvpn status [--json]`: every dsvpn of this network namespace, to stdout."""
+    from dsvpn import instances
+
+    directory = Path(instances.RUN_DIR if run_dir is None else run_dir)
+    found = collect(known_here(directory), directory)
+    sys.stdout.write(to_json(found) if as_json else render(found))
+    return 0

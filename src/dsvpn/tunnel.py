@@ -17,9 +17,9 @@ import signal
 import socket
 import time
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from dsvpn import instances, platform
+from dsvpn import instances, logs, platform, status
 from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
@@ -30,13 +30,13 @@ from dsvpn.runner import RunFn, Runner, execute
 
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
     from dsvpn._loop import Loop
+    from dsvpn.status import StatusServer
 
 log = logging.getLogger("dsvpn")
 
 RECONNECT_ATTEMPTS = 100  # as the reference: then the client gives up
 CONNECT_TIMEOUT = 60.0  # TIMEOUT in the reference
 TICK_MS = 1000  # how often the loop hands control back to Python when nothing happens
-STATS_EVERY = 10.0  # seconds between counter lines with --verbose
 CAP_NET_ADMIN = 12
 LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
 NEEDS_ROOT = "needs root (CAP_NET_ADMIN): run it as root"
@@ -169,9 +169,11 @@ class Tunnel:
         cfg: Config,
         backend: Backend,
         *,
+        name: str | None = None,
         run_dir: str | os.PathLike[str] = instances.RUN_DIR,
         run: RunFn = execute,
     ) -> None:
+        self.name = name  # the service's instance name, shown by `dsvpn status`
         self.backend = backend
         self.cfg = backend.prepare(cfg)  # a bad tun name is refused before the key is read
         self.key = load_key(cfg.key_file)
@@ -180,6 +182,12 @@ class Tunnel:
         self.runner: Runner | None = None
         self.plan: Plan | None = None
         self.net: NetInfo | None = None
+        self.started = int(time.time())
+        self.live: status.Live | None = None  # what `dsvpn status` and the logs say of us
+        self.loop: Loop | None = None
+        self.status_server: StatusServer | None = None
+        self.sessions = logs.SessionLog(self.cfg.mode)
+        self.stats = logs.SessionStats()
 
     def run(self) -> int:
         """claim, apply, loop, release."""
@@ -210,8 +218,15 @@ class Tunnel:
                 return 0
             for line in backend.notes(cfg, tun, self.net):
                 log.warning("%s", line)
-            loop = self._make_loop(tun_fd, signals, listener)
+            self.live = self._live(tun)
+            self.status_server = self._status_server(instance)
+            control_fd = self.status_server.fileno() if self.status_server else -1
+            loop = self.loop = self._make_loop(tun_fd, signals, listener, control_fd)
+            stack.callback(self._log_ended, loop)  # the session the stop ended, once closed
             stack.callback(loop.close)
+            if self.status_server is not None:
+                # Gone first when stopping: `dsvpn status` then says so rather than waiting.
+                stack.callback(self.status_server.close)
             if listener is None:
                 return self._connect_forever(loop, signals, tun)
             # A stopping server closes its listener first (a second close at the end does
@@ -221,7 +236,44 @@ class Tunnel:
             return 0
         return 0  # pragma: no cover - the with block always returns
 
-    def _make_loop(self, tun_fd: int, signals: Signals, listener: socket.socket | None) -> Loop:
+    def _live(self, tun: str) -> status.Live:
+        cfg = self.cfg
+        common: dict[str, Any] = {
+            "tun": tun,
+            "mtu": cfg.mtu,
+            "name": self.name,
+            "started": self.started,
+            "netns": instances.current_netns(),
+        }
+        if isinstance(cfg, ServerConfig):
+            return status.Live(mode="server", listen=_endpoint(cfg.listen_ip, cfg.port), **common)
+        assert cfg.server_ip is not None
+        name = cfg.server if cfg.server != cfg.server_ip else None
+        self.sessions.peer_name = name
+        return status.Live(
+            mode="client",
+            server=_endpoint(cfg.server_ip, cfg.port),
+            server_name=name,
+            max_attempts=RECONNECT_ATTEMPTS,
+            **common,
+        )
+
+    def _status_server(self, instance: instances.Instance) -> StatusServer | None:
+        """The socket `dsvpn status` asks; without it (an error) the tunnel runs all the same."""
+        path = status.socket_path(instance.run_dir.path, instance.pid)
+        try:
+            return status.StatusServer(path, self._answer)
+        except OSError as exc:
+            log.warning("`dsvpn status` cannot ask this instance: %s: %s", path, exc.strerror)
+            return None
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.live is not None
+        return self.live.answer(self.loop)
+
+    def _make_loop(
+        self, tun_fd: int, signals: Signals, listener: socket.socket | None, control_fd: int = -1
+    ) -> Loop:
         from dsvpn._loop import Loop
         from dsvpn.config import ROUTING_TABLE
 
@@ -232,6 +284,7 @@ class Tunnel:
             is_server=self.cfg.is_server,
             wake_fd=signals.fd,
             listen_fd=listener.fileno() if listener is not None else -1,
+            control_fd=control_fd,
             tun_header=framing.header,
             af_inet=framing.af_inet,
             af_inet6=framing.af_inet6,
@@ -247,14 +300,50 @@ class Tunnel:
 
     def _serve(self, loop: Loop, signals: Signals) -> None:
         cfg = self.cfg
-        assert isinstance(cfg, ServerConfig)
+        assert isinstance(cfg, ServerConfig) and self.live is not None
+        self.live.state = "listening"
         log.info("listening on %s port %d", cfg.listen_ip or "all addresses", cfg.port)
-        ticker = _Ticker(loop)
         while signals.received is None:
             event, message = loop.run(TICK_MS)
-            _log_event(event, message)
-            ticker.tick()
+            self._on_event(loop, event, message)
+            self._tick(loop)
         log.info("stopping (signal %d)", signals.received)
+
+    # -- both ends --------------------------------------------------------------------------
+
+    def _on_event(self, loop: Loop, event: int, message: str) -> None:
+        """What the loop reported, but a client's session down and failed handshakes (see
+        _connect_forever)."""
+        from dsvpn._loop import EV_CONTROL, EV_LOG, EV_SESSION_DOWN, EV_SESSION_UP, EV_TUN_ERROR
+
+        assert self.live is not None
+        if event == EV_CONTROL:
+            if self.status_server is not None:
+                self.status_server.handle()
+        elif event == EV_SESSION_UP:
+            self._log_ended(loop)  # one the new session replaced, without an event of its own
+            self.live.session_up()
+            log.info("%s", self.sessions.up(loop.session(), message))
+        elif event == EV_SESSION_DOWN:
+            self._log_ended(loop)
+        elif event == EV_LOG:
+            log.warning("%s", message)
+        elif event == EV_TUN_ERROR:
+            raise DsvpnError(f"tun device failed: {message}")
+
+    def _log_ended(self, loop: Loop) -> None:
+        line = self.sessions.ended(loop.ended_session())
+        if line is not None:
+            log.info("%s", line)
+
+    def _tick(self, loop: Loop) -> None:
+        """After every turn of the loop (at least every TICK_MS): never per packet."""
+        if self.status_server is not None:
+            self.status_server.expire()
+        if self.stats.due():
+            session = loop.session()
+            for line in self.stats.lines([session] if session else []):
+                log.debug("%s", line)
 
     # -- client -----------------------------------------------------------------------------
 
@@ -262,46 +351,56 @@ class Tunnel:
         from dsvpn._loop import EV_HANDSHAKE_FAILED, EV_SESSION_DOWN, EV_SESSION_UP
 
         cfg = self.cfg
-        assert isinstance(cfg, ClientConfig)
+        assert isinstance(cfg, ClientConfig) and self.live is not None
+        live = self.live
         attempt = 0
-        ticker = _Ticker(loop)
+        why: str | None = None  # what ended the last attempt or session
+        live.state = "connecting"
+        where = f"{cfg.server_ip} port {cfg.port}"
+        log.info("connecting to %s", f"{live.server_name} ({where})" if live.server_name else where)
         while signals.received is None:
             if attempt >= RECONNECT_ATTEMPTS:
                 raise NetworkError(
                     f"gave up after {RECONNECT_ATTEMPTS} attempts to reach "
-                    f"{cfg.server_ip} port {cfg.port}"
+                    f"{cfg.server_ip} port {cfg.port} (the last: {why})"
                 )
             # Sleeps of 0, 1, 2, 3, 3, ... s as the reference; the routes stay in place
             # meanwhile, so traffic waits in the tunnel instead of leaking around it.
-            signals.wait(min(attempt, 3))
+            delay = min(attempt, 3)
+            live.attempt = attempt + 1
+            if why is not None:
+                live.state = "reconnecting"
+                log.warning("%s; %s", why, logs.retry(attempt + 1, RECONNECT_ATTEMPTS, delay))
+            signals.wait(delay)
             if signals.received is not None:
                 break
             attempt += 1
             self._follow_gateway(tun)
-            sock = self._dial(signals)
+            sock, why = self._dial(signals)
             if sock is None:
                 continue
             loop.connect(sock.detach())
             while signals.received is None:
                 event, message = loop.run(TICK_MS)
-                ticker.tick()
                 if event == EV_SESSION_UP:
-                    log.info("session up with %s port %d", message or cfg.server_ip, cfg.port)
-                    attempt = 0
+                    attempt, why = 0, None
+                    self._on_event(loop, event, message)
                 elif event == EV_HANDSHAKE_FAILED:
-                    log.warning("handshake with %s failed: %s", cfg.server_ip, message)
+                    why = logs.handshake_failed(message)
                     break
                 elif event == EV_SESSION_DOWN:
-                    log.warning("session down: %s; reconnecting", message)
+                    why = self.sessions.ended(loop.ended_session()) or f"session down: {message}"
                     break
                 else:
-                    _log_event(event, message)
+                    self._on_event(loop, event, message)
+                self._tick(loop)
         log.info("stopping (signal %d)", signals.received)
         return 0
 
-    def _dial(self, signals: Signals) -> socket.socket | None:
+    def _dial(self, signals: Signals) -> tuple[socket.socket | None, str | None]:
         """A connected TCP socket to the server (options set before connect, so SO_MARK keeps
-        the tunnel's own connection out of the tunnel), or None after a logged failure."""
+        the tunnel's own connection out of the tunnel); else None and why (None too when a
+        signal came)."""
         from dsvpn._loop import Timeout, tcp_options
         from dsvpn.config import ROUTING_TABLE
 
@@ -321,17 +420,14 @@ class Tunnel:
                     if signals.received is None:
                         raise OSError(errno.ETIMEDOUT, "connection timed out")
                     sock.close()
-                    return None
+                    return None, None
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
-            return sock
+            return sock, None
         except OSError as exc:
             sock.close()
-            log.warning(
-                "cannot connect to %s port %d: %s", cfg.server_ip, cfg.port, exc.strerror or exc
-            )
-            return None
+            return None, f"cannot connect to {cfg.server_ip} port {cfg.port}: {exc.strerror or exc}"
 
     def _follow_gateway(self, tun: str) -> None:
         """Before each attempt: if the default gateway moved (laptop changed networks), move the
@@ -357,37 +453,17 @@ class Tunnel:
             self.plan, self.net = plan, net
 
 
-class _Ticker:
-    """With --verbose, a line of counters every STATS_EVERY seconds."""
-
-    def __init__(self, loop: Loop) -> None:
-        self.loop = loop
-        self.next = time.monotonic() + STATS_EVERY
-
-    def tick(self) -> None:
-        if not log.isEnabledFor(logging.DEBUG) or time.monotonic() < self.next:
-            return
-        self.next = time.monotonic() + STATS_EVERY
-        stats = self.loop.stats()
-        log.debug("stats: " + " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+def _endpoint(host: str | None, port: int) -> str:
+    """ "*:443", "192.0.2.1:443", "[2001:db8::1]:443"."""
+    if host is None:
+        return f"*:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _log_event(event: int, message: str) -> None:
-    from dsvpn._loop import EV_LOG, EV_SESSION_DOWN, EV_SESSION_UP, EV_TUN_ERROR
-
-    if event == EV_SESSION_UP:
-        log.info("session up: client %s", message)
-    elif event == EV_SESSION_DOWN:
-        log.info("session down: %s", message)
-    elif event == EV_LOG:
-        log.warning("%s", message)
-    elif event == EV_TUN_ERROR:
-        raise DsvpnError(f"tun device failed: {message}")
-
-
-def run(cfg: Config) -> int:
-    """`dsvpn server|client`: needs root; returns the exit status."""
-    tunnel = Tunnel(cfg, platform.current())  # checks the config and reads the key first
+def run(cfg: Config, name: str | None = None) -> int:
+    """`dsvpn server|client`: needs root; returns the exit status. `name`: the service
+    instance's name, for `dsvpn status`."""
+    tunnel = Tunnel(cfg, platform.current(), name=name)  # checks the config, reads the key
 
     if not _has_net_admin():
         raise PermissionDenied(NEEDS_ROOT)

@@ -354,12 +354,6 @@ def test_collect_live_dead_and_silent(run_dir: Path) -> None:
     assert json.loads(status.to_json(out))["instances"][0]["pid"] == 1
 
 
-def test_status_socket_names() -> None:
-    assert status.is_status_socket("1234.sock")
-    for name in ("1234.json", "0.sock", "x.sock", ".sock", "12.sock.tmp"):
-        assert not status.is_status_socket(name)
-
-
 # -- the text view -----------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -125,7 +126,7 @@ def client_cfg(tmp_path: Path) -> ClientConfig:
 
 
 def test_client_retries_like_the_reference_and_follows_the_gateway(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = client_cfg(tmp_path)
     nets = iter([NetInfo("eth0", "10.1.0.1")] * 3 + [NetInfo("wlan0", "10.2.0.1")] * 200)
@@ -150,12 +151,24 @@ def test_client_retries_like_the_reference_and_follows_the_gateway(
             waits.append(seconds)
             return False
 
-    monkeypatch.setattr(t, "_dial", lambda signals: socket.socket())
+    monkeypatch.setattr(t, "_dial", lambda signals: (socket.socket(), None))
+    t.live = t._live("tun0")
     loop = FakeLoop()
+    caplog.set_level(logging.INFO, logger="dsvpn")
     with NoSleep() as signals, pytest.raises(NetworkError, match="gave up after 100 attempts"):
         t._connect_forever(loop, signals, "tun0")  # type: ignore[arg-type]
     assert len(loop.connected) == 100
     assert waits == [0, 1, 2] + [3] * 97
+    # Each failure in one line with what comes next; the key is not blamed for a closed
+    # connection, and `dsvpn status` shows the attempt.
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "connecting to 192.0.2.1 port 443"
+    assert lines[1] == (
+        "the server closed the connection during the handshake (wrong key, server busy, or "
+        "server restarting); reconnecting in 1 s (attempt 2 of 100)"
+    )
+    assert lines[-1].endswith("reconnecting in 3 s (attempt 100 of 100)")
+    assert (t.live.state, t.live.attempt) == ("reconnecting", 100)
     # The gateway moved before the fourth attempt: its routes moved once, and only then.
     assert t.runner.reapplied == [("plan via 10.1.0.1", "plan via 10.2.0.1")]  # type: ignore[attr-defined]
 
@@ -258,14 +271,26 @@ class FakeServerBackend(CmdDialect):
 class StopAtOnce:
     """The loop: its first run() ends in a SIGTERM, as if the operator stopped the server."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: Path) -> None:
         self.closed = False
+        self.socket = run_dir / f"{os.getpid()}.sock"  # where `dsvpn status` asks
+        self.socket_mode: int | None = None
 
     def run(self, timeout_ms: int) -> tuple[int, str]:
         from dsvpn._loop import EV_TIMEOUT
 
+        self.socket_mode = stat.S_IMODE(os.lstat(self.socket).st_mode)
         os.kill(os.getpid(), signal.SIGTERM)
         return EV_TIMEOUT, ""
+
+    def session(self) -> None:
+        return None
+
+    def ended_session(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {}
 
     def close(self) -> None:
         self.closed = True
@@ -294,7 +319,8 @@ def test_server_lifecycle_claim_apply_loop_release(
         sockets.append(real_listener(cfg))
         return sockets[-1]
 
-    loop = StopAtOnce()
+    run_dir = tmp_path / "run"
+    loop = StopAtOnce(run_dir)
     monkeypatch.setattr(tunnel, "_listener", listener)
     monkeypatch.setattr(tunnel.Tunnel, "_make_loop", lambda *a: loop)
     host = FakeHost()
@@ -304,9 +330,9 @@ def test_server_lifecycle_claim_apply_loop_release(
         if argv == ["uncmd", "a"]:
             listening_at_undo.append(sockets[0].fileno() != -1)
             assert loop.closed
+            assert not loop.socket.exists()  # status says "stopping", not waits for an answer
 
     host.on_call = at_undo
-    run_dir = tmp_path / "run"
     lines = Lines()
     logger = logging.getLogger("dsvpn")
     logger.addHandler(lines)
@@ -321,6 +347,7 @@ def test_server_lifecycle_claim_apply_loop_release(
     assert host.calls == ["ip link set dev tun9 mtu 9000", "cmd a", "uncmd a"]
     # The listener was closed before the rules were undone.
     assert listening_at_undo == [False]
+    assert loop.socket_mode == 0o600
     assert lines.lines[:3] == [
         "[#] ip link set dev tun9 mtu 9000",
         "opened tun device tun9",
