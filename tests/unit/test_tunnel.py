@@ -354,3 +354,104 @@ def test_server_lifecycle_claim_apply_loop_release(
         "[#] cmd a",
     ]
     assert os.listdir(run_dir) == [".lock"]  # the record is gone
+
+
+def session_record(port: int, **kw: object) -> dict[str, object]:
+    return {
+        "endpoint": f"198.51.100.2:{port}",
+        "since": 1000,
+        "latest_handshake": 1000,
+        "rx_bytes": 2048,
+        "tx_bytes": 100,
+        "rx_packets": 2,
+        "tx_packets": 1,
+        "drops": {},
+        **kw,
+    }
+
+
+class ScriptedLoop:
+    """Returns the given events in turn, with the session records they imply; then stops."""
+
+    def __init__(self, signals: tunnel.Signals, script: list[tuple[int, str, object, object]]):
+        self.signals = signals
+        self.script = script
+        self.current: object = None
+        self.ended: object = None
+
+    def run(self, timeout_ms: int) -> tuple[int, str]:
+        from dsvpn._loop import EV_TIMEOUT
+
+        if not self.script:
+            self.signals.received = signal.SIGTERM
+            return EV_TIMEOUT, ""
+        event, message, self.current, self.ended = self.script.pop(0)
+        return event, message
+
+    def session(self) -> object:
+        return self.current
+
+    def ended_session(self) -> object:
+        return self.ended
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+def test_server_says_what_happened_to_each_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dsvpn._loop import EV_CONTROL, EV_LOG, EV_SESSION_DOWN, EV_SESSION_UP
+
+    key = tmp_path / "k"
+    key.write_bytes(bytes(32))
+    key.chmod(0o600)
+    cfg = ServerConfig(key_file=str(key), port=443)
+    t = tunnel.Tunnel(cfg, FakeServerBackend())  # type: ignore[arg-type]
+    t.live = t._live("tun0")
+    handled: list[int] = []
+
+    class Status:
+        def handle(self) -> None:
+            handled.append(1)
+
+        def expire(self) -> None:
+            pass
+
+    t.status_server = Status()  # type: ignore[assignment]
+    first, second = session_record(1000), session_record(1001)
+    replaced = {**first, "ended": 1060, "reason": "replaced by a new session from the same address"}
+    closed = {**second, "ended": 1200, "reason": "connection closed by peer"}
+    caplog.set_level(logging.INFO, logger="dsvpn")
+    with tunnel.Signals() as signals:
+        loop = ScriptedLoop(
+            signals,
+            [
+                (EV_SESSION_UP, "198.51.100.2", first, None),
+                (EV_CONTROL, "", first, None),
+                # a reconnect from the same address replaces the session without a down event
+                (EV_SESSION_UP, "198.51.100.2", second, replaced),
+                (EV_SESSION_DOWN, "connection closed by peer", None, closed),
+                (
+                    EV_LOG,
+                    "authentication failed from 203.0.113.9: wrong key or garbage",
+                    None,
+                    closed,
+                ),
+            ],
+        )
+        t._serve(loop, signals)  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "listening on all addresses port 443",
+        "session up: client 198.51.100.2 port 1000",
+        "session down: client 198.51.100.2 port 1000: replaced by a reconnect from the same "
+        "address (up 1 minute, received 2.00 KiB, sent 100 B)",
+        "session up: client 198.51.100.2 port 1001",
+        "session down: client 198.51.100.2 port 1001: the client closed the connection "
+        "(up 3 minutes, 20 seconds, received 2.00 KiB, sent 100 B)",
+        "authentication failed from 203.0.113.9: wrong key or garbage",
+        "stopping (signal 15)",
+    ]
+    assert handled == [1]
+    assert t.live.sessions_up == 2 and t.live.state == "listening"
