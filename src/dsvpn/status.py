@@ -54,6 +54,11 @@ class StatusError(DsvpnError):
     """An instance's status socket cannot be used; str() says why."""
 
 
+class NoSocket(StatusError):
+    """A live instance without a status socket: starting (it answers once its loop runs) or
+    stopping (the socket goes first)."""
+
+
 def socket_path(run_dir: str | os.PathLike[str], pid: int) -> Path:
     """Where instance `pid` answers: beside its record, removed with it."""
     from dsvpn.instances import socket_name
@@ -325,6 +330,8 @@ def check_private(path: Path, kind: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
+        if kind == "socket":
+            raise NoSocket("not answering yet, or any more (starting or stopping)") from None
         raise StatusError(f"{path} does not exist") from None
     except OSError as exc:
         raise StatusError(f"cannot check {path}: {exc.strerror}") from None
@@ -509,7 +516,7 @@ def _render_one(inst: dict[str, Any], now: float) -> str:
         hint = f": {inst['hint']}" if inst.get("hint") else ""
         return f"{title}: {what}{hint}\n"
     if state == "unknown":
-        return f"{title}: running, but its status is unknown: {inst.get('error')}\n"
+        return f"{title}: running; {inst.get('error')}\n"
     rows: list[tuple[int, str, str]] = []  # (indent, key, value)
     rows.append((2, "started", _when(inst.get("started"), now)))
     tun = str(inst.get("tun"))
@@ -526,6 +533,10 @@ def _render_one(inst: dict[str, Any], now: float) -> str:
     rows.append((2, "state", _state(inst)))
     if inst.get("mode") == "client":
         rows.append((2, "reconnects", human.count(int(inst.get("reconnects") or 0))))
+    stats = inst.get("stats") or {}
+    if "handshakes_ok" in stats:
+        ok, failed = int(stats["handshakes_ok"]), int(stats.get("handshakes_failed", 0))
+        rows.append((2, "handshakes", f"{human.count(ok)} ok, {human.count(failed)} failed"))
     blocks = [rows]
     for s in inst.get("sessions") or []:
         srows: list[tuple[int, str, str]] = [(2, "session", str(s.get("endpoint")))]

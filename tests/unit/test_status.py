@@ -48,7 +48,7 @@ class FakeLoop:
         return self._session
 
     def stats(self) -> dict[str, int]:
-        return {"frames_rx": 7}
+        return {"frames_rx": 7, "handshakes_ok": 2, "handshakes_failed": 1234}
 
 
 def server_live(**kw: Any) -> Live:
@@ -140,7 +140,7 @@ def test_round_trip(served: StatusServer) -> None:
     doc = ask_in_background(served)
     assert doc["mode"] == "server" and doc["pid"] == os.getpid()
     assert doc["sessions"][0]["endpoint"] == "198.51.100.2:53422"
-    assert doc["stats"] == {"frames_rx": 7}
+    assert doc["stats"]["frames_rx"] == 7
 
 
 def test_a_request_in_pieces_never_blocks(served: StatusServer) -> None:
@@ -374,6 +374,7 @@ def test_render_a_server_with_a_session() -> None:
     assert "1.21 MiB in 1,234 packets" in text
     assert "6.00 GiB in 4,567,890 packets" in text
     assert "congestion 3" in text and "bad tag" not in text
+    assert "2 ok, 1,234 failed" in text
     # one column for every value of the instance
     columns = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in lines if ":" in line}
     assert len(columns) == 1, text
@@ -396,6 +397,16 @@ def test_render_a_reconnecting_client() -> None:
     assert "vpn.example.com (203.0.113.7:443)" in text
     assert "reconnecting, attempt 3 of 100" in text
     assert "reconnects:" in text
+
+
+def test_live_instance_without_a_socket(run_dir: Path) -> None:
+    known = [Known(pid=os.getpid(), mode="server", tun="tun0", port=443, alive=True)]
+    found = status.collect(known, run_dir)
+    assert found[0]["state"] == "unknown"
+    assert status.render(found) == (
+        f"server (pid {os.getpid()}): running; not answering yet, or any more "
+        "(starting or stopping)\n"
+    )
 
 
 def test_render_dead_instances() -> None:
