@@ -18,9 +18,11 @@ The same links also carry IPv6, from a random ULA /48 ``U`` per run: ``U:1::/64`
 (server ``U:1::1``, clients ``U:1::2``, ``U:1::3``...) and ``U:2::/64`` between the server
 (``U:2::1``) and the inet host (``U:2::2``), with the same default routes (clients via
 ``U:1::1``, server via ``U:2::2``) and IPv6 forwarding off on the server. A client can thus
-reach the server over IPv6 (``Netns.ip6``); the inet host is reachable over IPv4 only through
-the VPN, as above (dsvpn does no IPv6 NAT). Duplicate address detection is off, and the
-testbed waits until no address is tentative, so every address is usable once it returns.
+reach the server over IPv6 (``Netns.ip6``); the inet host knows only ``U:2::/64``, so it
+answers a client over IPv6, as over IPv4, only through the VPN and the server's NAT (the
+server's IPv6 route out is its default route via the inet host). Duplicate address detection
+is off, and the testbed waits until no address is tentative, so every address is usable once
+it returns.
 
 ``Testbed.close()`` (also via ``with``) stops the processes it started, by PID, and deletes its
 namespaces, which removes their veths, tun devices, routes and netfilter rules.
@@ -428,11 +430,33 @@ def _links(ns: Netns) -> str:
     return "\n".join(sorted(rows))
 
 
+# The tables iptables-nft keeps in nftables; iptables-save shows them.
+_XTABLES = {
+    f"table {family} {name}"
+    for family in ("ip", "ip6")
+    for name in ("filter", "nat", "raw", "mangle", "security")
+}
+
+
+def nft_tables(ns: Netns) -> list[str]:
+    """The nftables tables of ns that are not iptables-nft's ("table inet dsvpn-tun0")."""
+    if shutil.which("nft") is None:
+        return []
+    out = ns.run(["nft", "list", "tables"]).stdout
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    return sorted(line for line in lines if line not in _XTABLES)
+
+
+def _nft(ns: Netns) -> str:
+    return "\n".join(ns.run(["nft", "list", *t.split()]).stdout for t in nft_tables(ns))
+
+
 def snapshot(ns: Netns) -> dict[str, str]:
     """Everything dsvpn may change in a namespace, normalised for comparison."""
     snap = {
         "iptables": _normalise_iptables(ns.run(["iptables-save"]).stdout),
         "ip6tables": _normalise_iptables(ns.run(["ip6tables-save"]).stdout),
+        "nft": _nft(ns),
         "ip rule": ns.run(["ip", "rule"]).stdout.strip(),
         "ip -6 rule": ns.run(["ip", "-6", "rule"]).stdout.strip(),
         "ip route": ns.run(["ip", "route", "show", "table", "all"]).stdout.strip(),
@@ -914,20 +938,29 @@ class Testbed:
         timeout: float = 30,
         server_ip: str | None = None,
         listen: str = "auto",
+        extra: Sequence[str] = ("-v",),
     ) -> tuple[Proc, Proc]:
         """Start a server and a client; return once the client pings the server's tun address.
 
         ``net`` ("192.168.193") selects the tunnel addresses net.254 (server) and net.1 (client);
         None leaves them to the implementation's defaults (192.168.192.254 and .1).
         ``server_ip`` is the address the client connects to (default: the server's LAN IPv4),
-        ``listen`` the server's listen address (default: all, dual-stack).
+        ``listen`` the server's listen address (default: all, dual-stack), ``extra`` the
+        options of both (``--firewall nft``, say).
         """
         ns = ns or self.client
         addrs: dict[str, str] = {}
         if net:
             addrs = {"local": f"{net}.254", "remote": f"{net}.1"}
         server = self.start_server(
-            impl, key, port=port, tun=tun, listen=listen, name=f"server{suffix}", **addrs
+            impl,
+            key,
+            port=port,
+            tun=tun,
+            listen=listen,
+            name=f"server{suffix}",
+            extra=extra,
+            **addrs,
         )
         if net:
             addrs = {"local": f"{net}.1", "remote": f"{net}.254"}
@@ -939,6 +972,7 @@ class Testbed:
             tun=tun,
             name=f"client{suffix}",
             server_ip=server_ip,
+            extra=extra,
             **addrs,
         )
         ns.wait_ping(
@@ -995,15 +1029,18 @@ class Testbed:
                 rx.kill()
         return {"sent": json.loads(tx.stdout), "received": received}
 
-    def check_transfer_through_vpn(self, src: Netns, nbytes: int) -> None:
-        """src sends nbytes to the far host: the bytes and their sha256 match at both ends,
-        the far host sees the server's external address (NAT), and the server's tun carried
-        the bytes (the data really went through the tunnel). AssertionError otherwise."""
-        result = self.transfer(src, self.inet, self.inet.ip or "", nbytes)
+    def check_transfer_through_vpn(self, src: Netns, nbytes: int, ipv6: bool = False) -> None:
+        """src sends nbytes to the far host (its IPv6 address if ``ipv6``): the bytes and their
+        sha256 match at both ends, the far host sees the server's external address (NAT), and
+        the server's tun carried the bytes (the data really went through the tunnel).
+        AssertionError otherwise."""
+        dest = (self.inet.ip6 if ipv6 else self.inet.ip) or ""
+        result = self.transfer(src, self.inet, dest, nbytes)
         sent, received = result["sent"], result["received"]
         assert received["bytes"] == sent["bytes"] == nbytes, result
         assert received["sha256"] == sent["sha256"] == sent["echo"], result
-        assert received["peer"] == self.server_ext_ip, result
+        nat = self.server_ext_ip6 if ipv6 else self.server_ext_ip
+        assert ipaddress.ip_address(received["peer"]) == ipaddress.ip_address(nat), result
         tun = self.server.tun_links()
         assert len(tun) == 1, tun
         assert self.server.link_stats(tun[0])["rx_bytes"] >= nbytes

@@ -15,6 +15,7 @@ from dsvpn.config import (
     DEFAULT_PORT,
     DEFAULT_SERVER_TUN_IP,
     Config,
+    FirewallName,
 )
 from dsvpn.errors import DsvpnError, UsageError
 
@@ -34,6 +35,8 @@ options (anywhere after the mode word):
   --dry-run            print every command it would run to set up and to undo, change nothing
   --platform NAME      with --dry-run: the plan of another OS
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
+  --firewall NAME      Linux: set the packet filter rules with iptables or nft (one table
+                       of its own); auto (the default): iptables when installed, else nft
 
 Trailing "auto" arguments may be left out. Defaults: port 443, server tun IP 192.168.192.254,
 client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>, MTU 9000 (1500 on NetBSD).
@@ -129,6 +132,40 @@ def _is_number(arg: str) -> bool:
     return arg[1:].isdigit()
 
 
+# -- --firewall (Linux), taken out of the arguments before the others are read ---------------
+
+FIREWALL_CHOICES = ("iptables", "nft", "auto")
+
+
+def _take_firewall(args: Sequence[str]) -> tuple[list[str], str | None]:
+    """(the other arguments, the last --firewall value given or None)."""
+    rest: list[str] = []
+    given: str | None = None
+    it = iter(args)
+    for arg in it:
+        if arg == "--firewall":
+            value = next(it, None)
+            if value is None:
+                raise UsageError("--firewall needs iptables, nft or auto")
+        elif arg.startswith("--firewall="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        if value not in FIREWALL_CHOICES:
+            raise UsageError(f"invalid --firewall {value!r}: expected iptables, nft or auto")
+        given = value
+    return rest, given
+
+
+def _firewall(given: str | None) -> FirewallName | None:
+    if given == "iptables":
+        return "iptables"
+    if given == "nft":
+        return "nft"
+    return None  # auto
+
+
 def parse_args(argv: Sequence[str]) -> Invocation:
     """argv (without the program name) -> Invocation. Raises UsageError; resolves no names."""
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -140,9 +177,12 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         raise UsageError(f"unknown mode {command!r}: expected server, client, keygen or cleanup")
     if "-h" in rest or "--help" in rest:
         return Invocation("help")
+    rest, firewall = _take_firewall(rest)
     args, verbosity, dry_run, platform = _split_options(rest)
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
+    if firewall is not None and command not in ("server", "client"):
+        raise UsageError("--firewall only goes with server or client")
 
     if command == "keygen":
         if len(args) != 1:
@@ -179,6 +219,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         remote_tun_ip=_ipv4(remote_ip, remote_default, "remote tun ip"),
         ext_ip=_ip(ext_ip, "external ip" if is_server else "gateway ip"),
         mtu=DEFAULT_MTU,
+        firewall=_firewall(firewall),
     )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")

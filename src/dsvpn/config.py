@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Mode = Literal["server", "client"]
+# Linux: the tool that installs the packet filter rules (see platform/firewall.py).
+FirewallName = Literal["iptables", "nft"]
 
 # Constants of the wire protocol and of the reference's defaults (protocol.md section 8).
 DEFAULT_PORT = 443
@@ -39,6 +41,8 @@ class Config:
     mtu: int = DEFAULT_MTU
     # client: the server's address after resolving ``server`` once at start (as the reference).
     server_ip: str | None = None
+    # Linux: iptables or nft; None = iptables when installed, else nft.
+    firewall: FirewallName | None = None
 
     @property
     def is_server(self) -> bool:

@@ -44,6 +44,8 @@ COMMAND_TIMEOUT = 30  # seconds; none of these tools should ever take this long
 PACKAGES = {
     "ip": "iproute2",
     "iptables": "iptables",
+    "ip6tables": "iptables",
+    "nft": "nftables",
     "sysctl": "procps",
     "ifconfig": "the base system's ifconfig",
     "route": "the base system's route",
@@ -64,8 +66,17 @@ class Step:
 
 def show(argv: Sequence[str]) -> str:
     """An argv as the user would type it (these arguments never need shell quoting,
-    except empty or spaced ones; "!" stays bare so the line reads like the reference's)."""
-    return " ".join(a if a and not any(c.isspace() for c in a) else repr(a) for a in argv)
+    except empty or spaced ones; "!" stays bare so the line reads like the reference's).
+    A multi-line argument (an nft ruleset) is shown as it is, in single quotes."""
+    return " ".join(_shown(a) for a in argv)
+
+
+def _shown(arg: str) -> str:
+    if arg and not any(c.isspace() for c in arg):
+        return arg
+    if "\n" in arg and "'" not in arg:
+        return f"'{arg}'"
+    return repr(arg)
 
 
 def restore_argv(apply: Sequence[str], key: str, value: str) -> tuple[str, ...]:

@@ -10,7 +10,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from dsvpn.config import DEFAULT_MTU, Config
-from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied, PrerequisiteError
+from dsvpn.errors import (
+    DsvpnError,
+    NetworkError,
+    PermissionDenied,
+    PrerequisiteError,
+    UsageError,
+)
 from dsvpn.rules import Plan
 
 PLACEHOLDER_IF = "<ext-if>"
@@ -24,6 +30,11 @@ class NetInfo(NamedTuple):
 
     ext_if: str
     gateway: str
+    # server: the interface of the IPv6 route out (None: there is none, IPv6 is not NATed),
+    # and whether it takes router advertisements (Linux accept_ra 1 or 2), which turning
+    # forwarding on would stop unless accept_ra is 2.
+    ext_if6: str | None = None
+    ext6_accepts_ra: bool = False
 
 
 class TunFraming(NamedTuple):
@@ -44,12 +55,15 @@ class Backend(ABC):
     default_mtu: int = DEFAULT_MTU
     # (tool, what provides it) that check_host() requires on PATH.
     tools: tuple[tuple[str, str], ...] = ()
+    # The packet filters --firewall may name (Linux only).
+    firewalls: tuple[str, ...] = ()
 
     def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
         self._which = which
 
     def check_host(self, cfg: Config) -> None:
         """PrerequisiteError naming what to install when a tool or device is missing."""
+        self.check_firewall(cfg)
         for tool, package in self.tools:
             if self._which(tool) is None:
                 raise PrerequisiteError(f"`{tool}` not found (install {package})")
@@ -65,7 +79,12 @@ class Backend(ABC):
         """Open a tun device (the `wanted` one, or the first free one), set its MTU and
         return (fd, actual name)."""
 
+    def check_firewall(self, cfg: Config) -> None:
+        if cfg.firewall is not None and cfg.firewall not in self.firewalls:
+            raise UsageError(f"--firewall has no effect on {self.name}: it sets no packet filter")
+
     def plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
+        self.check_firewall(cfg)
         return self.server_plan(cfg, tun, net) if cfg.is_server else self.client_plan(cfg, tun, net)
 
     @abstractmethod
@@ -123,7 +142,8 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
                 raise NetworkError(f"no interface has the external address {cfg.ext_ip}")
             family = ni.AF_INET6 if is_ipv6(cfg.ext_ip) else ni.AF_INET
             gateway = ni.gateways().get("default", {}).get(family, ("", ""))[0]
-            return NetInfo(ext_if, gateway)
+            ext_if6 = ext_if if is_ipv6(cfg.ext_ip) else _route_out6(ni)
+            return NetInfo(ext_if, gateway, ext_if6)
         default = _default_route(ni, ni.AF_INET)
         if default is None:
             raise NetworkError(
@@ -131,7 +151,7 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
                 "traffic is unknown; give the external IP explicitly"
             )
         gateway, ext_if = default
-        return NetInfo(ext_if, gateway)
+        return NetInfo(ext_if, gateway, _route_out6(ni))
 
     server = server_address(cfg)
     family = ni.AF_INET6 if is_ipv6(server) else ni.AF_INET
@@ -149,6 +169,12 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
         )
     gateway, ext_if = default
     return NetInfo(ext_if, gateway)
+
+
+def _route_out6(ni: Any) -> str | None:
+    """The interface of the default IPv6 route, if there is one."""
+    default = _default_route(ni, ni.AF_INET6)
+    return default[1] if default else None
 
 
 def _default_route(ni: Any, family: int) -> tuple[str, str] | None:

@@ -1,4 +1,4 @@
-"""Linux: /dev/net/tun, iproute2 and iptables; the client routes through table 42069."""
+"""Linux: /dev/net/tun, iproute2 and iptables or nft; the client routes through table 42069."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ import socket
 import struct
 from collections.abc import Callable
 
-from dsvpn.config import ROUTING_TABLE, Config
+from dsvpn.config import ROUTING_TABLE, Config, FirewallName
 from dsvpn.errors import DsvpnError, PrerequisiteError, UsageError
-from dsvpn.platform._common import Backend, NetInfo, TunFraming, tun_open_error
+from dsvpn.platform import firewall as fw
+from dsvpn.platform._common import (
+    PLACEHOLDER_IF,
+    Backend,
+    NetInfo,
+    TunFraming,
+    discover,
+    tun_open_error,
+)
 from dsvpn.rules import Plan, Step
 
 # <linux/if_tun.h>, <linux/sockios.h>
@@ -29,23 +37,39 @@ IFNAMSIZ = 16
 TABLE = str(ROUTING_TABLE)
 
 
-def _drop_foreign_to_tun_ip(tun: str, local_ip: str) -> tuple[str, ...]:
+FORWARDING = "net.ipv4.ip_forward"
+FORWARDING6 = "net.ipv6.conf.all.forwarding"
+NO_IPV6_OUT = "no IPv6 route out: clients' IPv6 traffic will not be forwarded"
+
+
+def _anti_spoof(tun: str, address: str, family: fw.Family) -> fw.Rule:
     # Packets for our tun address that arrive on another interface are spoofed: drop them.
-    return (
-        "PREROUTING",
-        "!",
-        "-i",
-        tun,
-        "-d",
-        local_ip,
-        "-m",
-        "addrtype",
-        "!",
-        "--src-type",
-        "LOCAL",
-        "-j",
-        "DROP",
+    return fw.Rule(
+        fw.Hook.RAW_PREROUTING,
+        family,
+        "drop",
+        iif=tun,
+        not_iif=True,
+        daddr=address,
+        src_not_local=True,
+        first=True,
     )
+
+
+def _nat(tun: str, ext: str, client: str, family: fw.Family) -> list[fw.Rule]:
+    """The client's address leaves through `ext` as the server's; replies come back."""
+    return [
+        fw.Rule(fw.Hook.NAT_POSTROUTING, family, "masquerade", oif=ext, saddr=client),
+        fw.Rule(fw.Hook.FORWARD, family, "accept", iif=ext, oif=tun, established=True),
+        fw.Rule(fw.Hook.FORWARD, family, "accept", iif=tun, oif=ext),
+    ]
+
+
+def accept_ra_key(ifname: str) -> str:
+    # sysctl reads dots as separators; a name with a dot (eth0.100) needs the slash form.
+    if "." in ifname:
+        return f"net/ipv6/conf/{ifname}/accept_ra"
+    return f"net.ipv6.conf.{ifname}.accept_ra"
 
 
 def _addresses(cfg: Config, tun: str) -> list[Step]:
@@ -77,46 +101,40 @@ _LINK_UP = ("ip", "link", "set", "dev")
 # of our own crashed runs are removed by cleanup_stale before we start.
 
 
-def server_plan(cfg: Config, tun: str, net: NetInfo) -> Plan:
-    ext = net.ext_if
-    raw = _drop_foreign_to_tun_ip(tun, cfg.local_tun_ip)
-    masq = ("POSTROUTING", "-o", ext, "-s", cfg.remote_tun_ip, "-j", "MASQUERADE")
-    back = (
-        "FORWARD",
-        "-i",
-        ext,
-        "-o",
-        tun,
-        "-m",
-        "state",
-        "--state",
-        "RELATED,ESTABLISHED",
-        "-j",
-        "ACCEPT",
-    )
-    out = ("FORWARD", "-i", tun, "-o", ext, "-j", "ACCEPT")
-    return Plan(
-        [
-            # Restored (or handed to another live server) on exit by the runner.
-            Step(("sysctl", "net.ipv4.ip_forward=1"), None, sysctl=("net.ipv4.ip_forward", "1")),
-            *_addresses(cfg, tun),
-            Step((*_LINK_UP, tun, "up"), None),
-            Step(("iptables", "-t", "raw", "-I", *raw), ("iptables", "-t", "raw", "-D", *raw)),
-            Step(("iptables", "-t", "nat", "-A", *masq), ("iptables", "-t", "nat", "-D", *masq)),
-            Step(
-                ("iptables", "-t", "filter", "-A", *back), ("iptables", "-t", "filter", "-D", *back)
-            ),
-            Step(
-                ("iptables", "-t", "filter", "-A", *out), ("iptables", "-t", "filter", "-D", *out)
-            ),
+def server_plan(cfg: Config, tun: str, net: NetInfo, firewall: FirewallName = "iptables") -> Plan:
+    rules = [_anti_spoof(tun, cfg.local_tun_ip, 4), *_nat(tun, net.ext_if, cfg.remote_tun_ip, 4)]
+    ext6 = net.ext_if6
+    if ext6:
+        rules += [
+            _anti_spoof(tun, cfg.local_tun_ip6, 6),
+            *_nat(tun, ext6, cfg.remote_tun_ip6, 6),
         ]
-    )
+    steps = [
+        # Restored (or handed to another live server) on exit by the runner.
+        Step(("sysctl", f"{FORWARDING}=1"), None, sysctl=(FORWARDING, "1")),
+        *_addresses(cfg, tun),
+        Step((*_LINK_UP, tun, "up"), None),
+        *fw.steps(firewall, tun, rules),
+    ]
+    if ext6:
+        # Every server's tun covers all of 64:ff9b::/96 (the peer /96 above): with two
+        # servers the replies to a client would take the first tun. Its own address is
+        # routed to its own tun (and goes with it).
+        steps.append(
+            Step(("ip", "-6", "route", "add", f"{cfg.remote_tun_ip6}/128", "dev", tun), None)
+        )
+        if net.ext6_accepts_ra:
+            # Forwarding makes the kernel ignore router advertisements on interfaces with
+            # accept_ra 1, and drop the default route they gave at once: 2 keeps them.
+            key = accept_ra_key(ext6)
+            steps.append(Step(("sysctl", f"{key}=2"), None, sysctl=(key, "2")))
+        steps.append(Step(("sysctl", f"{FORWARDING6}=1"), None, sysctl=(FORWARDING6, "1")))
+    return Plan(steps)
 
 
-def client_plan(cfg: Config, tun: str, net: NetInfo) -> Plan:
+def client_plan(cfg: Config, tun: str, net: NetInfo, firewall: FirewallName = "iptables") -> Plan:
     # The gateway plays no part: the tunnel's socket carries fwmark 42069 and so keeps
     # using the main table, whatever its default route is.
-    raw = _drop_foreign_to_tun_ip(tun, cfg.local_tun_ip)
     steps = [
         Step(
             ("sysctl", "net.ipv4.tcp_congestion_control=bbr"),
@@ -126,7 +144,7 @@ def client_plan(cfg: Config, tun: str, net: NetInfo) -> Plan:
             best_effort=True,
         ),
         Step((*_LINK_UP, tun, "up"), None),
-        Step(("iptables", "-t", "raw", "-I", *raw), ("iptables", "-t", "raw", "-D", *raw)),
+        *fw.steps(firewall, tun, [_anti_spoof(tun, cfg.local_tun_ip, 4)]),
         *_addresses(cfg, tun),
         # The table's routes vanish with the device.
         Step(("ip", "route", "add", "default", "dev", tun, "table", TABLE), None),
@@ -149,29 +167,59 @@ class LinuxBackend(Backend):
     name = "linux"
     # vnet_hdr: lets the loop write merged TCP segments as one GSO packet (see tun_vnet.h).
     framing = TunFraming(header=False, af_inet=socket.AF_INET, af_inet6=10, vnet_hdr=True)
-    tools = (("ip", "iproute2"), ("iptables", "iptables"), ("sysctl", "procps"))
+    tools = (("ip", "iproute2"), ("sysctl", "procps"))
+    firewalls = fw.FIREWALLS
 
     def __init__(
         self,
         which: Callable[[str], str | None] | None = None,
         clone_dev: str = "/dev/net/tun",
+        proc_sys: str = "/proc/sys",
     ) -> None:
         if which is None:
             super().__init__()
         else:
             super().__init__(which)
         self._clone_dev = clone_dev
+        self._proc_sys = proc_sys
 
     def check_host(self, cfg: Config) -> None:
         if not os.path.exists(self._clone_dev):
             raise PrerequisiteError(f"{self._clone_dev} does not exist (try: modprobe tun)")
         super().check_host(cfg)
+        fw.check_installed(cfg.firewall, self._which)
+
+    def firewall(self, cfg: Config) -> FirewallName:
+        return fw.choose(cfg.firewall, self._which)
+
+    def discover(self, cfg: Config) -> NetInfo:
+        net = discover(cfg)
+        if net.ext_if6 and self._accepts_ra(net.ext_if6):
+            net = net._replace(ext6_accepts_ra=True)
+        return net
+
+    def _accepts_ra(self, ifname: str) -> bool:
+        path = os.path.join(self._proc_sys, "net", "ipv6", "conf", ifname, "accept_ra")
+        try:
+            with open(path) as f:
+                # 2 as well: set by another live server (or the admin), it must be handed
+                # over rather than left to whoever restores it first.
+                return f.read().strip() in ("1", "2")
+        except OSError:
+            return False
 
     def server_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
-        return server_plan(cfg, tun, net)
+        return server_plan(cfg, tun, net, self.firewall(cfg))
 
     def client_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
-        return client_plan(cfg, tun, net)
+        return client_plan(cfg, tun, net, self.firewall(cfg))
+
+    def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
+        if not cfg.is_server or net.ext_if6:
+            return []
+        if net.ext_if == PLACEHOLDER_IF:  # a dry run for another host: its routes are unknown
+            return ["with an IPv6 route out, its clients' IPv6 traffic is NATed there too"]
+        return [NO_IPV6_OUT]
 
     def open_tun(self, wanted: str | None, mtu: int) -> tuple[int, str]:
         if wanted is not None and (not wanted or len(wanted.encode()) >= IFNAMSIZ):
