@@ -384,3 +384,21 @@ def test_firewall_option_is_linux_only(name: str) -> None:
         by_name(name).plan(cfg, "tun0", NET)
     with pytest.raises(UsageError, match="--firewall"):
         by_name(name).check_host(cfg)
+
+
+def test_linux_planned_sysctls_are_recognised() -> None:
+    from dsvpn.platform.linux import is_planned_sysctl
+
+    for ifname in ("eth6", "eth0.7"):
+        net = NetInfo("eth0", "198.51.100.1", ext_if6=ifname, ext6_accepts_ra=True)
+        for cfg in (server_cfg(), client_cfg()):
+            for step in linux_plan(cfg, net, None).steps:
+                if step.sysctl:
+                    assert is_planned_sysctl(step.sysctl[0]), step
+    for key in (
+        "kernel.core_pattern",
+        "net.ipv6.conf.all.accept_ra.x",
+        "net/ipv6/conf/../x",
+        "net/ipv6/conf/../accept_ra",
+    ):
+        assert not is_planned_sysctl(key), key

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import struct
 from collections.abc import Callable
@@ -35,8 +36,6 @@ SIOCSIFMTU = 0x8922
 IFNAMSIZ = 16
 
 TABLE = str(ROUTING_TABLE)
-
-
 FORWARDING = "net.ipv4.ip_forward"
 FORWARDING6 = "net.ipv6.conf.all.forwarding"
 NO_IPV6_OUT = "no IPv6 route out: clients' IPv6 traffic will not be forwarded"
@@ -70,6 +69,17 @@ def accept_ra_key(ifname: str) -> str:
     if "." in ifname:
         return f"net/ipv6/conf/{ifname}/accept_ra"
     return f"net.ipv6.conf.{ifname}.accept_ra"
+
+
+_ACCEPT_RA = re.compile(
+    r"net\.ipv6\.conf\.[^./\s]{1,15}\.accept_ra|net/ipv6/conf/(?!\.\.?/)[^/\s]{1,15}/accept_ra"
+)
+
+
+def is_planned_sysctl(key: str) -> bool:
+    """Whether the Linux plans may set `key` (for checking a record before acting on it)."""
+    planned = (FORWARDING, FORWARDING6, "net.ipv4.tcp_congestion_control")
+    return key in planned or _ACCEPT_RA.fullmatch(key) is not None
 
 
 def _addresses(cfg: Config, tun: str) -> list[Step]:
@@ -119,7 +129,7 @@ def server_plan(cfg: Config, tun: str, net: NetInfo, firewall: FirewallName = "i
     if ext6:
         # Every server's tun covers all of 64:ff9b::/96 (the peer /96 above): with two
         # servers the replies to a client would take the first tun. Its own address is
-        # routed to its own tun (and goes with it).
+        # routed to its own tun (the route goes with the device).
         steps.append(
             Step(("ip", "-6", "route", "add", f"{cfg.remote_tun_ip6}/128", "dev", tun), None)
         )
