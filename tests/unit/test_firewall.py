@@ -7,13 +7,13 @@ from collections.abc import Callable
 
 import pytest
 
-from dsvpn.config import Config
-from dsvpn.errors import DsvpnError, PrerequisiteError
+from dsvpn.config import ClientConfig, Config, ServerConfig
+from dsvpn.errors import DsvpnError, PrerequisiteError, UsageError
+from dsvpn.plan import show
 from dsvpn.platform import by_name
 from dsvpn.platform import firewall as fw
-from dsvpn.platform._common import NetInfo
+from dsvpn.platform._common import NetInfo, word_ifname
 from dsvpn.platform.firewall import Hook, Rule
-from dsvpn.rules import show
 
 KILL = [
     Rule(Hook.OUTPUT, 4, "accept", oif="lo"),
@@ -88,8 +88,8 @@ def test_table_name() -> None:
     assert fw.table_name("tun0") == "dsvpn-tun0"
     assert fw.table_name("vpn_1.a-b") == "dsvpn-vpn_1.a-b"
     assert fw.table_name("<tun>") == "dsvpn-<tun>"  # --dry-run before the OS names it
-    for bad in ("tun 0", "tun;0", "tün", "", "<x>"):
-        with pytest.raises(DsvpnError, match="cannot name an nft table"):
+    for bad in ("tun 0", "tun;0", "tün", "", "<x>", "x" * 16):
+        with pytest.raises(UsageError, match="cannot name an nft table"):
             fw.table_name(bad)
 
 
@@ -108,13 +108,9 @@ def test_choose_and_check_installed() -> None:
 
 
 def _cfg(mode: str) -> Config:
-    server = mode == "server"
-    return Config(
-        mode=mode, key_file="k", server=None if server else "vpn", port=443,  # type: ignore[arg-type]
-        tun_name=None, local_tun_ip="192.168.192.254" if server else "192.168.192.1",
-        remote_tun_ip="192.168.192.1" if server else "192.168.192.254", ext_ip=None,
-        server_ip=None if server else "203.0.113.5",
-    )  # fmt: skip
+    if mode == "server":
+        return ServerConfig(key_file="k")
+    return ClientConfig(key_file="k", server="vpn", server_ip="203.0.113.5")
 
 
 @pytest.mark.parametrize("firewall", ["iptables", "nft"])
@@ -126,7 +122,9 @@ def test_undo_of_matches_every_planned_firewall_step(firewall: str, mode: str) -
     found = [s for s in plan.steps if s.apply[0] in ("iptables", "ip6tables", "nft")]
     assert found
     for step in found:
-        assert fw.undo_of(step.apply) == step.undo
+        assert by_name("linux").undo_of(step.apply) == step.undo
+        # nft needs no shapes: the table's name is all its undo takes from the apply.
+        assert fw.undo_of(step.apply, ()) == (step.undo if step.apply[0] == "nft" else None)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +145,20 @@ def test_undo_of_matches_every_planned_firewall_step(firewall: str, mode: str) -
     ],
 )
 def test_undo_of_refuses_other_shapes(apply: tuple[str, ...]) -> None:
-    assert fw.undo_of(apply) is None
+    assert fw.undo_of(apply, ()) is None
+    assert by_name("linux").undo_of(apply) is None
+
+
+def test_iptables_shapes_check_the_words_that_vary() -> None:
+    words = {"<if>": word_ifname}
+    shape = fw.iptables_shape(Rule(Hook.FORWARD, 6, "accept", iif="<if>", oif="tun0"), words)
+    apply = ("ip6tables", "-t", "filter", "-A", "FORWARD", "-i", "eth0", "-o", "tun0", "-j",
+             "ACCEPT")  # fmt: skip
+    assert fw.undo_of(apply, [shape]) == (*apply[:3], "-D", *apply[4:])
+    for bad in ("-x", "a/b", "x" * 16):
+        assert fw.undo_of((*apply[:6], bad, *apply[7:]), [shape]) is None
+    assert fw.undo_of(("iptables", *apply[1:]), [shape]) is None  # the IPv6 rule's tool
+    assert fw.undo_of((*apply[:8], "tun1", *apply[9:]), [shape]) is None  # a literal word
 
 
 def test_show_keeps_a_ruleset_readable() -> None:

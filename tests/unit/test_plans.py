@@ -1,4 +1,6 @@
-"""Exact command lists of every backend and mode (facts from the reference's os.c)."""
+"""Exact command lists of every backend and mode (facts from the reference's os.c), and the
+backends' own knowledge of them: every planned undo is recognised as the undo of its apply,
+nothing else is."""
 
 from __future__ import annotations
 
@@ -6,30 +8,23 @@ import dataclasses
 
 import pytest
 
-from dsvpn.config import Config
+from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import UsageError
+from dsvpn.plan import Plan
 from dsvpn.platform import NAMES, by_name
 from dsvpn.platform._common import NetInfo
-from dsvpn.rules import Plan
 
 NET = NetInfo("eth0", "198.51.100.1")
 NET6 = NetInfo("eth0", "198.51.100.1", ext_if6="eth6")
 BSDS = ("macos", "openbsd", "freebsd", "netbsd", "dragonfly")
 
 
-def server_cfg() -> Config:
-    return Config(
-        mode="server", key_file="k", server=None, port=443, tun_name=None,
-        local_tun_ip="192.168.192.254", remote_tun_ip="192.168.192.1", ext_ip=None,
-    )  # fmt: skip
+def server_cfg() -> ServerConfig:
+    return ServerConfig(key_file="k")
 
 
-def client_cfg(server_ip: str = "203.0.113.5") -> Config:
-    return Config(
-        mode="client", key_file="k", server="vpn.example", port=443, tun_name=None,
-        local_tun_ip="192.168.192.1", remote_tun_ip="192.168.192.254", ext_ip=None,
-        server_ip=server_ip,
-    )  # fmt: skip
+def client_cfg(server_ip: str = "203.0.113.5") -> ClientConfig:
+    return ClientConfig(key_file="k", server="vpn.example", server_ip=server_ip)
 
 
 def cmds(plan: Plan) -> list[str]:
@@ -148,7 +143,7 @@ def test_bsd_client_ipv6_server() -> None:
 
 def test_render_linux_server() -> None:
     backend = by_name("linux")
-    lines = backend.plan(server_cfg(), "tun0", backend.placeholder_net()).render()
+    lines = backend.plan(server_cfg(), "tun0", backend.placeholder_net()).render(backend)
     assert lines[0] == "# set up"
     assert lines[1] == "sysctl net.ipv4.ip_forward=1"
     assert "iptables -t nat -A POSTROUTING -o <ext-if> -s 192.168.192.1 -j MASQUERADE" in lines
@@ -160,7 +155,7 @@ def test_render_linux_server() -> None:
 
 def test_render_bsd_client() -> None:
     backend = by_name("openbsd")
-    lines = backend.plan(client_cfg(), "tun0", backend.placeholder_net()).render()
+    lines = backend.plan(client_cfg(), "tun0", backend.placeholder_net()).render(backend)
     assert "route add 203.0.113.5 <gateway>" in lines
     assert lines[-1] == "route delete 203.0.113.5"
     assert lines.index("# on exit") == 8
@@ -361,7 +356,8 @@ def test_linux_client_plan_nft() -> None:
 def test_render_linux_server_nft() -> None:
     backend = by_name("linux")
     cfg = dataclasses.replace(server_cfg(), firewall="nft")
-    lines = "\n".join(backend.plan(cfg, "tun0", backend.placeholder_net()).render()).split("\n")
+    plan = backend.plan(cfg, "tun0", backend.placeholder_net())
+    lines = "\n".join(plan.render(backend)).split("\n")
     # The ruleset reads as it is, in single quotes (so the line also works in a shell).
     start = lines.index("nft 'add table inet dsvpn-tun0")
     end = lines.index("'")
@@ -379,26 +375,181 @@ def test_render_linux_server_nft() -> None:
 
 @pytest.mark.parametrize("name", BSDS)
 def test_firewall_option_is_linux_only(name: str) -> None:
-    cfg = dataclasses.replace(server_cfg(), firewall="nft")
-    with pytest.raises(UsageError, match=f"--firewall has no effect on {name}"):
-        by_name(name).plan(cfg, "tun0", NET)
-    with pytest.raises(UsageError, match="--firewall"):
-        by_name(name).check_host(cfg)
+    # Refused for a real run and a dry run alike (both prepare the config).
+    for cfg in (server_cfg(), client_cfg()):
+        with pytest.raises(UsageError, match=f"--firewall has no effect on {name}"):
+            by_name(name).prepare(dataclasses.replace(cfg, firewall="nft"))
+        by_name(name).prepare(cfg)
 
 
-def test_linux_planned_sysctls_are_recognised() -> None:
-    from dsvpn.platform.linux import is_planned_sysctl
+# -- what the backends recognise in a record ------------------------------------------------------
 
-    for ifname in ("eth6", "eth0.7"):
-        net = NetInfo("eth0", "198.51.100.1", ext_if6=ifname, ext6_accepts_ra=True)
-        for cfg in (server_cfg(), client_cfg()):
-            for step in linux_plan(cfg, net, None).steps:
-                if step.sysctl:
-                    assert is_planned_sysctl(step.sysctl[0]), step
-    for key in (
+IPV6_NET = NetInfo("em0", "fe80::1%em0")
+RA_NETS = (
+    NetInfo("eth0", "198.51.100.1", ext_if6="eth6", ext6_accepts_ra=True),
+    NetInfo("eth0", "198.51.100.1", ext_if6="eth0.7", ext6_accepts_ra=True),
+)
+
+
+def every_plan(name: str) -> list[Plan]:
+    backend = by_name(name)
+    plans = [
+        backend.plan(server_cfg(), "tun0", NET),
+        backend.plan(client_cfg(), "tun0", NET),
+        backend.plan(client_cfg("2001:db8::5"), "tun3", IPV6_NET),
+        backend.plan(ServerConfig(key_file="k", local_tun_ip="10.8.0.1", remote_tun_ip="10.8.0.2"),
+                     "dsvpn-a", NetInfo("wan0", "10.0.0.1")),
+    ]  # fmt: skip
+    if name == "linux":
+        # IPv6 NAT (ip6tables, accept_ra) and both firewalls.
+        for firewall in ("iptables", "nft"):
+            for net in (NET6, *RA_NETS):
+                plans.append(linux_plan(server_cfg(), net, firewall))
+                plans.append(linux_plan(client_cfg(), net, firewall))
+    return plans
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_planned_undo_is_recognised(name: str) -> None:
+    backend = by_name(name)
+    for plan in every_plan(name):
+        for step in plan.steps:
+            if step.sysctl:
+                assert backend.is_sysctl_key(step.sysctl[0]), step
+                assert step.apply == backend.sysctl_write(*step.sysctl)
+                assert step.undo is None
+            elif step.undo is not None:
+                assert backend.undo_of(step.apply) == step.undo, step
+            else:
+                assert backend.undo_of(step.apply) is None, step
+
+
+@pytest.mark.parametrize(
+    "apply",
+    [
+        ("/bin/sh", "-c", "id"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"),
+        ("iptables", "-t", "nat", "-I", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.1", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "filter", "-A", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.1", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "--modprobe=/x", "-s", "10.0.0.1",
+         "-j", "MASQUERADE"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.0/8", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "nat", "-D", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.1", "-j",
+         "MASQUERADE"),
+        ("ip", "rule", "add", "not", "fwmark", "1", "table", "1"),
+        ("ip", "-6", "rule", "add", "table", "main"),
+        ("ip", "route", "add", "default", "dev", "tun0", "table", "42069"),
+        ("route", "add", "-net", "0/0", "10.0.0.1"),
+        ("route", "add", "203.0.113.5", "-iface"),
+        ("route", "add", "0/1", "64:ff9b::1"),
+        ("route", "add", "-inet6", "-blackhole", "0000::/1", "10.0.0.1"),
+        ("route", "add", "-inet6", "2001:db8::5", "fe80::1%-x"),
+        ("sysctl", "net.ipv4.ip_forward=1"),
+        ("ifconfig", "tun0", "10.0.0.1", "10.0.0.2", "up"),
+        # ip6tables: only the shapes of the IPv6 rules, with IPv6 addresses.
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth6", "-s", "192.168.192.1",
+         "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth6", "-s", "64:ff9b::/96",
+         "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "--modprobe=/x", "-s",
+         "64:ff9b::c0a8:c001", "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "filter", "-A", "INPUT", "-i", "eth6", "-j", "ACCEPT"),
+        ("ip6tables", "-t", "filter", "-D", "FORWARD", "-i", "tun0", "-o", "eth6", "-j",
+         "ACCEPT"),
+        # nft: only the load of a dsvpn-<tun> table, as one ruleset argument.
+        ("nft", "-f", "/tmp/evil"),
+        ("nft", "delete table inet dsvpn-tun0"),
+        ("nft", "add table inet other-table-not-ours\ndelete table inet other-table-not-ours\n"
+         "table inet other-table-not-ours {\n}\n"),
+        ("nft", "add table inet dsvpn-tun0\ndelete table inet dsvpn-tun0\n"
+         "table inet dsvpn-tun1 {\n}\n"),
+        ("nft", "add table inet dsvpn-tun0\nflush ruleset\ntable inet dsvpn-tun0 {\n}\n"),
+        ("nft", "add table inet dsvpn-../x\ndelete table inet dsvpn-../x\n"
+         "table inet dsvpn-../x {\n}\n"),
+        ("nft", "add table ip dsvpn-tun0\ndelete table ip dsvpn-tun0\n"
+         "table ip dsvpn-tun0 {\n}\n"),
+        ("nft", "add table inet dsvpn-tun0\ndelete table inet dsvpn-tun0\n"
+         "table inet dsvpn-tun0 {\n}\n", "-f"),
+        ("nft", "add table inet dsvpn-tun0\ndelete table inet dsvpn-tun0\n"
+         "table inet dsvpn-tun0 {\n"),
+    ],
+)  # fmt: skip
+def test_nothing_else_is_recognised(apply: tuple[str, ...]) -> None:
+    for name in NAMES:
+        assert by_name(name).undo_of(apply) is None, (name, apply)
+
+
+def test_sysctl_syntax_and_keys() -> None:
+    assert by_name("linux").sysctl_write("k", "v") == ("sysctl", "k=v")
+    assert by_name("freebsd").sysctl_write("k", "v") == ("sysctl", "-w", "k=v")
+    assert by_name("linux").sysctl_keys == {
+        "net.ipv4.ip_forward",
+        "net.ipv6.conf.all.forwarding",
+        "net.ipv4.tcp_congestion_control",
+    }
+    for name in BSDS:
+        assert by_name(name).sysctl_keys == {"net.inet.ip.forwarding"}
+        assert by_name(name).sysctl_read("net.inet.ip.forwarding") == (
+            "sysctl",
+            "-n",
+            "net.inet.ip.forwarding",
+        )
+
+
+def test_mtu_commands() -> None:
+    assert by_name("linux").mtu_argv("tun0", 9000) == ("ip", "link", "set", "dev", "tun0", "mtu",
+                                                       "9000")  # fmt: skip
+    assert by_name("netbsd").mtu_argv("tun1", 1500) == ("ifconfig", "tun1", "mtu", "1500")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "net.ipv6.conf.eth6.accept_ra",
+        "net/ipv6/conf/eth0.7/accept_ra",
+        "net.ipv6.conf.a-fifteen-chars.accept_ra",
+        "net.ipv6.conf.all.forwarding",
+    ],
+)
+def test_linux_sysctl_keys_it_plans(key: str) -> None:
+    assert by_name("linux").is_sysctl_key(key)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
         "kernel.core_pattern",
-        "net.ipv6.conf.all.accept_ra.x",
-        "net/ipv6/conf/../x",
+        "net.ipv6.conf.eth6.forwarding",
+        "net.ipv6.conf.eth6.accept_ra.x",
+        "net.ipv6.conf.all.accept_ra",  # every interface, not one
+        "net.ipv6.conf.default.accept_ra",  # interfaces to come
+        "net/ipv6/conf/all/accept_ra",
+        "net.ipv6.conf.eth0.7.accept_ra",  # sysctl would read net.ipv6.conf.eth0 . 7...
+        "net/ipv6/conf/eth6/accept_ra",  # dsvpn writes the dot form for a name without dots
         "net/ipv6/conf/../accept_ra",
-    ):
-        assert not is_planned_sysctl(key), key
+        "net/ipv6/conf/../x/accept_ra",
+        "net/ipv6/conf/./accept_ra",
+        "net.ipv6.conf..accept_ra",
+        "net.ipv6.conf.a-sixteen-chars!.accept_ra",
+        "net.ipv6.conf.-x.accept_ra",
+        "net.ipv6.conf.eth 6.accept_ra",
+        "net.ipv6.conf.eth6.accept_ra\n",
+        " net.ipv6.conf.eth6.accept_ra",
+    ],
+)
+def test_linux_sysctl_keys_it_does_not_plan(key: str) -> None:
+    assert not by_name("linux").is_sysctl_key(key)
+    for name in BSDS:
+        assert not by_name(name).is_sysctl_key(key)
+
+
+def test_accept_ra_key_refuses_what_it_could_not_read_back() -> None:
+    from dsvpn.errors import DsvpnError
+    from dsvpn.platform.linux import accept_ra_key
+
+    for ifname in ("all", "default", "-x", "a/b", "x" * 16, ""):
+        with pytest.raises(DsvpnError, match="cannot be used in a sysctl key"):
+            accept_ra_key(ifname)

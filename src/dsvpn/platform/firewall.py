@@ -7,7 +7,8 @@ A plan asks for a list of :class:`Rule` and gets :class:`Step` s back from :func
 - nft: one table of the instance's own, ``table inet dsvpn-<instance>``, holding every rule
   of both families. It is loaded in one transaction by one command whose only argument is
   the ruleset, and removed by ``nft delete table inet dsvpn-<instance>``: one step, one
-  journal entry, and an undo that can only ever delete a table named ``dsvpn-...``.
+  entry in the instance's record, and an undo that can only ever delete a table named
+  ``dsvpn-...`` (undo_of).
 
 The nft table has base chains of its own at the same hooks and priorities as iptables'
 raw, nat and filter tables, so it works next to iptables-nft and other tables. An
@@ -20,21 +21,22 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
 from dsvpn.config import FirewallName as Firewall
-from dsvpn.errors import DsvpnError, PrerequisiteError
-from dsvpn.rules import Step
+from dsvpn.errors import DsvpnError, PrerequisiteError, UsageError
+from dsvpn.plan import Argv, Step
+from dsvpn.platform._common import Shape, Word, fits
 
 FIREWALLS: tuple[Firewall, ...] = ("iptables", "nft")
-PACKAGES: dict[str, str] = {"iptables": "iptables", "ip6tables": "iptables", "nft": "nftables"}
+# What provides each, for check_installed (as Backend.tools).
+PROVIDED_BY: dict[Firewall, str] = {"iptables": "iptables", "nft": "nftables"}
 
 TABLE_PREFIX = "dsvpn-"
 DRY_RUN_TUN = "<tun>"  # what --dry-run calls a tun device the OS has not named yet
-Argv = tuple[str, ...]
 Family = Literal[4, 6]
 
 
@@ -104,7 +106,7 @@ def check_installed(wanted: Firewall | None, which: Callable[[str], str | None])
             raise PrerequisiteError("neither iptables nor nft found (install iptables or nftables)")
         return
     if which(wanted) is None:
-        raise PrerequisiteError(f"`{wanted}` not found (install {PACKAGES[wanted]})")
+        raise PrerequisiteError(f"`{wanted}` not found (install {PROVIDED_BY[wanted]})")
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -149,10 +151,11 @@ def _iptables_matches(rule: Rule) -> Argv:
 
 
 def table_name(instance: str) -> str:
-    """The nft table of an instance (its tun device name, say): dsvpn-<instance>."""
+    """The nft table of an instance (its tun device name): dsvpn-<instance>. UsageError for a
+    name nft cannot take."""
     if not _NAME.fullmatch(instance) and instance != DRY_RUN_TUN:
-        raise DsvpnError(
-            f"{instance!r} cannot name an nft table: use letters, digits, '_', '.' and '-'"
+        raise UsageError(
+            f"tun name {instance!r} cannot name an nft table (letters, digits, '_', '.', '-')"
         )
     return TABLE_PREFIX + instance
 
@@ -204,7 +207,8 @@ def _nft_rule(rule: Rule) -> str:
     return " ".join(out)
 
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# A tun name (at most 15 characters) that nft reads as part of an identifier.
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 def _quoted(ifname: str) -> str:
@@ -226,23 +230,38 @@ def _address(value: str, family: int) -> str:
 
 # -- reading a recorded step back -------------------------------------------------------------
 
-_IPT = re.compile(r"(iptables|ip6tables)")
-_NFT_HEAD = re.compile(rf"add table inet ({TABLE_PREFIX}[A-Za-z0-9_.-]{{1,64}})\n")
+
+def iptables_shape(rule: Rule, words: Mapping[str, Word]) -> Shape:
+    """The shape of `rule`'s iptables apply argv: `rule` is built with marker strings where
+    a plan puts its interfaces and addresses, and `words` maps each marker to its check."""
+    return tuple(words.get(w, w) for w in iptables_step(rule).apply)
 
 
-def undo_of(apply: Sequence[str]) -> Argv | None:
-    """The undo this module plans for `apply`, or None if `apply` is not a firewall step in
-    a shape it produces. For checking a record before running its undo as root."""
+_NFT_TABLE = re.compile(TABLE_PREFIX + _NAME.pattern)
+
+
+def undo_of(apply: Sequence[str], iptables_shapes: Sequence[Shape]) -> Argv | None:
+    """The undo this module plans for `apply`, or None if `apply` is neither an iptables step
+    of one of `iptables_shapes` nor an nft table load as nft_step makes it. For checking a
+    record before running its undo as root: the undo is built from the apply, never taken
+    from the record, and an nft undo can only delete a table named dsvpn-<tun name>."""
     argv = tuple(apply)
     if len(argv) == 2 and argv[0] == "nft":
-        m = _NFT_HEAD.match(argv[1])
-        return ("nft", "delete", "table", "inet", m.group(1)) if m else None
-    if (
-        len(argv) >= 6
-        and _IPT.fullmatch(argv[0])
-        and argv[1] == "-t"
-        and argv[3] in ("-I", "-A")
-        and any(argv[2:5] == (h.ipt_table, argv[3], h.ipt_chain) for h in Hook)
-    ):
-        return (argv[0], "-t", argv[2], "-D", *argv[4:])
+        table = _loaded_table(argv[1])
+        return ("nft", "delete", "table", "inet", table) if table else None
+    if any(fits(argv, shape) for shape in iptables_shapes):
+        return (*argv[:3], "-D", *argv[4:])
     return None
+
+
+def _loaded_table(ruleset: str) -> str | None:
+    """The table an nft_ruleset text loads, or None if the text is not of that form."""
+    first, _, _ = ruleset.partition("\n")
+    words = first.split(" ")
+    if len(words) != 4 or words[:3] != ["add", "table", "inet"]:
+        return None
+    table = words[3]
+    head = f"add table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n"
+    if not _NFT_TABLE.fullmatch(table) or not ruleset.startswith(head):
+        return None
+    return table if ruleset.endswith("\n}\n") else None

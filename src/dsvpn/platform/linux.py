@@ -8,10 +8,11 @@ import os
 import re
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from dsvpn.config import ROUTING_TABLE, Config, FirewallName
+from dsvpn.config import ROUTING_TABLE, ClientConfig, Config, FirewallName, ServerConfig
 from dsvpn.errors import DsvpnError, PrerequisiteError, UsageError
+from dsvpn.plan import Argv, Plan, Run, Step
 from dsvpn.platform import firewall as fw
 from dsvpn.platform._common import (
     PLACEHOLDER_IF,
@@ -20,10 +21,12 @@ from dsvpn.platform._common import (
     TunFraming,
     discover,
     tun_open_error,
+    word_ifname,
+    word_ipv4,
+    word_ipv6,
 )
-from dsvpn.rules import Plan, Step
 
-# <linux/if_tun.h>, <linux/sockios.h>
+# <linux/if_tun.h>
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
@@ -32,13 +35,56 @@ TUNSETOFFLOAD = 0x400454D0
 # TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN: the stack may hand us 64 KiB TCP
 # packets with partial checksums; the loop cuts them into ordinary packets (tun_vnet.h).
 TUN_OFFLOADS = 0x01 | 0x02 | 0x04 | 0x08
-SIOCSIFMTU = 0x8922
 IFNAMSIZ = 16
 
 TABLE = str(ROUTING_TABLE)
 FORWARDING = "net.ipv4.ip_forward"
 FORWARDING6 = "net.ipv6.conf.all.forwarding"
+CONGESTION = "net.ipv4.tcp_congestion_control"
+# The keys of fixed name the plans set; accept_ra's names an interface (is_sysctl_key).
+SYSCTL_KEYS = frozenset({FORWARDING, FORWARDING6, CONGESTION})
 NO_IPV6_OUT = "no IPv6 route out: clients' IPv6 traffic will not be forwarded"
+
+
+def sysctl_write(key: str, value: str) -> Argv:
+    return ("sysctl", f"{key}={value}")
+
+
+# -- sysctls whose key names an interface ------------------------------------------------------
+
+# Interfaces whose names are sysctl directories of their own, not interfaces.
+_NOT_IFNAMES = ("all", "default")
+
+
+def accept_ra_key(ifname: str) -> str:
+    """The accept_ra sysctl key of an interface. DsvpnError for a name it cannot be built of
+    (a plan must hold only keys that is_sysctl_key accepts back from a record)."""
+    if not word_ifname(ifname) or ifname in _NOT_IFNAMES:
+        raise DsvpnError(f"interface name {ifname!r} cannot be used in a sysctl key")
+    # sysctl reads dots as separators; a name with a dot (eth0.100) needs the slash form.
+    if "." in ifname:
+        return f"net/ipv6/conf/{ifname}/accept_ra"
+    return f"net.ipv6.conf.{ifname}.accept_ra"
+
+
+_ACCEPT_RA = re.compile(r"net\.ipv6\.conf\.(.+)\.accept_ra|net/ipv6/conf/(.+)/accept_ra")
+
+
+def is_sysctl_key(key: str) -> bool:
+    """Whether a Linux plan may set `key`: a fixed key, or exactly what accept_ra_key makes of
+    a valid interface name (for checking a record before restoring a value as root)."""
+    if key in SYSCTL_KEYS:
+        return True
+    m = _ACCEPT_RA.fullmatch(key)
+    if m is None:
+        return False
+    try:
+        return accept_ra_key(m[1] or m[2]) == key
+    except DsvpnError:
+        return False
+
+
+# -- packet filter rules: built here for the plans, recognised here for the records -----------
 
 
 def _anti_spoof(tun: str, address: str, family: fw.Family) -> fw.Rule:
@@ -64,22 +110,46 @@ def _nat(tun: str, ext: str, client: str, family: fw.Family) -> list[fw.Rule]:
     ]
 
 
-def accept_ra_key(ifname: str) -> str:
-    # sysctl reads dots as separators; a name with a dot (eth0.100) needs the slash form.
-    if "." in ifname:
-        return f"net/ipv6/conf/{ifname}/accept_ra"
-    return f"net.ipv6.conf.{ifname}.accept_ra"
-
-
-_ACCEPT_RA = re.compile(
-    r"net\.ipv6\.conf\.[^./\s]{1,15}\.accept_ra|net/ipv6/conf/(?!\.\.?/)[^/\s]{1,15}/accept_ra"
+# The same builders called with markers give the shapes: a record's iptables or ip6tables
+# undo is accepted only as the -D twin of an apply of one of these shapes.
+_IF, _V4, _V6 = "\0ifname", "\0ipv4", "\0ipv6"
+_WORDS = {_IF: word_ifname, _V4: word_ipv4, _V6: word_ipv6}
+_IPTABLES_SHAPES = tuple(
+    fw.iptables_shape(rule, _WORDS)
+    for rule in (
+        _anti_spoof(_IF, _V4, 4),
+        *_nat(_IF, _IF, _V4, 4),
+        _anti_spoof(_IF, _V6, 6),
+        *_nat(_IF, _IF, _V6, 6),
+    )
 )
 
 
-def is_planned_sysctl(key: str) -> bool:
-    """Whether the Linux plans may set `key` (for checking a record before acting on it)."""
-    planned = (FORWARDING, FORWARDING6, "net.ipv4.tcp_congestion_control")
-    return key in planned or _ACCEPT_RA.fullmatch(key) is not None
+def _ip_rules() -> list[Step]:
+    """The client's policy rules: everything unmarked goes to table 42069 (the tunnel), except
+    what the main table routes more specifically than its default route."""
+    steps = []
+    for ip in (("ip",), ("ip", "-6")):
+        steps.append(
+            Step(
+                (*ip, "rule", "add", "not", "fwmark", TABLE, "table", TABLE),
+                (*ip, "rule", "delete", "table", TABLE),
+            )
+        )
+    for ip in (("ip",), ("ip", "-6")):
+        rule = ("table", "main", "suppress_prefixlength", "0")
+        steps.append(Step((*ip, "rule", "add", *rule), (*ip, "rule", "delete", *rule)))
+    return steps
+
+
+_IP_RULE_UNDO: dict[Argv, Argv | None] = {s.apply: s.undo for s in _ip_rules()}
+
+
+def undo_of(apply: Sequence[str]) -> Argv | None:
+    apply = tuple(apply)
+    if apply in _IP_RULE_UNDO:
+        return _IP_RULE_UNDO[apply]
+    return fw.undo_of(apply, _IPTABLES_SHAPES)
 
 
 def _addresses(cfg: Config, tun: str) -> list[Step]:
@@ -107,11 +177,14 @@ _LINK_UP = ("ip", "link", "set", "dev")
 
 # iptables rules are added unconditionally (no `iptables -C` check first): a rule that is
 # already there belongs to someone else (the admin, or a live instance, which
-# check_conflicts refuses), and skipping it would make our undo delete theirs. Leftovers
-# of our own crashed runs are removed by cleanup_stale before we start.
+# instances.claim refuses), and skipping it would make our undo delete theirs. Leftovers
+# of our own crashed runs are removed by instances.claim before we start (an nft table
+# replaces its namesake in the same transaction, see firewall.nft_ruleset).
 
 
-def server_plan(cfg: Config, tun: str, net: NetInfo, firewall: FirewallName = "iptables") -> Plan:
+def server_plan(
+    cfg: ServerConfig, tun: str, net: NetInfo, firewall: FirewallName = "iptables"
+) -> Plan:
     rules = [_anti_spoof(tun, cfg.local_tun_ip, 4), *_nat(tun, net.ext_if, cfg.remote_tun_ip, 4)]
     ext6 = net.ext_if6
     if ext6:
@@ -121,7 +194,7 @@ def server_plan(cfg: Config, tun: str, net: NetInfo, firewall: FirewallName = "i
         ]
     steps = [
         # Restored (or handed to another live server) on exit by the runner.
-        Step(("sysctl", f"{FORWARDING}=1"), None, sysctl=(FORWARDING, "1")),
+        Step(sysctl_write(FORWARDING, "1"), None, sysctl=(FORWARDING, "1")),
         *_addresses(cfg, tun),
         Step((*_LINK_UP, tun, "up"), None),
         *fw.steps(firewall, tun, rules),
@@ -137,47 +210,43 @@ def server_plan(cfg: Config, tun: str, net: NetInfo, firewall: FirewallName = "i
             # Forwarding makes the kernel ignore router advertisements on interfaces with
             # accept_ra 1, and drop the default route they gave at once: 2 keeps them.
             key = accept_ra_key(ext6)
-            steps.append(Step(("sysctl", f"{key}=2"), None, sysctl=(key, "2")))
-        steps.append(Step(("sysctl", f"{FORWARDING6}=1"), None, sysctl=(FORWARDING6, "1")))
+            steps.append(Step(sysctl_write(key, "2"), None, sysctl=(key, "2")))
+        steps.append(Step(sysctl_write(FORWARDING6, "1"), None, sysctl=(FORWARDING6, "1")))
     return Plan(steps)
 
 
-def client_plan(cfg: Config, tun: str, net: NetInfo, firewall: FirewallName = "iptables") -> Plan:
+def client_plan(
+    cfg: ClientConfig, tun: str, net: NetInfo, firewall: FirewallName = "iptables"
+) -> Plan:
     # The gateway plays no part: the tunnel's socket carries fwmark 42069 and so keeps
     # using the main table, whatever its default route is.
-    steps = [
-        Step(
-            ("sysctl", "net.ipv4.tcp_congestion_control=bbr"),
-            None,
-            sysctl=("net.ipv4.tcp_congestion_control", "bbr"),
-            # Only a speed-up; a kernel without bbr still runs the tunnel.
-            best_effort=True,
-        ),
-        Step((*_LINK_UP, tun, "up"), None),
-        *fw.steps(firewall, tun, [_anti_spoof(tun, cfg.local_tun_ip, 4)]),
-        *_addresses(cfg, tun),
-        # The table's routes vanish with the device.
-        Step(("ip", "route", "add", "default", "dev", tun, "table", TABLE), None),
-        Step(("ip", "-6", "route", "add", "default", "dev", tun, "table", TABLE), None),
-    ]
-    for ip in (("ip",), ("ip", "-6")):
-        steps.append(
+    return Plan(
+        [
             Step(
-                (*ip, "rule", "add", "not", "fwmark", TABLE, "table", TABLE),
-                (*ip, "rule", "delete", "table", TABLE),
-            )
-        )
-    for ip in (("ip",), ("ip", "-6")):
-        rule = ("table", "main", "suppress_prefixlength", "0")
-        steps.append(Step((*ip, "rule", "add", *rule), (*ip, "rule", "delete", *rule)))
-    return Plan(steps)
+                sysctl_write(CONGESTION, "bbr"),
+                None,
+                sysctl=(CONGESTION, "bbr"),
+                # Only a speed-up; a kernel without bbr still runs the tunnel.
+                best_effort=True,
+            ),
+            Step((*_LINK_UP, tun, "up"), None),
+            *fw.steps(firewall, tun, [_anti_spoof(tun, cfg.local_tun_ip, 4)]),
+            *_addresses(cfg, tun),
+            # The table's routes vanish with the device.
+            Step(("ip", "route", "add", "default", "dev", tun, "table", TABLE), None),
+            Step(("ip", "-6", "route", "add", "default", "dev", tun, "table", TABLE), None),
+            *_ip_rules(),
+        ]
+    )
 
 
 class LinuxBackend(Backend):
     name = "linux"
     # vnet_hdr: lets the loop write merged TCP segments as one GSO packet (see tun_vnet.h).
     framing = TunFraming(header=False, af_inet=socket.AF_INET, af_inet6=10, vnet_hdr=True)
+    # iptables or nft: checked by fw.check_installed, as --firewall asks.
     tools = (("ip", "iproute2"), ("sysctl", "procps"))
+    sysctl_keys = SYSCTL_KEYS
     firewalls = fw.FIREWALLS
 
     def __init__(
@@ -192,6 +261,12 @@ class LinuxBackend(Backend):
             super().__init__(which)
         self._clone_dev = clone_dev
         self._proc_sys = proc_sys
+
+    def prepare(self, cfg: Config) -> Config:
+        cfg = super().prepare(cfg)
+        if cfg.tun_name is not None and self.firewall(cfg) == "nft":
+            fw.table_name(cfg.tun_name)  # the table is named after the tun
+        return cfg
 
     def check_host(self, cfg: Config) -> None:
         if not os.path.exists(self._clone_dev):
@@ -218,22 +293,41 @@ class LinuxBackend(Backend):
         except OSError:
             return False
 
-    def server_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
+    def check_tun_name(self, name: str) -> None:
+        if not 0 < len(name.encode()) < IFNAMSIZ or not word_ifname(name):
+            raise UsageError(
+                f"invalid tun device name {name!r}: at most {IFNAMSIZ - 1} characters, "
+                "without '/', ':' or spaces"
+            )
+
+    def server_plan(self, cfg: ServerConfig, tun: str, net: NetInfo) -> Plan:
         return server_plan(cfg, tun, net, self.firewall(cfg))
 
-    def client_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
+    def client_plan(self, cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
         return client_plan(cfg, tun, net, self.firewall(cfg))
 
     def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
-        if not cfg.is_server or net.ext_if6:
+        if not isinstance(cfg, ServerConfig) or net.ext_if6:
             return []
         if net.ext_if == PLACEHOLDER_IF:  # a dry run for another host: its routes are unknown
             return ["with an IPv6 route out, its clients' IPv6 traffic is NATed there too"]
         return [NO_IPV6_OUT]
 
-    def open_tun(self, wanted: str | None, mtu: int) -> tuple[int, str]:
-        if wanted is not None and (not wanted or len(wanted.encode()) >= IFNAMSIZ):
-            raise UsageError(f"invalid tun device name {wanted!r}: 1 to {IFNAMSIZ - 1} bytes")
+    def is_sysctl_key(self, key: str) -> bool:
+        return is_sysctl_key(key)
+
+    def sysctl_write(self, key: str, value: str) -> Argv:
+        return sysctl_write(key, value)
+
+    def undo_of(self, apply: Sequence[str]) -> Argv | None:
+        return undo_of(apply)
+
+    def mtu_argv(self, tun: str, mtu: int) -> Argv:
+        return (*_LINK_UP, tun, "mtu", str(mtu))
+
+    def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
+        if wanted is not None:
+            self.check_tun_name(wanted)
         label = wanted or "tun"
         try:
             fd = os.open(self._clone_dev, os.O_RDWR | os.O_CLOEXEC)
@@ -256,17 +350,8 @@ class LinuxBackend(Backend):
             # TSO on the tun is only a speed-up: without it the kernel sends ordinary packets.
             with contextlib.suppress(OSError):
                 fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_OFFLOADS)
-            set_mtu(name, mtu)
+            run(self.mtu_argv(name, mtu))
         except BaseException:
             os.close(fd)
             raise
         return fd, name
-
-
-def set_mtu(name: str, mtu: int) -> None:
-    ifr = struct.pack("16si20x", name.encode(), mtu)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            fcntl.ioctl(s.fileno(), SIOCSIFMTU, ifr)
-        except OSError as exc:
-            raise DsvpnError(f"cannot set the MTU of {name} to {mtu}: {exc.strerror}") from exc
