@@ -252,6 +252,24 @@ def _package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
+def protect_home() -> str:
+    """ProtectHome= for this installation: "yes", or "read-only" when dsvpn or its Python lives
+    in a home directory, which "yes" would hide from the service."""
+    return "read-only" if any(_under(p, HOME_DIRS) for p in _installation()) else "yes"
+
+
+def _installation() -> list[str]:
+    """Where this installation lives: the dsvpn script or python, the interpreter itself, its
+    standard library and the dsvpn package (pyenv puts Python under /root, pipx in ~/.local)."""
+    return [
+        dsvpn_command()[0],
+        os.path.realpath(sys.executable),
+        os.path.realpath(sys.base_prefix),
+        os.path.realpath(sys.prefix),
+        str(_package_dir()),
+    ]
+
+
 # -- the texts ---------------------------------------------------------------------------------
 
 
@@ -459,8 +477,7 @@ def install(
             " are its own): move the key to /etc/dsvpn/"
         )
     command = dsvpn_command()
-    installed_in_home = _under(command[0], HOME_DIRS) or _under(str(_package_dir()), HOME_DIRS)
-    plan = install_plan(plat, name, args, command, "read-only" if installed_in_home else "yes")
+    plan = install_plan(plat, name, args, command, protect_home())
     if print_only:
         print_plan(plan, host.out)
         return 0
@@ -480,12 +497,8 @@ def install(
 
     load_key(str(host.path(PurePosixPath(key))))
     # A root service runs this installation: no one but root may be able to change it.
-    for path, what in (
-        (Path(command[0]), "dsvpn"),
-        (Path(sys.executable), "python"),
-        (_package_dir(), "the dsvpn package"),
-    ):
-        _check_owned(path, host.owner, what)
+    for part in _installation():
+        _check_owned(Path(part), host.owner, "this installation of dsvpn:")
     etc = host.path(ETC_DIR)
     if etc.exists():
         _check_owned(etc, host.owner, "the directory", stop=host.root)

@@ -261,7 +261,7 @@ def test_print_linux(root: Path) -> None:
         "then, as root:",
     ]
     unit = parts["/etc/systemd/system/dsvpn@.service (mode 0644)"]
-    assert unit == service.systemd_unit(service.dsvpn_command())
+    assert unit == service.systemd_unit(service.dsvpn_command(), service.protect_home())
     lines = parts["/etc/dsvpn/home.args (mode 0600)"].splitlines()
     assert [x for x in lines if not x.startswith("#")] == args
     assert parts["then, as root:"].splitlines() == [
@@ -406,7 +406,7 @@ def test_install_and_remove_two_instances(root: Path) -> None:
         ["systemctl", "daemon-reload"],
         ["systemctl", "enable", "--now", "dsvpn@home"],
     ]
-    assert unit.read_text() == service.systemd_unit(service.dsvpn_command())
+    assert unit.read_text() == service.systemd_unit(service.dsvpn_command(), service.protect_home())
     assert _mode(unit) == 0o644
     args = root / "etc" / "dsvpn" / "home.args"
     assert _mode(args) == 0o600
@@ -616,3 +616,20 @@ def test_cli_print(capsys: pytest.CaptureFixture[str]) -> None:
     assert "#### /etc/systemd/system/dsvpn@.service (mode 0644)" in out
     assert "systemctl enable --now dsvpn@home" in out
     assert "dsvpn service install" in cli.USAGE and "dsvpn selftest" in cli.USAGE
+
+
+@pytest.mark.parametrize(
+    ("paths", "setting"),
+    [
+        (["/usr/local/bin/dsvpn", "/usr/bin/python3.11", "/usr"], "yes"),
+        (["/opt/venv/bin/dsvpn", "/root/.pyenv/versions/3.11.7/bin/python3.11"], "read-only"),
+        (["/home/ops/.local/bin/dsvpn"], "read-only"),
+        (["/homestead/bin/dsvpn"], "yes"),
+    ],
+)
+def test_protect_home_follows_the_installation(
+    monkeypatch: pytest.MonkeyPatch, paths: list[str], setting: str
+) -> None:
+    # ProtectHome=yes would hide a Python or a dsvpn that lives in a home directory.
+    monkeypatch.setattr(service, "_installation", lambda: paths)
+    assert service.protect_home() == setting
