@@ -785,6 +785,81 @@ def remove_stale_namespaces(directory: Path | None = None) -> list[str]:
     return removed
 
 
+class NotifyListener:
+    """Stands in for systemd's notification socket: the sd_notify datagrams a process sends
+    to $NOTIFY_SOCKET (``env()``), each kept with the time it was read.
+
+    A path, not an abstract name: abstract unix socket names belong to one network namespace.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": str(self.path)}
+
+    def poll(self) -> list[dict[str, str]]:
+        """Read what has arrived; return the new messages (KEY=value lines as a dict)."""
+        new = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            lines = data.decode(errors="replace").split("\n")
+            fields = dict(line.split("=", 1) for line in lines if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+            new.append(fields)
+        return new
+
+    def last(self, key: str) -> str | None:
+        """The latest value sent for ``key`` (e.g. STATUS), None if never sent."""
+        self.poll()
+        for _, fields in reversed(self.messages):
+            if key in fields:
+                return fields[key]
+        return None
+
+    def wait_for(
+        self,
+        key: str,
+        value: str | Callable[[str], bool] | None = None,
+        timeout: float = 15,
+        procs: Iterable[Proc] = (),
+    ) -> dict[str, str]:
+        """The first message (new or already read) with ``key`` (equal to ``value``, or for
+        which ``value(v)`` holds)."""
+        checked = 0
+
+        def found() -> dict[str, str] | None:
+            nonlocal checked
+            self.poll()
+            for _, fields in self.messages[checked:]:
+                checked += 1
+                v = fields.get(key)
+                if v is None:
+                    continue
+                if value is None or (v == value if isinstance(value, str) else value(v)):
+                    return fields
+            return None
+
+        result: dict[str, str] = wait_until(
+            found, timeout, f"{key}={value or '...'} on {self.path}", 0.05, procs
+        )
+        return result
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
 def _dsvpn_records_name(netns: str, run_dir: Path = Path("/run/dsvpn")) -> bool:
     """Whether a dsvpn record in run_dir belongs to the network namespace ``netns``."""
     for path in run_dir.glob("*.json"):
@@ -813,6 +888,7 @@ class Testbed:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._record = _record()
+        self._listeners: list[NotifyListener] = []
         self.namespaces: list[Netns] = []
         self.procs: list[Proc] = []
         self.clients: list[Netns] = []
@@ -999,15 +1075,24 @@ class Testbed:
         every namespace shares the one run directory, as separate hosts would not mind)."""
         return python_env()
 
-    def start(self, ns: Netns, argv: Sequence[str], name: str) -> Proc:
-        """Start a process in ns; its output goes to workdir/<name>.log."""
+    def start(
+        self, ns: Netns, argv: Sequence[str], name: str, env: dict[str, str] | None = None
+    ) -> Proc:
+        """Start a process in ns (``env``: extra variables); its output goes to
+        workdir/<name>.log."""
         log = self.workdir / f"{name}.log"
         shown = " ".join("<script>" if "\n" in a else a for a in argv)
         with open(log, "ab") as f:
             f.write(f"=== {time.strftime('%H:%M:%S')} [{ns.role}] {shown}\n".encode())
-        proc = Proc(name, ns, argv, log, env=self.env(ns))
+        proc = Proc(name, ns, argv, log, env={**self.env(ns), **(env or {})})
         self.procs.append(proc)
         return proc
+
+    def notify_listener(self, name: str) -> NotifyListener:
+        """A notification socket in the workdir, closed with the testbed."""
+        listener = NotifyListener(self.workdir / f"{name}.notify")
+        self._listeners.append(listener)
+        return listener
 
     def run_in(self, ns: Netns, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run a short command in ns with the testbed's environment."""
@@ -1025,11 +1110,12 @@ class Testbed:
         name: str = "server",
         port: int = DEFAULT_PORT,
         wait: bool = True,
+        env: dict[str, str] | None = None,
         **kw: Any,
     ) -> Proc:
         """Start a dsvpn server in the server namespace; wait until its port listens."""
         kw.setdefault("extra", ("-v",))
-        proc = self.start(self.server, impl.server_argv(key, port=port, **kw), name)
+        proc = self.start(self.server, impl.server_argv(key, port=port, **kw), name, env)
         if wait:
             self.wait_listening(proc, port)
         return proc
@@ -1043,6 +1129,7 @@ class Testbed:
         name: str = "client",
         port: int = DEFAULT_PORT,
         server_ip: str | None = None,
+        env: dict[str, str] | None = None,
         **kw: Any,
     ) -> Proc:
         """Start a client connecting to ``server_ip`` (the server's LAN IPv4 address unless
@@ -1051,7 +1138,7 @@ class Testbed:
         server_ip = server_ip or self.server.ip
         assert server_ip
         ns = ns or self.client
-        return self.start(ns, impl.client_argv(key, server_ip, port=port, **kw), name)
+        return self.start(ns, impl.client_argv(key, server_ip, port=port, **kw), name, env)
 
     def tunnel_up(
         self,
@@ -1168,6 +1255,9 @@ class Testbed:
                 with contextlib.suppress(Exception):
                     proc.kill()
         self.procs.clear()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for ns in reversed(self.namespaces):
             # Anything still inside our own namespace was started by this testbed.
             for pid in ns.pids():
