@@ -45,6 +45,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -772,6 +773,7 @@ def remove_stale_namespaces(directory: Path | None = None) -> list[str]:
         alive = start_stamp(pid) == start if start else Path(f"/proc/{pid}").exists()
         if pid == os.getpid() or alive:
             continue
+        left = False
         for name, inode in data["namespaces"].items():
             if not re.fullmatch(rf"{NS_PREFIX}-{pid}-[0-9a-f]+-\w+", str(name)):
                 continue
@@ -779,9 +781,13 @@ def remove_stale_namespaces(directory: Path | None = None) -> list[str]:
             if now is None or (inode is not None and now != inode):
                 continue  # gone, or a namespace of the same name that is not the recorded one
             run(["ip", "netns", "del", name], check=False)
-            removed.append(name)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            if netns_inode(name) is None:
+                removed.append(name)
+            else:
+                left = True  # kept on record for the next sweep
+        if not left:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
     return removed
 
 
@@ -793,8 +799,6 @@ class NotifyListener:
     """
 
     def __init__(self, path: Path) -> None:
-        import socket
-
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
