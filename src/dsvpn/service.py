@@ -58,8 +58,9 @@ usage:
   dsvpn service run <name>     what the service runs: dsvpn with /etc/dsvpn/<name>.args
 
 install (as root) writes the systemd unit dsvpn@.service (once) and /etc/dsvpn/<name>.args,
-then runs `systemctl daemon-reload` and `systemctl enable --now dsvpn@<name>`; on macOS it
-writes and loads a launchd daemon. remove stops, disables and deletes what install wrote.
+then runs `systemctl daemon-reload` and `systemctl enable --now dsvpn@<name>`, which returns
+once dsvpn is ready (a server listens; a client's first session is up). On macOS it writes
+and loads a launchd daemon. remove stops, disables and deletes what install wrote.
 --print writes the files and the commands to stdout instead and changes nothing; with
 --platform (linux, macos, openbsd, freebsd) those of another system. On OpenBSD and FreeBSD
 only --print is offered: an rc.d script and the rcctl/sysrc commands to enable it.
