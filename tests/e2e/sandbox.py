@@ -76,6 +76,7 @@ MOUNT_FLAGS = {
     "relatime": MS_RELATIME,
     "strictatime": MS_STRICTATIME,
 }
+SCRATCH = "/mnt"  # an empty directory of the host, covered by a private tmpfs
 CAPS = {
     "CAP_NET_BIND_SERVICE": 10,
     "CAP_NET_ADMIN": 12,
@@ -157,16 +158,12 @@ def provide_files(provide: list[tuple[str, str]]) -> None:
     by_dir: dict[str, list[tuple[str, str]]] = {}
     for src, dst in provide:
         by_dir.setdefault(os.path.dirname(dst), []).append((src, dst))
-    scratch = "/mnt"
-    scratch_ready = False
+    scratch = SCRATCH
     for n, (parent, files) in enumerate(by_dir.items()):
         if not os.path.isdir(parent):
             lower = parent
             while not os.path.isdir(lower):
                 lower = os.path.dirname(lower)
-            if not scratch_ready:
-                mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
-                scratch_ready = True
             upper, work = f"{scratch}/{n}/upper", f"{scratch}/{n}/work"
             os.makedirs(upper)
             os.makedirs(work)
@@ -504,10 +501,11 @@ def main() -> None:
         else:
             applied += ["DevicePolicy", "DeviceAllow"]
 
-    empty = "/run/dsvpn-sandbox-empty"
-    if not os.path.exists(empty):
-        Path(empty).write_text("")
-        os.chmod(empty, 0)
+    # Scratch space of this mount namespace only: nothing is written to the host's files.
+    mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
+    empty = f"{SCRATCH}/empty"
+    Path(empty).write_text("")
+    os.chmod(empty, 0)
 
     # RuntimeDirectory= and ReadWritePaths= stay writable under ProtectSystem=strict.
     writable = []
