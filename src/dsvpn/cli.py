@@ -28,6 +28,10 @@ usage:
                [<local tun ip>|auto] [<remote tun ip>|auto] [<gateway ip>|auto]
   dsvpn keygen <key file>      write a new random 32-byte key (mode 0600)
   dsvpn cleanup                remove what crashed dsvpn instances left behind
+  dsvpn service install <name> [--print] -- server|client <arguments>
+                               run dsvpn as a system service (see dsvpn service --help)
+  dsvpn service remove <name>  stop that service and remove what install wrote
+  dsvpn selftest               (as root) a tunnel between namespaces of its own, then a report
   dsvpn --version | --help
 
 options (anywhere after the mode word):
@@ -276,9 +280,22 @@ def _dispatch(inv: Invocation) -> int:
     return tunnel.run(inv.config)
 
 
+def _operate(args: Sequence[str]) -> int:
+    """`dsvpn service ...` and `dsvpn selftest ...`: each module parses its own arguments."""
+    if args[0] == "service":
+        from dsvpn import service
+
+        return service.main(args[1:])
+    from dsvpn import selftest
+
+    return selftest.main(args[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args and args[0] in ("service", "selftest"):
+            return _operate(args)
         return _dispatch(parse_args(args))
     except DsvpnError as exc:
         print(f"dsvpn: {exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ import shutil
 import signal
 
 import pytest
-import testbed
+from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
 
