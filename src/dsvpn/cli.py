@@ -15,6 +15,7 @@ from dsvpn.config import (
     DEFAULT_SERVER_TUN_IP,
     ClientConfig,
     Config,
+    FirewallName,
     ServerConfig,
 )
 from dsvpn.errors import DsvpnError, UsageError
@@ -28,6 +29,10 @@ usage:
   dsvpn keygen <key file>      write a new random 32-byte key (mode 0600)
   dsvpn cleanup                remove what crashed dsvpn instances left behind
   dsvpn status [--json]        every dsvpn running in this network namespace, its sessions
+  dsvpn service install <name> [--print] -- server|client <arguments>
+                               run dsvpn as a system service (see dsvpn service --help)
+  dsvpn service remove <name>  stop that service and remove what install wrote
+  dsvpn selftest               (as root) a tunnel between namespaces of its own, then a report
   dsvpn --version | --help
 
 options (anywhere after the mode word):
@@ -36,6 +41,8 @@ options (anywhere after the mode word):
   --dry-run            print every command it would run to set up and to undo, change nothing
   --platform NAME      with --dry-run: the plan of another OS
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
+  --firewall NAME      Linux: set the packet filter rules with iptables or nft (one table
+                       of its own); auto (the default): iptables when installed, else nft
 
 Trailing "auto" arguments may be left out. Defaults: listen on every address, port 443,
 server tun IP 192.168.192.254, client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>,
@@ -139,6 +146,40 @@ def _is_number(arg: str) -> bool:
     return arg[1:].isdigit()
 
 
+# -- --firewall (Linux), taken out of the arguments before the others are read ---------------
+
+FIREWALL_CHOICES = ("iptables", "nft", "auto")
+
+
+def _take_firewall(args: Sequence[str]) -> tuple[list[str], str | None]:
+    """(the other arguments, the last --firewall value given or None)."""
+    rest: list[str] = []
+    given: str | None = None
+    it = iter(args)
+    for arg in it:
+        if arg == "--firewall":
+            value = next(it, None)
+            if value is None:
+                raise UsageError("--firewall needs iptables, nft or auto")
+        elif arg.startswith("--firewall="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        if value not in FIREWALL_CHOICES:
+            raise UsageError(f"invalid --firewall {value!r}: expected iptables, nft or auto")
+        given = value
+    return rest, given
+
+
+def _firewall(given: str | None) -> FirewallName | None:
+    if given == "iptables":
+        return "iptables"
+    if given == "nft":
+        return "nft"
+    return None  # auto
+
+
 def parse_args(argv: Sequence[str]) -> Invocation:
     """argv (without the program name) -> Invocation. Raises UsageError; resolves no names."""
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -156,9 +197,12 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         if any(arg != "--json" for arg in rest):
             raise UsageError("usage: dsvpn status [--json]")
         return Invocation("status", json=bool(rest))
+    rest, firewall = _take_firewall(rest)
     args, verbosity, dry_run, platform = _split_options(rest)
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
+    if firewall is not None and command not in ("server", "client"):
+        raise UsageError("--firewall only goes with server or client")
 
     if command == "keygen":
         if len(args) != 1:
@@ -187,6 +231,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             local_tun_ip=_ipv4(local_ip, DEFAULT_SERVER_TUN_IP, "local tun ip"),
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_CLIENT_TUN_IP, "remote tun ip"),
             external_ip=_ip(last_ip, "external ip"),
+            firewall=_firewall(firewall),
         )
     else:
         server = _auto(address)
@@ -200,6 +245,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             local_tun_ip=_ipv4(local_ip, DEFAULT_CLIENT_TUN_IP, "local tun ip"),
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_SERVER_TUN_IP, "remote tun ip"),
             gateway_ip=_ip(last_ip, "gateway ip"),
+            firewall=_firewall(firewall),
         )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")
@@ -238,9 +284,22 @@ def _dispatch(inv: Invocation) -> int:
     return tunnel.run(inv.config)
 
 
+def _operate(args: Sequence[str]) -> int:
+    """`dsvpn service ...` and `dsvpn selftest ...`: each module parses its own arguments."""
+    if args[0] == "service":
+        from dsvpn import service
+
+        return service.main(args[1:])
+    from dsvpn import selftest
+
+    return selftest.main(args[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args and args[0] in ("service", "selftest"):
+            return _operate(args)
         return _dispatch(parse_args(args))
     except DsvpnError as exc:
         print(f"dsvpn: {exc}", file=sys.stderr)

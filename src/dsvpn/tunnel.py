@@ -24,6 +24,7 @@ from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
 from dsvpn.keys import load_key
+from dsvpn.notify import Notifier
 from dsvpn.plan import Plan, show
 from dsvpn.platform._common import PLACEHOLDER_SERVER, Backend, NetInfo, is_ipv6
 from dsvpn.runner import RunFn, Runner, execute
@@ -188,14 +189,18 @@ class Tunnel:
         self.status_server: StatusServer | None = None
         self.sessions = logs.SessionLog(self.cfg.mode)
         self.stats = logs.SessionStats()
+        self.notifier = Notifier(None)  # the service manager's, once run() starts
 
     def run(self) -> int:
         """claim, apply, loop, release."""
         cfg, backend = self.cfg, self.backend
+        # Taken out of the environment: the commands dsvpn runs must not report for it.
+        self.notifier = Notifier.from_env(unset=True)
         backend.check_host(cfg)
         if isinstance(cfg, ClientConfig):
             cfg = self.cfg = dataclasses.replace(cfg, server_ip=_resolve(cfg.server, cfg.port))
         with contextlib.ExitStack() as stack:
+            stack.callback(self.notifier.close)
             identity = Identity.of(cfg, cfg.tun_name)
             instance = instances.claim(
                 identity, backend, log.info, run_dir=self._run_dir, run=self._run
@@ -227,6 +232,7 @@ class Tunnel:
             if self.status_server is not None:
                 # Gone first when stopping: `dsvpn status` then says so rather than waiting.
                 stack.callback(self.status_server.close)
+            stack.callback(self.notifier.stopping, "stopping")
             if listener is None:
                 return self._connect_forever(loop, signals, tun)
             # A stopping server closes its listener first (a second close at the end does
@@ -303,6 +309,8 @@ class Tunnel:
         assert isinstance(cfg, ServerConfig) and self.live is not None
         self.live.state = "listening"
         log.info("listening on %s port %d", cfg.listen_ip or "all addresses", cfg.port)
+        # The tun is up, every rule applied, the listener bound: the service works.
+        self.notifier.ready(self.live.summary(0))
         while signals.received is None:
             event, message = loop.run(TICK_MS)
             self._on_event(loop, event, message)
@@ -324,6 +332,8 @@ class Tunnel:
             self._log_ended(loop)  # one the new session replaced, without an event of its own
             self.live.session_up()
             log.info("%s", self.sessions.up(loop.session(), message))
+            # A client works once its first session is up (a server is ready before).
+            self.notifier.ready(self._summary(loop))
         elif event == EV_SESSION_DOWN:
             self._log_ended(loop)
         elif event == EV_LOG:
@@ -336,8 +346,14 @@ class Tunnel:
         if line is not None:
             log.info("%s", line)
 
+    def _summary(self, loop: Loop | None) -> str:
+        assert self.live is not None
+        return self.live.summary(1 if loop is not None and loop.session_active else 0)
+
     def _tick(self, loop: Loop) -> None:
         """After every turn of the loop (at least every TICK_MS): never per packet."""
+        self.notifier.status(self._summary(loop))  # sent only when it changed
+        self.notifier.tick()  # WATCHDOG=1: the loop is alive
         if self.status_server is not None:
             self.status_server.expire()
         if self.stats.due():
@@ -371,6 +387,8 @@ class Tunnel:
             if why is not None:
                 live.state = "reconnecting"
                 log.warning("%s; %s", why, logs.retry(attempt + 1, RECONNECT_ATTEMPTS, delay))
+            self.notifier.status(self._summary(None))
+            self.notifier.tick()
             signals.wait(delay)
             if signals.received is not None:
                 break
@@ -462,7 +480,11 @@ def _endpoint(host: str | None, port: int) -> str:
 
 def run(cfg: Config, name: str | None = None) -> int:
     """`dsvpn server|client`: needs root; returns the exit status. `name`: the service
-    instance's name, for `dsvpn status`."""
+    instance's name, for `dsvpn status` (default: that of `dsvpn service run NAME`)."""
+    if name is None:
+        from dsvpn.service import current_instance
+
+        name = current_instance()
     tunnel = Tunnel(cfg, platform.current(), name=name)  # checks the config, reads the key
 
     if not _has_net_admin():

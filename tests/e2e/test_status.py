@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 import pytest
-import testbed
+
+from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -51,8 +52,16 @@ def only(data: dict[str, Any], pid: int) -> dict[str, Any]:
     return inst
 
 
+def up(tb: testbed.Testbed, impl: testbed.Impl, key: Any) -> tuple[testbed.Proc, testbed.Proc]:
+    """A server and a client with its session up (the ping of tunnel_up also passes while
+    the client is still starting: the server's tun address is one hop away without it)."""
+    server, client = tb.tunnel_up(impl, key)
+    tb.wait_log(client, "session up", 20)
+    return server, client
+
+
 def test_status_follows_a_session_under_load(tb, ours, key):
-    server, client = tb.tunnel_up(ours, key)
+    server, client = up(tb, ours, key)
     # Each namespace lists its own instance and nothing of the other's.
     srv = only(status_json(tb, tb.server, ours), server.pid)
     cli = only(status_json(tb, tb.client, ours), client.pid)
@@ -133,7 +142,7 @@ def test_status_follows_a_session_under_load(tb, ours, key):
 
 
 def test_status_shows_a_dead_instance_until_cleanup(tb, ours, key):
-    server, client = tb.tunnel_up(ours, key)
+    server, client = up(tb, ours, key)
     client.kill()  # no chance to undo its rules
     text = tb.run_in(tb.client, [*ours.base, "status"], timeout=30).stdout
     assert f"client (pid {client.pid}): dead; its rules are still in place" in text

@@ -20,6 +20,7 @@ from host_rig import CmdDialect, FakeHost
 from dsvpn import tunnel
 from dsvpn.config import ClientConfig, ServerConfig
 from dsvpn.errors import NetworkError
+from dsvpn.notify import Notifier
 from dsvpn.plan import Plan, Step
 from dsvpn.platform._common import NetInfo
 from dsvpn.runner import Runner
@@ -93,6 +94,8 @@ def test_signals_restores_previous_handlers() -> None:
 class FakeLoop:
     """Every connection attempt ends in a failed handshake."""
 
+    session_active = False
+
     def __init__(self) -> None:
         self.connected: list[int] = []
 
@@ -107,6 +110,24 @@ class FakeLoop:
 
     def stats(self) -> dict[str, int]:
         return {}
+
+
+def notify_socket(tmp_path: Path) -> socket.socket:
+    """The service manager's end of $NOTIFY_SOCKET (tmp_path/notify)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.setblocking(False)
+    return sock
+
+
+def received(sock: socket.socket) -> list[str]:
+    """The datagrams queued so far (the kernel queues only a few: read often)."""
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
 
 
 class FakeRunner:
@@ -149,10 +170,14 @@ def test_client_retries_like_the_reference_and_follows_the_gateway(
     class NoSleep(tunnel.Signals):
         def wait(self, seconds: float, sock: socket.socket | None = None) -> bool:
             waits.append(seconds)
+            statuses.extend(received(manager))
             return False
 
     monkeypatch.setattr(t, "_dial", lambda signals: (socket.socket(), None))
     t.live = t._live("tun0")
+    manager = notify_socket(tmp_path)
+    t.notifier = Notifier(str(tmp_path / "notify"))
+    statuses: list[str] = []
     loop = FakeLoop()
     caplog.set_level(logging.INFO, logger="dsvpn")
     with NoSleep() as signals, pytest.raises(NetworkError, match="gave up after 100 attempts"):
@@ -169,6 +194,11 @@ def test_client_retries_like_the_reference_and_follows_the_gateway(
     )
     assert lines[-1].endswith("reconnecting in 3 s (attempt 100 of 100)")
     assert (t.live.state, t.live.attempt) == ("reconnecting", 100)
+    # Never READY without a session; STATUS says which attempt it is.
+    manager.close()
+    assert statuses == ["STATUS=connecting to 192.0.2.1:443"] + [
+        f"STATUS=reconnecting, attempt {n} of 100" for n in range(2, 101)
+    ]
     # The gateway moved before the fourth attempt: its routes moved once, and only then.
     assert t.runner.reapplied == [("plan via 10.1.0.1", "plan via 10.2.0.1")]  # type: ignore[attr-defined]
 
@@ -270,6 +300,8 @@ class FakeServerBackend(CmdDialect):
 
 class StopAtOnce:
     """The loop: its first run() ends in a SIGTERM, as if the operator stopped the server."""
+
+    session_active = False
 
     def __init__(self, run_dir: Path) -> None:
         self.closed = False
@@ -391,6 +423,10 @@ class ScriptedLoop:
     def session(self) -> object:
         return self.current
 
+    @property
+    def session_active(self) -> bool:
+        return self.current is not None
+
     def ended_session(self) -> object:
         return self.ended
 
@@ -419,6 +455,8 @@ def test_server_says_what_happened_to_each_session(
             pass
 
     t.status_server = Status()  # type: ignore[assignment]
+    manager = notify_socket(tmp_path)
+    t.notifier = Notifier(str(tmp_path / "notify"))
     first, second = session_record(1000), session_record(1001)
     replaced = {**first, "ended": 1060, "reason": "replaced by a new session from the same address"}
     closed = {**second, "ended": 1200, "reason": "connection closed by peer"}
@@ -455,3 +493,11 @@ def test_server_says_what_happened_to_each_session(
     ]
     assert handled == [1]
     assert t.live.sessions_up == 2 and t.live.state == "listening"
+    # READY once listening; STATUS as the client comes and goes, each change once.
+    with manager:
+        statuses = received(manager)
+    assert statuses == [
+        "READY=1\nSTATUS=listening on *:443, no client",
+        "STATUS=listening on *:443, 1 client",
+        "STATUS=listening on *:443, no client",
+    ]
