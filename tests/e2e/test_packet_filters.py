@@ -9,6 +9,7 @@ import shutil
 import signal
 
 import pytest
+
 from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
