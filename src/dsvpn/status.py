@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsvpn import human
+from dsvpn import human, instances, platform
 from dsvpn.errors import DsvpnError
 from dsvpn.logs import DROP_NAMES
 
@@ -44,7 +44,6 @@ CLIENT_TIMEOUT = 2.0  # seconds a connection may take, server side
 QUERY_TIMEOUT = 2.0  # seconds the client waits for an answer
 FALLBACK_WAIT = 0.05  # seconds handle() may wait where the selector cannot be polled
 LISTEN_BACKLOG = 8
-
 
 CLEANUP_HINT = "run `dsvpn cleanup` as root to remove them"
 KEPT_HINT = "run `dsvpn cleanup --all` as root to remove them"
@@ -61,9 +60,7 @@ class NoSocket(StatusError):
 
 def socket_path(run_dir: str | os.PathLike[str], pid: int) -> Path:
     """Where instance `pid` answers: beside its record, removed with it."""
-    from dsvpn.instances import socket_name
-
-    return Path(run_dir) / socket_name(pid)
+    return Path(run_dir) / instances.socket_name(pid)
 
 
 # -- what a running instance says about itself -------------------------------------------------
@@ -571,8 +568,6 @@ def _state(inst: dict[str, Any]) -> str:
 
 def known_here(run_dir: str | os.PathLike[str] | None = None) -> list[Known]:
     """What the records of this network namespace say (none if there is no run directory)."""
-    from dsvpn import instances, platform
-
     directory = instances.RunDir(instances.RUN_DIR if run_dir is None else run_dir)
     if not directory.exists():
         return []
@@ -595,8 +590,6 @@ def known_here(run_dir: str | os.PathLike[str] | None = None) -> list[Known]:
 
 def command(as_json: bool, run_dir: str | os.PathLike[str] | None = None) -> int:
     """`dsvpn status [--json]`: every dsvpn of this network namespace, to stdout."""
-    from dsvpn import instances
-
     directory = Path(instances.RUN_DIR if run_dir is None else run_dir)
     found = collect(known_here(directory), directory)
     sys.stdout.write(to_json(found) if as_json else render(found))
