@@ -1,29 +1,35 @@
-"""Known-answer vectors of the C reference (../shared/vectors/charm.json) and their generators.
+"""Known-answer vectors of C DSVPN 0.1.5 (tests/data/charm.json) and their generators.
 
 Shared by the unit tests: `load()` finds and parses the file, `data()` expands a message entry
-that stores its bytes as hex, as an xorshift32 generator description, or both.
+that stores its bytes as hex, as an xorshift32 generator description, or both. The file's
+layout is described in docs/protocol.md, Vectors; where it comes from in tests/data/README.md.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PATH = REPO_ROOT.parent / "shared" / "vectors" / "charm.json"
+DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "charm.json"
+# The values are facts about the reference implementation, not ours to edit: a changed byte
+# fails the tests instead of quietly moving the target (tests/data/README.md says how to update).
+DEFAULT_SHA256 = "2e01e53870959e24377aed0104085599a8f74d6226e268a75bfb369c3f4d81f0"
 
 
 def path() -> Path:
-    """$DSVPN_VECTORS if set, else <repo root>/../shared/vectors/charm.json."""
+    """$DSVPN_VECTORS if set (another copy, e.g. a regenerated one), else tests/data/charm.json."""
     return Path(os.environ.get("DSVPN_VECTORS") or DEFAULT_PATH)
 
 
 def load() -> dict[str, Any]:
-    with path().open(encoding="utf-8") as f:
-        result: dict[str, Any] = json.load(f)
+    raw = path().read_bytes()
+    if path() == DEFAULT_PATH and hashlib.sha256(raw).hexdigest() != DEFAULT_SHA256:
+        raise ValueError(f"{DEFAULT_PATH} differs from the recorded copy (sha256 mismatch)")
+    result: dict[str, Any] = json.loads(raw)
     return result
 
 

@@ -19,11 +19,15 @@ import vectors as _vectors
 
 @pytest.fixture(scope="session")
 def vectors() -> dict[str, Any]:
-    """The parsed known-answer file of the C reference (skips when it is absent)."""
+    """The parsed known-answer file of the C reference. It is part of the project, so a missing
+    or altered file fails every test that uses it rather than skipping them."""
     path = _vectors.path()
     if not path.is_file():
-        pytest.skip(f"known-answer vectors not found at {path} (set DSVPN_VECTORS)")
-    return _vectors.load()
+        pytest.fail(f"known-answer vectors not found at {path}", pytrace=False)
+    try:
+        return _vectors.load()
+    except ValueError as exc:  # bad JSON (JSONDecodeError) or an altered project copy
+        pytest.fail(f"known-answer vectors at {path} unusable: {exc}", pytrace=False)
 
 
 def _charm_kernels() -> tuple[str, ...]:

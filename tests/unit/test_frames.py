@@ -1,4 +1,4 @@
-"""Framing (protocol.md section 6) and bufferbloat control (section 7) of dsvpn._loop."""
+"""Framing and the congestion drop of dsvpn._loop (docs/protocol.md, Framing, Congestion drop)."""
 
 from __future__ import annotations
 
