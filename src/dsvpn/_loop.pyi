@@ -1,5 +1,7 @@
 """The compiled data plane (src/dsvpn/_loop.pyx): poll loop, framing, handshakes, no GIL.
 
+The enums are declared once, in _loop.pxd; their values are not repeated here.
+
 Events returned by ``Loop.run`` as ``(code, message)``:
 
 EV_TIMEOUT           timeout_ms elapsed with no event (message "").
@@ -7,34 +9,117 @@ EV_WAKE              wake_fd became readable (the loop drained it) or, without a
                      signal interrupted poll(): run Python's signal handlers.
 EV_SESSION_UP        a session authenticated; message: the peer IP (IPv4-mapped shown as IPv4).
 EV_SESSION_DOWN      the active session ended; message: "connection closed by peer",
-                     "corrupted stream", "send timeout", "read error: ...", "write error: ...".
+                     "corrupted stream" (a bad tag), "send timeout", "read error: ...",
+                     "write error: ...".
 EV_LOG               one log line (server: refused connection from another IP, failed or
-                     timed-out handshake, pending handshake dropped because the table is full).
-EV_HANDSHAKE_FAILED  client: the handshake on the socket given to connect() failed.
+                     timed-out handshake, pending handshake dropped because the table is full,
+                     the system's random source failed).
+EV_HANDSHAKE_FAILED  client: the handshake on the socket given to connect() failed (also when
+                     the system's random source fails: "the system's random source failed: ...").
 EV_TUN_ERROR         fatal tun read error; message: strerror, or "end of file on the tun device".
+EV_CONTROL           control_fd is readable (message ""). The loop does not read it: until
+                     Python does, every run() returns EV_CONTROL again at once.
 """
 
-from typing import Final
+from enum import IntEnum
+from typing import Final, TypedDict
 
-EV_TIMEOUT: Final[int]
-EV_WAKE: Final[int]
-EV_SESSION_UP: Final[int]
-EV_SESSION_DOWN: Final[int]
-EV_LOG: Final[int]
-EV_HANDSHAKE_FAILED: Final[int]
-EV_TUN_ERROR: Final[int]
+class Event(IntEnum):
+    EV_TIMEOUT = ...
+    EV_WAKE = ...
+    EV_SESSION_UP = ...
+    EV_SESSION_DOWN = ...
+    EV_LOG = ...
+    EV_HANDSHAKE_FAILED = ...
+    EV_TUN_ERROR = ...
+    EV_CONTROL = ...
 
-def tcp_options(fd: int) -> None:
-    """protocol.md section 8 options plus TCP_NODELAY; every error is ignored."""
+class Drop(IntEnum):
+    """Why a packet was dropped; the counter is named after the member ("DROP_NON_IP":
+    "non_ip" in session() drops, "non_ip_drops" in stats())."""
+
+    DROP_BAD_TAG = ...
+    DROP_OVERSIZE = ...
+    DROP_NO_SESSION = ...
+    DROP_SPOOFED = ...
+    DROP_CONGESTION = ...
+    DROP_NON_IP = ...
+
+class Timeout(IntEnum):
+    """Milliseconds (docs/protocol.md, Timeouts and limits)."""
+
+    TIMEOUT_MS = ...
+    ACCEPT_TIMEOUT_MS = ...
+
+# The members of Event, also as module attributes.
+EV_TIMEOUT: Final[Event]
+EV_WAKE: Final[Event]
+EV_SESSION_UP: Final[Event]
+EV_SESSION_DOWN: Final[Event]
+EV_LOG: Final[Event]
+EV_HANDSHAKE_FAILED: Final[Event]
+EV_TUN_ERROR: Final[Event]
+EV_CONTROL: Final[Event]
+
+class Drops(TypedDict):
+    """Dropped packets by reason (Drop):
+    bad_tag     frames with a wrong tag (each one ends its session)
+    oversize    frames larger than the MTU; tun packets over 65535 bytes, or TSO packets
+                that cannot be cut
+    no_session  tun packets dropped for want of a session in the gap before this one
+    spoofed     (client_ip4 set) packets whose source is not the client's tunnel address
+    congestion  tun packets dropped by the bufferbloat control
+    non_ip      (client_ip4 set) payloads that are not an IPv4/IPv6 packet
+    """
+
+    bad_tag: int
+    oversize: int
+    no_session: int
+    spoofed: int
+    congestion: int
+    non_ip: int
+
+class Session(TypedDict):
+    """One session's counters. Times are wall-clock Unix seconds; bytes are those of the
+    session socket (framing included, the handshake not); packets are frames (received ones
+    authenticated, empty frames included)."""
+
+    endpoint: str  # the peer's "ip:port", or "[ip6]:port"
+    since: int  # when the session came up
+    latest_handshake: int  # its latest handshake (today always its only one)
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+    drops: Drops
+
+class EndedSession(Session):
+    """An ended session's totals. reason: the EV_SESSION_DOWN message, or "replaced by a new
+    session from the same address", "replaced by a new connection", "disconnected locally",
+    "loop closed"."""
+
+    ended: int
+    reason: str
+
+def tcp_options(fd: int, mark: int = 0) -> None:
+    """The TCP options of docs/protocol.md, TCP options, plus TCP_NODELAY. mark != 0 also sets
+    SO_MARK (Linux; ignored elsewhere), so that routing rules can keep the tunnel's own
+    connection out of the tunnel: failing to set it raises OSError. Other errors are ignored
+    (those options only tune)."""
 
 class Loop:
     """One tunnel endpoint.
 
-    The loop never closes tun_fd, listen_fd or wake_fd, but it sets O_NONBLOCK on tun_fd (it
-    drains the tun until EAGAIN). It owns every accepted or connected session socket.
-    Server: at most 8 handshakes are pending at once (the oldest is dropped), each with a 10 s
-    deadline for the whole handshake; a successful handshake from the active client's IP
-    replaces the session, another IP is refused while a session is active.
+    The loop never closes tun_fd, listen_fd, wake_fd or control_fd, but it sets O_NONBLOCK on
+    tun_fd (it drains the tun until EAGAIN). It owns every accepted or connected session socket.
+    Server: at most 8 handshakes are pending at once (the oldest is dropped), each with
+    Timeout.ACCEPT_TIMEOUT_MS for the whole handshake; a successful handshake from the active
+    client's IP replaces the session, another IP is refused while a session is active.
+
+    Frames from the peer: a bad tag ends the session ("corrupted stream"); an empty frame is
+    accepted and writes nothing (as the reference: it works as a keepalive); a payload larger
+    than mtu is dropped; with client_ip4, a payload that is not an IPv4/IPv6 packet from the
+    client's tunnel address is dropped. Every drop is counted (Drop).
     Not thread-safe: call every method from one thread (run() releases the GIL inside).
     """
 
@@ -46,24 +131,33 @@ class Loop:
         is_server: bool,
         wake_fd: int = -1,
         listen_fd: int = -1,
+        control_fd: int = -1,
         tun_header: bool = False,
         af_inet: int = 2,
         af_inet6: int = 10,
         mtu: int = 9000,
         vnet_hdr: bool = False,
+        client_ip4: str | None = None,
+        client_ip6: str | None = None,
+        mark: int = 0,
     ) -> None:
         """vnet_hdr: the tun was opened with IFF_VNET_HDR (Linux; excludes tun_header). TCP
         segments are then merged into GSO packets on the way into the tun, and TSO packets
-        from the tun are cut into ordinary packets before framing (tun_vnet.h)."""
+        from the tun are cut into ordinary packets before framing (tun_vnet.h).
+        mtu: the tun's MTU (68..65535); larger packets from the peer are dropped.
+        client_ip4 (server): the client's tunnel IPv4 address; client_ip6 defaults to its
+        IPv6 twin (config.tun_ip6). None: packets from the peer may have any source.
+        control_fd: run() returns EV_CONTROL while it is readable.
+        mark: SO_MARK of the sockets the loop accepts (0: none); errors are ignored there."""
     def connect(self, fd: int) -> None:
         """Client: start the handshake on a connected TCP socket.
 
         The loop takes ownership of fd (pass ``sock.detach()``) and closes it when the session
         or handshake ends, or at once if connect() raises. pkt1 is sent at once; pkt2 is
-        awaited inside run() with a 60 s deadline. Any previous session or handshake is
+        awaited inside run() until Timeout.TIMEOUT_MS. Any previous session or handshake is
         dropped first.
         """
-    def run(self, timeout_ms: int) -> tuple[int, str]:
+    def run(self, timeout_ms: int) -> tuple[Event, str]:
         """Forward packets without the GIL until the first event, or until timeout_ms has
         passed (EV_TIMEOUT, ""); a negative timeout waits for an event. Returns promptly even
         under full load."""
@@ -75,17 +169,23 @@ class Loop:
     def session_active(self) -> bool: ...
     @property
     def peer(self) -> str | None: ...
+    def session(self) -> Session | None:
+        """The active session's counters (since it came up), or None without a session."""
+    def ended_session(self) -> EndedSession | None:
+        """The last session that ended, with its totals and why; None if none has ended."""
     def stats(self) -> dict[str, int]:
-        """Counters: tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors,
-        sock_rx_bytes, sock_tx_bytes (session bytes, handshakes not counted), frames_rx,
-        frames_tx, congestion_drops, no_session_drops, oversize_drops (tun packets > 65535
-        bytes, or TSO packets that cannot be cut), tun_writes (write calls to the tun; fewer
-        than tun_tx_packets when segments were merged), tun_merged (packets written as part of
-        a merged GSO packet), short_drops (tun_header mode: packets < 20 bytes not written),
-        handshakes_ok, handshakes_failed, pending_handshakes, rx_buffered, tx_queued."""
+        """Counters since the loop began: tun_rx_packets, tun_rx_bytes, tun_tx_packets,
+        tun_tx_errors, sock_rx_bytes, sock_tx_bytes (session bytes, handshakes not counted),
+        frames_rx, frames_tx, "<name>_drops" for each Drop (see Drops), tun_writes (write
+        calls to the tun; fewer than tun_tx_packets when segments were merged), tun_merged
+        (packets written as part of a merged GSO packet), short_drops (tun_header mode:
+        packets < 20 bytes not written), handshakes_ok, handshakes_failed,
+        pending_handshakes, rx_buffered, tx_queued."""
     def _set_test_random(self, data: bytes | None) -> None:
         """Test hook: the next handshakes take their 32 random bytes from data, 32 at a time
         (then the OS again)."""
+    def _set_test_random_failure(self, fail: bool) -> None:
+        """Test hook: the system's random source fails (EIO) while fail is True."""
     def _set_test_clock(self, t: int | None) -> None:
         """Test hook: fixed wall-clock seconds for the client timestamp and the server check."""
     def _set_test_timeouts(
@@ -94,5 +194,5 @@ class Loop:
         connect_ms: int | None = None,
         send_ms: int | None = None,
     ) -> None:
-        """Test hook: shorten the server handshake (10 s), client handshake (60 s) and send
-        progress (60 s) deadlines; None restores the default."""
+        """Test hook: shorten the server handshake (ACCEPT_TIMEOUT_MS), client handshake and
+        send progress (TIMEOUT_MS) deadlines; None restores the default."""

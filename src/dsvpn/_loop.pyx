@@ -1,9 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The data plane: one poll loop moving packets between the tun device and the TCP session.
 
-Wire format and handshake: ../shared/protocol.md sections 4-7. Everything inside ``run()``
+Wire format and handshake: docs/protocol.md, Handshake and Framing. Everything inside ``run()``
 happens without the GIL, without Python objects and without allocation per packet; the loop
-returns to Python only for events (see the EV_* constants and _loop.pyi).
+returns to Python only for events (the Event enum of _loop.pxd; _loop.pyi says what each carries).
 
 Buffers (allocated once per Loop):
 - tx: tun packets are read straight into ``txbuf`` at ``tx_end + 8`` (room for LEN||TAG),
@@ -14,115 +14,113 @@ Buffers (allocated once per Loop):
   straight from the buffer; the trailing partial frame is moved to the front once per recv().
 - vnet_hdr (Linux, tun_vnet.h): consecutive TCP segments decrypted from one recv() are written
   to the tun as one GSO packet, and TSO packets read from the tun are cut into ordinary packets
-  before framing. The kernel then walks its stack once per ~64 KB instead of per packet, which
-  halved the CPU the receiving side spends per byte. The wire is unchanged: one ordinary IP
-  packet per frame.
+  before framing, so the kernel walks its stack once per ~64 KB instead of once per packet. The
+  wire is unchanged: one ordinary IP packet per frame.
+
+What happens to a frame from the peer (``_frames``, ``_admit``):
+- a bad tag ends the session, as in the reference: the receiving duplex state has absorbed the
+  forged plaintext and can never match the sender's again;
+- an empty frame (LEN 0) is accepted and writes nothing, as in the reference, which lets it
+  serve as a keepalive; its tag is checked and it advances the state like any other frame;
+- a payload larger than the MTU is dropped (it could not have left the peer's tun);
+- with ``client_ip4`` (a server), a payload that is not an IPv4/IPv6 packet, or whose source is
+  not the client's tunnel address (IPv4, or the IPv6 twin), is dropped, so that a client can
+  only ever send as itself.
+Every drop is counted by reason (the Drop enum of _loop.pxd).
 """
 
+cimport cython
+from libc.errno cimport ECONNRESET, EINTR, EIO, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memmove, memset, strerror
 from libc.stdio cimport snprintf
-from libc.errno cimport errno, EINTR, ECONNRESET
-from posix.unistd cimport close, read, write
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp, memcpy, memmove, memset, strerror
+from posix.unistd cimport close
 
-from dsvpn.charm cimport charm_decrypt, charm_encrypt, charm_hash, charm_init, charm_state
+from dsvpn.charm cimport (
+    CHARM_HASH_LEN,
+    CHARM_IV_LEN,
+    CHARM_KEY_LEN,
+    CHARM_TAG_LEN,
+    charm_decrypt,
+    charm_encrypt,
+    charm_hash,
+    charm_init,
+    charm_state,
+)
+from dsvpn.loop_sys cimport (
+    DSVPN_ENDPOINT_TEXT,
+    DSVPN_IO_AGAIN,
+    POLLERR,
+    POLLHUP,
+    POLLIN,
+    POLLOUT,
+    dsvpn_accept,
+    dsvpn_addr,
+    dsvpn_now_ms,
+    dsvpn_peer,
+    dsvpn_random,
+    dsvpn_read,
+    dsvpn_readv,
+    dsvpn_send,
+    dsvpn_set_cloexec,
+    dsvpn_set_nonblock,
+    dsvpn_tcp_opts,
+    dsvpn_wall_s,
+    dsvpn_write,
+    iovec,
+    poll,
+    pollfd,
+)
+from dsvpn.tun_vnet cimport (
+    DSVPN_VNET_HDR_LEN,
+    dsvpn_gro,
+    dsvpn_gro_add,
+    dsvpn_gro_flush,
+    dsvpn_gso_count,
+    dsvpn_gso_segment,
+    dsvpn_vnet_finish_csum,
+    dsvpn_vnet_hdr,
+)
+from dsvpn.wire cimport (
+    FRAME_HDR_LEN,
+    HS_RANDOM_LEN,
+    HS_TIMESTAMP_LEN,
+    MAX_PAYLOAD,
+    NOTSENT_LOWAT,
+    PKT1_LEN,
+    PKT2_LEN,
+    TS_TOLERANCE_S,
+    WIRE_TAG_LEN,
+)
 
+# The events as module attributes too (EV_SESSION_UP, ...), straight from the one enum.
+globals().update(Event.__members__)
 
-cdef extern from "loop_sys.h" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    short POLLIN
-    short POLLOUT
-    short POLLERR
-    short POLLHUP
-    short POLLNVAL
-    int poll(pollfd* fds, unsigned long nfds, int timeout)
-    int dsvpn_random(uint8_t* buf, size_t n)
-    int64_t dsvpn_now_ms()
-    int64_t dsvpn_wall_s()
-    int dsvpn_set_nonblock(int fd)
-    void dsvpn_set_cloexec(int fd)
-    void dsvpn_tcp_opts(int fd)
-    int dsvpn_accept(int lfd, uint8_t* key16, char* text, size_t textlen)
-    int dsvpn_peer(int fd, uint8_t* key16, char* text, size_t textlen)
-    ssize_t dsvpn_send(int fd, const void* buf, size_t n)
-    int dsvpn_would_block(int err)
-
-
-cdef extern from "tun_vnet.h" nogil:
-    struct iovec:
-        void* iov_base
-        size_t iov_len
-    ssize_t readv(int fd, const iovec* iov, int iovcnt)
-    enum:
-        DSVPN_VNET_HDR_LEN
-    struct dsvpn_vnet_hdr:
-        uint8_t flags
-        uint8_t gso_type
-    struct dsvpn_gro:
-        int segs
-        uint64_t writes, errors, merged
-    void dsvpn_gro_add(int fd, dsvpn_gro* g, uint8_t* pkt, size_t len)
-    void dsvpn_gro_flush(int fd, dsvpn_gro* g)
-    int dsvpn_vnet_finish_csum(const dsvpn_vnet_hdr* h, uint8_t* pkt, size_t len)
-    size_t dsvpn_gso_count(const dsvpn_vnet_hdr* h, const uint8_t* pkt, size_t len,
-                           size_t frame_hdr, size_t* room)
-    size_t dsvpn_gso_segment(const dsvpn_vnet_hdr* h, const uint8_t* src, size_t len,
-                             size_t i, size_t nseg, uint8_t* out)
-
-
-# Events returned by run()
-EV_TIMEOUT = 0
-EV_WAKE = 1
-EV_SESSION_UP = 2
-EV_SESSION_DOWN = 3
-EV_LOG = 4
-EV_HANDSHAKE_FAILED = 5
-EV_TUN_ERROR = 6
-
-cdef enum:
-    C_EV_TIMEOUT = 0
-    C_EV_WAKE = 1
-    C_EV_SESSION_UP = 2
-    C_EV_SESSION_DOWN = 3
-    C_EV_LOG = 4
-    C_EV_HANDSHAKE_FAILED = 5
-    C_EV_TUN_ERROR = 6
-
-# Protocol constants (protocol.md section 8)
-cdef enum:
-    TAG_LEN = 6
-    HDR = 8                     # LEN (2, LE) || TAG (6)
-    MAX_PAYLOAD = 65535         # LEN is a uint16; larger tun packets are refused
-    TUN_READ_MAX = 65536        # one more than MAX_PAYLOAD so oversized packets are detectable
-    TS_TOLERANCE = 7200
-    TIMEOUT_MS = 60000          # client handshake, send progress
-    ACCEPT_TIMEOUT_MS = 10000   # whole server-side handshake
-    PKT1_LEN = 72
-    PKT2_LEN = 64
-
-# Budgets. A tx batch stops at TX_BATCH_BYTES or TX_BATCH_PKTS; TCP_NOTSENT_LOWAT (128 KiB)
-# caps what one send() takes anyway, so larger batches would only sit in our buffer.
+# Budgets. A tx batch stops at TX_BATCH_BYTES or TX_BATCH_PKTS; TCP_NOTSENT_LOWAT caps what one
+# send() takes anyway, so larger batches would only sit in our buffer.
 cdef enum:
     TX_BATCH_BYTES = 196608
     TX_BATCH_PKTS = 128
     # Slack after the batch limit: one 64 KiB TSO packet cut into segments of the smallest
     # MSS (88) with the largest headers (120) still fits (< 160 KiB; see _tun_gso).
     TX_CAP = TX_BATCH_BYTES + 262144
+    TUN_READ_MAX = MAX_PAYLOAD + 1  # one more, so that an oversized tun packet is detectable
     RX_READ = 262144
-    RX_CAP = RX_READ + HDR + MAX_PAYLOAD + 16
+    RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
     QUICK_MAX = 512             # a lone tun packet up to this size is sent at once (_tun_batch)
     DISCARD_PKTS = 64           # tun packets discarded per iteration when there is no session
     ACCEPT_BUDGET = 16          # accept() calls per iteration
     MAX_PENDING = 8             # concurrent server-side handshakes; the oldest is dropped
+    POLL_MAX = 6 + MAX_PENDING  # wake, control, session, tun, client handshake, listener
     EVQ = 32
     MSG_LEN = 256
-    IPTXT = 64
+    AF_HDR_LEN = 4              # the BSD tun's address-family header (tun_header)
+    MIN_MTU = 68                # the smallest MTU of IPv4
+    N_DROPS = DROP_NON_IP + 1
+    SHORT_READ = -3             # _tun_read: a packet shorter than the tun's own header
 
-# BUFFERBLOAT_CONTROL (protocol.md section 7): when a send() of a fresh batch could take
+# BUFFERBLOAT_CONTROL (docs/protocol.md, Congestion drop): when a send() of a fresh batch could take
 # nothing at all (EAGAIN), the next tun packet read is discarded, as the reference does after
 # a write that fails with EAGAIN. Partial sends do not set it (same as the reference). With
 # batched sends and the tun not being read while our buffer is non-empty, this fires rarely;
@@ -134,6 +132,12 @@ cdef const char* KX_IV = b"VPN Key Exchange"
 cdef const char* CLIENT_EOF_MSG = (
     b"the server closed the connection during the handshake: "
     b"wrong key, or the server is busy with another client")
+cdef const char* REFUSED_FMT = b"connection from %s refused: a session from %s is already active"
+cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
+cdef const char* NO_RANDOM = b"the system's random source failed"
+
+# stats() and session() name each drop counter after its Drop member.
+_DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
 
 
 cdef struct Pending:
@@ -143,16 +147,43 @@ cdef struct Pending:
     uint64_t seq
     charm_state st
     uint8_t buf[PKT1_LEN]
-    uint8_t ip[16]
-    char text[IPTXT]
+    dsvpn_addr addr
 
 
-cdef struct Event:
-    int code
+cdef struct QueuedEvent:
+    Event code
     char msg[MSG_LEN]
 
 
-cdef inline int ct_eq(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
+cdef struct Traffic:
+    # session socket bytes and frames, and drops by reason (the part session() reports)
+    uint64_t rx_bytes, tx_bytes, rx_packets, tx_packets
+    uint64_t drops[N_DROPS]
+
+
+cdef struct Counters:
+    uint64_t tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors, short_drops
+    uint64_t handshakes_ok, handshakes_failed
+    Traffic t
+
+
+cdef struct SessionRec:
+    int64_t since, latest_handshake, ended  # wall-clock Unix seconds; ended is 0 while active
+    Traffic base        # active: the counters when it began; ended: its totals
+    char endpoint[DSVPN_ENDPOINT_TEXT]
+    char reason[MSG_LEN]
+
+
+cdef struct PollSet:
+    pollfd fds[POLL_MAX]
+    unsigned long n
+    # index into fds of each descriptor, -1 when it is not polled
+    int wake, control, sock, tun, hs, listen
+    int pend[MAX_PENDING]
+    uint64_t pseq[MAX_PENDING]
+
+
+cdef inline bint ct_eq(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
     cdef uint8_t d = 0
     cdef size_t i
     for i in range(n):
@@ -160,24 +191,75 @@ cdef inline int ct_eq(const uint8_t* a, const uint8_t* b, size_t n) noexcept nog
     return d == 0
 
 
-def tcp_options(int fd):
-    """Apply the protocol.md section 8 TCP options (plus TCP_NODELAY); errors are ignored."""
+cdef inline int poll_add(PollSet* ps, int fd, short events) noexcept nogil:
+    cdef int i = <int> ps.n
+    ps.fds[i].fd = fd
+    ps.fds[i].events = events
+    ps.fds[i].revents = 0
+    ps.n += 1
+    return i
+
+
+cdef inline short revents(const PollSet* ps, int i) noexcept nogil:
+    return ps.fds[i].revents if i >= 0 else 0
+
+
+cdef inline Traffic traffic_since(const Traffic* now, const Traffic* base) noexcept nogil:
+    cdef Traffic d
+    cdef int i
+    d.rx_bytes = now.rx_bytes - base.rx_bytes
+    d.tx_bytes = now.tx_bytes - base.tx_bytes
+    d.rx_packets = now.rx_packets - base.rx_packets
+    d.tx_packets = now.tx_packets - base.tx_packets
+    for i in range(N_DROPS):
+        d.drops[i] = now.drops[i] - base.drops[i]
+    return d
+
+
+cdef inline bint bulk_ack(const uint8_t* p, size_t n) noexcept nogil:
+    """A TCP segment without payload with only ACK set (or ACK|PSH): the reverse stream of
+    a bulk transfer, fine to batch. Anything else (SYN, FIN, RST, payload, non-TCP) is not."""
+    cdef size_t ipl
+    if n >= 40 and (p[0] >> 4) == 4 and p[9] == 6:
+        ipl = (p[0] & 15) * 4
+    elif n >= 60 and (p[0] >> 4) == 6 and p[6] == 6:
+        ipl = 40
+    else:
+        return False
+    if ipl + 20 > n:
+        return False
+    return ipl + (p[ipl + 12] >> 4) * 4 == n and (p[ipl + 13] & 0xf7) == 0x10
+
+
+def tcp_options(int fd, int mark=0):
+    """Apply the TCP options of docs/protocol.md, TCP options (plus TCP_NODELAY); see _loop.pyi."""
+    cdef int r, err = 0
     with nogil:
-        dsvpn_tcp_opts(fd)
+        r = dsvpn_tcp_opts(fd, mark, TIMEOUT_MS, NOTSENT_LOWAT)
+        if r != 0:
+            err = errno
+    if r != 0:
+        raise OSError(err, f"cannot set SO_MARK {mark}: {strerror(err).decode()}")
 
 
+@cython.final
 cdef class Loop:
-    cdef int tun_fd, wake_fd, listen_fd, is_server, tun_header, af_inet, af_inet6, mtu
-    cdef bint vnet_hdr               # Linux IFF_VNET_HDR tun: see tun_vnet.h
+    cdef int tun_fd, wake_fd, control_fd, listen_fd, is_server, tun_header, af_inet, af_inet6
+    cdef int mark                   # SO_MARK of accepted sockets (0: none)
+    cdef size_t mtu
+    cdef bint vnet_hdr              # Linux IFF_VNET_HDR tun: see tun_vnet.h
     cdef dsvpn_gro gro
     cdef bint closed
     cdef charm_state kx
+    # source check (server): the client's tunnel addresses
+    cdef bint check_src
+    cdef uint8_t src4[4]
+    cdef uint8_t src6[16]
     # session
     cdef int sock
     cdef uint64_t gen               # bumped whenever the session socket changes
     cdef charm_state tx_st, rx_st
-    cdef uint8_t peer_ip[16]
-    cdef char peer_text[IPTXT]
+    cdef dsvpn_addr peer_addr
     cdef uint8_t* txbuf
     cdef uint8_t* gsobuf            # vnet_hdr only: a TSO packet being cut into segments
     cdef size_t tx_off, tx_end
@@ -198,16 +280,17 @@ cdef class Loop:
     # test hooks
     cdef uint8_t* trand
     cdef size_t trand_len, trand_pos
+    cdef bint trand_fail
     cdef bint has_tclock
     cdef int64_t tclock
     cdef int64_t accept_timeout_ms, connect_timeout_ms, send_timeout_ms
-    # counters
-    cdef uint64_t n_tun_rx_packets, n_tun_rx_bytes, n_tun_tx_packets, n_tun_tx_errors
-    cdef uint64_t n_sock_rx_bytes, n_sock_tx_bytes, n_frames_rx, n_frames_tx
-    cdef uint64_t n_congestion_drops, n_no_session_drops, n_oversize_drops, n_short_drops
-    cdef uint64_t n_handshakes_ok, n_handshakes_failed
+    # counters: global, the active session's and the last ended one's
+    cdef Counters c
+    cdef SessionRec cur, last
+    cdef bint has_last
+    cdef uint64_t gap_base          # c.t.drops[<int> DROP_NO_SESSION] when the last session ended
     # events
-    cdef Event evq[EVQ]
+    cdef QueuedEvent evq[EVQ]
     cdef int ev_head, ev_count
 
     def __cinit__(self):
@@ -222,22 +305,28 @@ cdef class Loop:
             self.pend[i].fd = -1
 
     def __init__(self, int tun_fd, key, *, bint is_server, int wake_fd=-1, int listen_fd=-1,
-                 bint tun_header=False, int af_inet=2, int af_inet6=10, int mtu=9000,
-                 bint vnet_hdr=False):
+                 int control_fd=-1, bint tun_header=False, int af_inet=2, int af_inet6=10,
+                 int mtu=9000, bint vnet_hdr=False, client_ip4=None, client_ip6=None,
+                 int mark=0):
         cdef const uint8_t[:] k = bytes(key)
-        if k.shape[0] != 32:
-            raise ValueError("the key must be exactly 32 bytes")
+        if k.shape[0] != CHARM_KEY_LEN:
+            raise ValueError(f"the key must be exactly {CHARM_KEY_LEN} bytes")
+        if tun_header and vnet_hdr:
+            raise ValueError("tun_header and vnet_hdr exclude each other")
+        if not MIN_MTU <= mtu <= MAX_PAYLOAD:
+            raise ValueError(f"the MTU must be {MIN_MTU}..{MAX_PAYLOAD}, not {mtu}")
         self.tun_fd = tun_fd
         self.wake_fd = wake_fd
+        self.control_fd = control_fd
         self.listen_fd = listen_fd
         self.is_server = is_server
         self.tun_header = tun_header
         self.vnet_hdr = vnet_hdr
-        if tun_header and vnet_hdr:
-            raise ValueError("tun_header and vnet_hdr exclude each other")
         self.af_inet = af_inet
         self.af_inet6 = af_inet6
-        self.mtu = mtu
+        self.mtu = <size_t> mtu
+        self.mark = mark
+        self._set_source(client_ip4, client_ip6)
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
         self.connect_timeout_ms = TIMEOUT_MS
         self.send_timeout_ms = TIMEOUT_MS
@@ -250,16 +339,36 @@ cdef class Loop:
         if dsvpn_set_nonblock(tun_fd) != 0:
             raise OSError(errno, strerror(errno).decode())
 
+    cdef int _set_source(self, client_ip4, client_ip6) except -1:
+        """The addresses a client may send from (None, None: any)."""
+        import ipaddress
+
+        if client_ip4 is None:
+            if client_ip6 is not None:
+                raise ValueError("client_ip6 needs client_ip4")
+            self.check_src = False
+            return 0
+        if client_ip6 is None:
+            from dsvpn.config import tun_ip6
+
+            client_ip6 = tun_ip6(client_ip4)
+        cdef bytes a4 = ipaddress.IPv4Address(client_ip4).packed
+        cdef bytes a6 = ipaddress.IPv6Address(client_ip6).packed
+        memcpy(self.src4, <const char*> a4, 4)
+        memcpy(self.src6, <const char*> a6, 16)
+        self.check_src = True
+        return 0
+
     def __dealloc__(self):
-        self._close_all()
+        self._close_all(b"loop closed")
         free(self.txbuf)
         free(self.rxbuf)
         free(self.gsobuf)
         free(self.trand)
 
-    # ---------------------------------------------------------------- helpers (nogil)
+    # ---------------------------------------------------------------- helpers
 
-    cdef void _push(self, int code, const char* msg) noexcept nogil:
+    cdef void _push(self, Event code, const char* msg) noexcept nogil:
         cdef int i
         if self.ev_count == EVQ:
             return  # only possible with a log flood; losing a log line is acceptable
@@ -268,32 +377,21 @@ cdef class Loop:
         snprintf(self.evq[i].msg, MSG_LEN, "%s", msg)
         self.ev_count += 1
 
-    cdef void _rand32(self, uint8_t* out) noexcept nogil:
-        if self.trand != NULL and self.trand_pos + 32 <= self.trand_len:
-            memcpy(out, self.trand + self.trand_pos, 32)
-            self.trand_pos += 32
-        elif dsvpn_random(out, 32) != 0:
-            # No CSPRNG is fatal for the handshake: make it fail rather than use weak bytes.
-            memset(out, 0, 32)
+    cdef int _random(self, uint8_t* out, size_t n) noexcept nogil:
+        """Fill out with n random bytes: 0, or the errno of the failure (the handshake must
+        then fail: weak bytes would make the session key predictable)."""
+        if self.trand_fail:
+            return EIO
+        if self.trand != NULL and self.trand_pos + n <= self.trand_len:
+            memcpy(out, self.trand + self.trand_pos, n)
+            self.trand_pos += n
+            return 0
+        if dsvpn_random(out, n) != 0:
+            return errno if errno != 0 else EIO
+        return 0
 
     cdef int64_t _wall(self) noexcept nogil:
         return self.tclock if self.has_tclock else dsvpn_wall_s()
-
-    cdef void _drop_session(self) noexcept nogil:
-        if self.sock >= 0:
-            close(self.sock)
-            self.sock = -1
-        self.gen += 1
-        memset(&self.tx_st, 0, sizeof(charm_state))
-        memset(&self.rx_st, 0, sizeof(charm_state))
-        self.tx_off = self.tx_end = 0
-        self.rx_len = 0
-        self.gro.segs = 0
-        self.congestion = False
-
-    cdef void _session_down(self, const char* why) noexcept nogil:
-        self._drop_session()
-        self._push(C_EV_SESSION_DOWN, why)
 
     cdef void _drop_client_hs(self) noexcept nogil:
         if self.hs_fd >= 0:
@@ -307,281 +405,408 @@ cdef class Loop:
             self.pend[i].fd = -1
         memset(&self.pend[i].st, 0, sizeof(charm_state))
 
-    cdef void _close_all(self) noexcept nogil:
+    cdef void _close_all(self, const char* why) noexcept nogil:
         cdef int i
-        self._drop_session()
+        self._drop_session(why)
         self._drop_client_hs()
         for i in range(MAX_PENDING):
             self._drop_pending(i)
 
-    cdef void _install(self, int fd, charm_state* st, const uint8_t* ip,
-                       const char* text) noexcept nogil:
-        """Derive k = hash("") on the handshake state and make fd the session."""
-        cdef uint8_t k[32]
-        cdef uint8_t iv[16]
+    # ---------------------------------------------------------------- sessions
+
+    cdef void _install(self, int fd, charm_state* st, const dsvpn_addr* peer) noexcept nogil:
+        """The handshake on fd succeeded: derive the session key from its state (the hash of
+        the empty message, docs/protocol.md, Handshake) and make fd the session."""
+        cdef uint8_t k[CHARM_HASH_LEN]
         charm_hash(st, NULL, 0, k)
-        self._drop_session()        # a same-IP reconnect replaces the old session
-        memset(iv, 0, 16)
-        iv[0] = 1 if self.is_server else 0
-        charm_init(&self.tx_st, k, iv)
-        iv[0] ^= 1
-        charm_init(&self.rx_st, k, iv)
-        memset(k, 0, 32)
         memset(st, 0, sizeof(charm_state))
+        self._install_session(fd, k, peer)
+        memset(k, 0, CHARM_HASH_LEN)
+
+    cdef void _install_session(self, int fd, const uint8_t* key,
+                               const dsvpn_addr* peer) noexcept nogil:
+        """Make fd the session, keyed with key: one duplex state per direction, the IVs
+        differing in their first byte (the server sends with 1, the client with 0)."""
+        cdef uint8_t iv[CHARM_IV_LEN]
+        self._drop_session(b"replaced by a new session from the same address")
+        memset(iv, 0, CHARM_IV_LEN)
+        iv[0] = 1 if self.is_server else 0
+        charm_init(&self.tx_st, key, iv)
+        iv[0] ^= 1
+        charm_init(&self.rx_st, key, iv)
         self.sock = fd
-        memcpy(self.peer_ip, ip, 16)
-        snprintf(self.peer_text, IPTXT, "%s", text)
-        self.n_handshakes_ok += 1
-        self._push(C_EV_SESSION_UP, self.peer_text)
+        self.peer_addr = peer[0]
+        self.c.handshakes_ok += 1
+        self.cur.since = self.cur.latest_handshake = dsvpn_wall_s()
+        self.cur.ended = 0
+        self.cur.base = self.c.t
+        # the packets dropped for want of a session just before this one count as its own
+        self.cur.base.drops[<int> DROP_NO_SESSION] = self.gap_base
+        snprintf(self.cur.endpoint, DSVPN_ENDPOINT_TEXT, "%s", self.peer_addr.endpoint)
+        self._push(EV_SESSION_UP, self.peer_addr.ip)
+
+    cdef void _drop_session(self, const char* why) noexcept nogil:
+        """Close the session, if any, and keep its record (why it ended) for ended_session();
+        no event."""
+        if self.sock >= 0:
+            close(self.sock)
+            self.sock = -1
+            self.last = self.cur
+            self.last.base = traffic_since(&self.c.t, &self.cur.base)
+            self.last.ended = dsvpn_wall_s()
+            snprintf(self.last.reason, MSG_LEN, "%s", why)
+            self.has_last = True
+            self.gap_base = self.c.t.drops[<int> DROP_NO_SESSION]
+        self.gen += 1
+        memset(&self.tx_st, 0, sizeof(charm_state))
+        memset(&self.rx_st, 0, sizeof(charm_state))
+        self.tx_off = self.tx_end = 0
+        self.rx_len = 0
+        self.gro.segs = 0
+        self.congestion = False
+
+    cdef void _session_down(self, const char* why) noexcept nogil:
+        self._drop_session(why)
+        self._push(EV_SESSION_DOWN, why)
+
+    cdef void _session_down_errno(self, const char* fmt, int err) noexcept nogil:
+        cdef char msg[MSG_LEN]
+        snprintf(msg, MSG_LEN, fmt, strerror(err))
+        self._session_down(msg)
+
+    cdef bint _busy_for(self, const dsvpn_addr* addr) noexcept nogil:
+        """A session is up with another IP address: addr must be refused."""
+        return self.sock >= 0 and memcmp(addr.key, self.peer_addr.key, 16) != 0
 
     # ---------------------------------------------------------------- server side
 
     cdef void _accept(self, int64_t now) noexcept nogil:
-        cdef int _n, fd, i, slot
-        cdef uint8_t ip[16]
-        cdef char text[IPTXT]
+        cdef int _n, fd
+        cdef dsvpn_addr addr
         cdef char msg[MSG_LEN]
         for _n in range(ACCEPT_BUDGET):
-            fd = dsvpn_accept(self.listen_fd, ip, text, IPTXT)
+            fd = dsvpn_accept(self.listen_fd, &addr)
             if fd < 0:
                 return  # EAGAIN, or a transient error (ECONNABORTED, EMFILE): retried next poll
-            if self.sock >= 0 and memcmp16(ip, self.peer_ip) != 0:
+            if self._busy_for(&addr):
                 close(fd)
-                snprintf(msg, MSG_LEN,
-                         "connection from %s refused: a session from %s is already active",
-                         text, self.peer_text)
-                self._push(C_EV_LOG, msg)
+                snprintf(msg, MSG_LEN, REFUSED_FMT, addr.ip, self.peer_addr.ip)
+                self._push(EV_LOG, msg)
                 continue
-            dsvpn_tcp_opts(fd)
-            slot = -1
-            for i in range(MAX_PENDING):
-                if self.pend[i].fd < 0:
-                    slot = i
-                    break
-            if slot < 0:
-                # Full: the oldest one goes, so a flood cannot exhaust our descriptors.
-                slot = 0
-                for i in range(1, MAX_PENDING):
-                    if self.pend[i].seq < self.pend[slot].seq:
-                        slot = i
-                snprintf(msg, MSG_LEN,
-                         "handshake from %s dropped: too many pending handshakes",
-                         self.pend[slot].text)
-                self._drop_pending(slot)
-                self.n_handshakes_failed += 1
-                self._push(C_EV_LOG, msg)
-            self.pend_seq += 1
-            self.pend[slot].fd = fd
-            self.pend[slot].got = 0
-            self.pend[slot].seq = self.pend_seq
-            self.pend[slot].deadline = now + self.accept_timeout_ms
-            self.pend[slot].st = self.kx
-            memcpy(self.pend[slot].ip, ip, 16)
-            snprintf(self.pend[slot].text, IPTXT, "%s", text)
+            # Only the client's mark is vital (tcp_options); here an error is ignored.
+            dsvpn_tcp_opts(fd, self.mark, TIMEOUT_MS, NOTSENT_LOWAT)
+            self._pending_add(self._pending_slot(), fd, &addr, now)
 
-    cdef void _pending_fail(self, int i, const char* fmt) noexcept nogil:
+    cdef int _pending_slot(self) noexcept nogil:
+        """A free pending slot; when all are taken, the oldest handshake is dropped, so that a
+        flood cannot exhaust our descriptors."""
+        cdef int i, slot = 0
         cdef char msg[MSG_LEN]
-        snprintf(msg, MSG_LEN, fmt, self.pend[i].text)
+        for i in range(MAX_PENDING):
+            if self.pend[i].fd < 0:
+                return i
+        for i in range(1, MAX_PENDING):
+            if self.pend[i].seq < self.pend[slot].seq:
+                slot = i
+        snprintf(msg, MSG_LEN, "handshake from %s dropped: too many pending handshakes",
+                 self.pend[slot].addr.ip)
+        self._drop_pending(slot)
+        self.c.handshakes_failed += 1
+        self._push(EV_LOG, msg)
+        return slot
+
+    cdef void _pending_add(self, int i, int fd, const dsvpn_addr* addr,
+                           int64_t now) noexcept nogil:
+        cdef Pending* p = &self.pend[i]
+        self.pend_seq += 1
+        p.fd = fd
+        p.got = 0
+        p.seq = self.pend_seq
+        p.deadline = now + self.accept_timeout_ms
+        p.st = self.kx
+        p.addr = addr[0]
+
+    cdef void _pending_fail(self, int i, const char* fmt, const char* arg) noexcept nogil:
+        """Drop pending handshake i and log fmt, formatted with its peer's IP and arg."""
+        cdef char msg[MSG_LEN]
+        snprintf(msg, MSG_LEN, fmt, self.pend[i].addr.ip, arg)
         self._drop_pending(i)
-        self.n_handshakes_failed += 1
-        self._push(C_EV_LOG, msg)
+        self.c.handshakes_failed += 1
+        self._push(EV_LOG, msg)
 
     cdef void _pending_io(self, int i) noexcept nogil:
+        """pkt1 is arriving on pending handshake i: once it is complete and genuine, answer
+        with pkt2 and make the connection the session."""
         cdef Pending* p = &self.pend[i]
-        cdef ssize_t n
-        cdef uint8_t h[32]
-        cdef uint8_t pkt2[PKT2_LEN]
-        cdef uint64_t ts
-        cdef int64_t now, diff
-        cdef int j, fd
-        cdef char msg[MSG_LEN]
-        # Read exactly the 72 bytes of pkt1: anything after it belongs to the frame stream.
-        n = read(p.fd, p.buf + p.got, PKT1_LEN - p.got)
-        if n == 0:
-            self._pending_fail(i, "handshake failed from %s: connection closed")
+        cdef const char* why
+        cdef int fd
+        if not self._pending_read(i):
             return
-        if n < 0:
-            if errno == EINTR or dsvpn_would_block(errno):
-                return
-            snprintf(msg, MSG_LEN, "handshake failed from %%s: %s", strerror(errno))
-            self._pending_fail(i, msg)
+        why = self._verify_pkt1(p)
+        if why != NULL:
+            self._pending_fail(i, why, b"")
             return
-        p.got += <int> n
-        if p.got < PKT1_LEN:
-            return
-        charm_hash(&p.st, p.buf, 40, h)
-        if not ct_eq(h, p.buf + 40, 32):
-            self._pending_fail(i, "authentication failed from %s: wrong key or garbage")
-            return
-        ts = 0
-        for j in range(8):
-            ts |= (<uint64_t> p.buf[32 + j]) << (8 * j)
-        now = self._wall()
-        if ts > <uint64_t> 0x7fffffffffffffff:
-            diff = TS_TOLERANCE + 1
-        else:
-            diff = <int64_t> ts - now
-            if diff < 0:
-                diff = -diff
-        if diff > TS_TOLERANCE:
-            self._pending_fail(i, "clock difference too large from %s")
-            return
-        if self.sock >= 0 and memcmp16(p.ip, self.peer_ip) != 0:
+        if self._busy_for(&p.addr):
             # Another client's session came up while this one was shaking hands.
-            snprintf(msg, MSG_LEN,
-                     "connection from %%s refused: a session from %s is already active",
-                     self.peer_text)
-            self._pending_fail(i, msg)
+            self._pending_fail(i, REFUSED_FMT, self.peer_addr.ip)
             return
-        self._rand32(pkt2)
-        charm_hash(&p.st, pkt2, 32, pkt2 + 32)
-        # One non-blocking write; a fresh socket always has room for 64 bytes.
-        n = dsvpn_send(p.fd, pkt2, PKT2_LEN)
-        if n != PKT2_LEN:
-            self._pending_fail(i, "handshake failed from %s: could not send the reply")
+        if not self._send_pkt2(i):
             return
         fd = p.fd
         p.fd = -1
-        self._install(fd, &p.st, p.ip, p.text)
+        self._install(fd, &p.st, &p.addr)
+
+    cdef bint _pending_read(self, int i) noexcept nogil:
+        """Read what has arrived of pkt1; True once it is complete. Exactly its 72 bytes:
+        anything after it belongs to the frame stream."""
+        cdef Pending* p = &self.pend[i]
+        cdef ssize_t n = dsvpn_read(p.fd, p.buf + p.got, PKT1_LEN - p.got)
+        if n == DSVPN_IO_AGAIN:
+            return False
+        if n == 0:
+            self._pending_fail(i, HS_FAILED_FMT, b"connection closed")
+            return False
+        if n < 0:
+            self._pending_fail(i, HS_FAILED_FMT, strerror(errno))
+            return False
+        p.got += <int> n
+        return p.got == PKT1_LEN
+
+    cdef const char* _verify_pkt1(self, Pending* p) noexcept nogil:
+        """NULL if pkt1 is authentic and fresh, else the log format (%s: the peer's IP).
+        Advances p.st over pkt1's first 40 bytes, as the session key derivation expects."""
+        cdef uint8_t h[CHARM_HASH_LEN]
+        cdef uint64_t ts = 0
+        cdef int64_t diff
+        cdef int j
+        charm_hash(&p.st, p.buf, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
+        if not ct_eq(h, p.buf + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN):
+            return b"authentication failed from %s: wrong key or garbage"
+        for j in range(HS_TIMESTAMP_LEN):
+            ts |= (<uint64_t> p.buf[HS_RANDOM_LEN + j]) << (8 * j)
+        if ts > <uint64_t> 0x7fffffffffffffff:
+            return b"clock difference too large from %s"
+        diff = <int64_t> ts - self._wall()
+        if diff > TS_TOLERANCE_S or diff < -TS_TOLERANCE_S:
+            return b"clock difference too large from %s"
+        return NULL
+
+    cdef bint _send_pkt2(self, int i) noexcept nogil:
+        """Answer pending handshake i with pkt2; False (handshake failed and logged) if the
+        random source or the send fails."""
+        cdef Pending* p = &self.pend[i]
+        cdef uint8_t pkt2[PKT2_LEN]
+        cdef char why[MSG_LEN]
+        cdef int err = self._random(pkt2, HS_RANDOM_LEN)
+        if err != 0:
+            snprintf(why, MSG_LEN, "%s: %s", NO_RANDOM, strerror(err))
+            self._pending_fail(i, HS_FAILED_FMT, why)
+            return False
+        charm_hash(&p.st, pkt2, HS_RANDOM_LEN, pkt2 + HS_RANDOM_LEN)
+        # One non-blocking write; a fresh socket always has room for 64 bytes.
+        if dsvpn_send(p.fd, pkt2, PKT2_LEN) != PKT2_LEN:
+            self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
+            return False
+        return True
 
     # ---------------------------------------------------------------- client side
 
     cdef void _client_fail(self, const char* why) noexcept nogil:
         self._drop_client_hs()
-        self.n_handshakes_failed += 1
-        self._push(C_EV_HANDSHAKE_FAILED, why)
+        self.c.handshakes_failed += 1
+        self._push(EV_HANDSHAKE_FAILED, why)
 
-    cdef void _client_io(self, short revents) noexcept nogil:
-        cdef ssize_t n
-        cdef uint8_t h[32]
-        cdef uint8_t ip[16]
-        cdef char text[IPTXT]
+    cdef void _client_fail_errno(self, const char* fmt, int err) noexcept nogil:
         cdef char msg[MSG_LEN]
-        cdef int fd
+        snprintf(msg, MSG_LEN, fmt, strerror(err))
+        self._client_fail(msg)
+
+    cdef void _client_start(self, int fd) noexcept nogil:
+        """Start the handshake on connected socket fd: build pkt1 and send what fits."""
+        cdef uint64_t ts
+        cdef int j, err
+        cdef char msg[MSG_LEN]
+        cdef uint8_t* stamp = self.hs_out + HS_RANDOM_LEN
+        self._drop_session(b"replaced by a new connection")
+        self._drop_client_hs()
+        self.hs_fd = fd
+        self.hs_sent = self.hs_got = 0
+        self.hs_deadline = dsvpn_now_ms() + self.connect_timeout_ms
+        self.hs_st = self.kx
+        err = self._random(self.hs_out, HS_RANDOM_LEN)
+        if err != 0:
+            snprintf(msg, MSG_LEN, "%s: %s", NO_RANDOM, strerror(err))
+            self._client_fail(msg)
+            return
+        ts = <uint64_t> self._wall()
+        for j in range(HS_TIMESTAMP_LEN):
+            stamp[j] = <uint8_t> (ts >> (8 * j))
+        charm_hash(&self.hs_st, self.hs_out, HS_RANDOM_LEN + HS_TIMESTAMP_LEN,
+                   stamp + HS_TIMESTAMP_LEN)
+        self._client_io(0)
+
+    cdef void _client_io(self, short rev) noexcept nogil:
+        if self.hs_sent < PKT1_LEN and not self._client_send():
+            return
+        if (rev & (POLLIN | POLLHUP | POLLERR)) and self._client_read():
+            self._client_finish()
+
+    cdef bint _client_send(self) noexcept nogil:
+        """Send what is left of pkt1; True once all of it is out."""
+        cdef ssize_t n
         while self.hs_sent < PKT1_LEN:
             n = dsvpn_send(self.hs_fd, self.hs_out + self.hs_sent, PKT1_LEN - self.hs_sent)
+            if n == DSVPN_IO_AGAIN or n == 0:
+                return False
             if n < 0:
-                if errno == EINTR:
-                    continue
-                if dsvpn_would_block(errno):
-                    return
-                snprintf(msg, MSG_LEN, "write error: %s", strerror(errno))
-                self._client_fail(msg)
-                return
+                self._client_fail_errno(b"write error: %s", errno)
+                return False
             self.hs_sent += <int> n
-        if not (revents & (POLLIN | POLLHUP | POLLERR)):
-            return
-        # Exactly 64 bytes: frames may follow pkt2 immediately and belong to the session.
-        n = read(self.hs_fd, self.hs_in + self.hs_got, PKT2_LEN - self.hs_got)
+        return True
+
+    cdef bint _client_read(self) noexcept nogil:
+        """Read what has arrived of pkt2; True once it is complete. Exactly its 64 bytes:
+        frames may follow at once and belong to the session."""
+        cdef ssize_t n = dsvpn_read(self.hs_fd, self.hs_in + self.hs_got, PKT2_LEN - self.hs_got)
+        if n == DSVPN_IO_AGAIN:
+            return False
         # A server that refuses us closes without reading pkt1, which the kernel turns into a
         # reset rather than EOF: both mean the same thing to the user.
         if n == 0 or (n < 0 and errno == ECONNRESET):
             self._client_fail(CLIENT_EOF_MSG)
-            return
+            return False
         if n < 0:
-            if errno == EINTR or dsvpn_would_block(errno):
-                return
-            snprintf(msg, MSG_LEN, "read error: %s", strerror(errno))
-            self._client_fail(msg)
-            return
+            self._client_fail_errno(b"read error: %s", errno)
+            return False
         self.hs_got += <int> n
-        if self.hs_got < PKT2_LEN:
-            return
-        charm_hash(&self.hs_st, self.hs_in, 32, h)
-        if not ct_eq(h, self.hs_in + 32, 32):
+        return self.hs_got == PKT2_LEN
+
+    cdef void _client_finish(self) noexcept nogil:
+        """pkt2 is complete: check the server's proof of the key and make fd the session."""
+        cdef uint8_t h[CHARM_HASH_LEN]
+        cdef dsvpn_addr peer
+        cdef int fd
+        charm_hash(&self.hs_st, self.hs_in, HS_RANDOM_LEN, h)
+        if not ct_eq(h, self.hs_in + HS_RANDOM_LEN, CHARM_HASH_LEN):
             self._client_fail(b"the server's reply failed authentication: wrong key?")
             return
         fd = self.hs_fd
         self.hs_fd = -1
-        dsvpn_peer(fd, ip, text, IPTXT)
-        self._install(fd, &self.hs_st, ip, text)
+        dsvpn_peer(fd, &peer)
+        self._install(fd, &self.hs_st, &peer)
 
-    # ---------------------------------------------------------------- data plane
+    # ---------------------------------------------------------------- tun -> session
 
     cdef void _flush(self, int64_t now) noexcept nogil:
-        cdef ssize_t n
-        cdef char msg[MSG_LEN]
-        while self.tx_off < self.tx_end:
-            n = dsvpn_send(self.sock, self.txbuf + self.tx_off, self.tx_end - self.tx_off)
-            if n > 0:
-                self.tx_off += <size_t> n
-                self.n_sock_tx_bytes += <uint64_t> n
-                self.tx_since = now
-                if self.tx_off < self.tx_end:
-                    return      # socket full: wait for POLLOUT
+        """Send what is queued in txbuf, as far as the socket takes it."""
+        cdef ssize_t n = dsvpn_send(self.sock, self.txbuf + self.tx_off, self.tx_end - self.tx_off)
+        if n > 0:
+            self.tx_off += <size_t> n
+            self.c.t.tx_bytes += <uint64_t> n
+            self.tx_since = now
+            if self.tx_off == self.tx_end:
                 self.tx_off = self.tx_end = 0
-                return
-            if n < 0 and errno == EINTR:
-                continue
-            if n < 0 and dsvpn_would_block(errno):
-                if BUFFERBLOAT_CONTROL:
-                    self.congestion = True
-                return
-            snprintf(msg, MSG_LEN, "write error: %s", strerror(errno if n < 0 else 0))
-            self._session_down(msg)
+            return      # else the socket is full: wait for POLLOUT
+        if n == DSVPN_IO_AGAIN:
+            if BUFFERBLOAT_CONTROL:
+                self.congestion = True
             return
+        self._session_down_errno(b"write error: %s", errno if n < 0 else 0)
 
-    cdef int _tun_error(self, ssize_t n) noexcept nogil:
-        """Handle a tun read result <= 0. Returns 1 to stop reading (EAGAIN or fatal)."""
-        cdef char msg[MSG_LEN]
-        if n < 0 and errno == EINTR:
-            return 0
-        if n < 0 and dsvpn_would_block(errno):
-            return 1
+    cdef void _tun_stop(self, ssize_t n) noexcept nogil:
+        """A tun read returned n <= 0: nothing more to read, or a fatal error (event)."""
         if n == 0:
-            snprintf(msg, MSG_LEN, "end of file on the tun device")
-        else:
-            snprintf(msg, MSG_LEN, "%s", strerror(errno))
-        self._push(C_EV_TUN_ERROR, msg)
-        return 1
+            self._push(EV_TUN_ERROR, b"end of file on the tun device")
+        elif n != DSVPN_IO_AGAIN:
+            self._push(EV_TUN_ERROR, strerror(errno))
 
     cdef void _tun_discard(self) noexcept nogil:
+        """No session: read and drop what the tun has (up to DISCARD_PKTS packets)."""
         cdef int _i
         cdef ssize_t n
         for _i in range(DISCARD_PKTS):
             # (with a vnet header, the header simply lands at the start of the buffer)
-            n = read(self.tun_fd, self.txbuf, TUN_READ_MAX + 4 + DSVPN_VNET_HDR_LEN)
+            n = dsvpn_read(self.tun_fd, self.txbuf, TUN_READ_MAX + AF_HDR_LEN + DSVPN_VNET_HDR_LEN)
             if n <= 0:
-                if self._tun_error(n):
-                    return
-                continue
-            self.n_tun_rx_packets += 1
-            self.n_tun_rx_bytes += <uint64_t> n
-            self.n_no_session_drops += 1
+                self._tun_stop(n)
+                return
+            self.c.tun_rx_packets += 1
+            self.c.tun_rx_bytes += <uint64_t> n
+            self.c.t.drops[<int> DROP_NO_SESSION] += 1
+
+    cdef ssize_t _tun_read(self, uint8_t* p, dsvpn_vnet_hdr* vh) noexcept nogil:
+        """Read one tun packet so that it starts at p + 8. Returns its length (without the
+        tun's own header), SHORT_READ for a packet shorter than that header (counted), or
+        what dsvpn_read returned (0, -1, DSVPN_IO_AGAIN)."""
+        cdef ssize_t n
+        cdef size_t hoff
+        cdef iovec iov[2]
+        if self.vnet_hdr:
+            # A 10-byte vnet header does not fit in front of the packet (it would hit the
+            # previous frame), so it goes to its own iovec.
+            iov[0].iov_base = vh
+            iov[0].iov_len = DSVPN_VNET_HDR_LEN
+            iov[1].iov_base = p + FRAME_HDR_LEN
+            iov[1].iov_len = TUN_READ_MAX
+            n = dsvpn_readv(self.tun_fd, iov, 2)
+            hoff = DSVPN_VNET_HDR_LEN
+        else:
+            # An AF header lands at p + 4..p + 8, where LEN||TAG will overwrite it.
+            hoff = AF_HDR_LEN if self.tun_header else 0
+            n = dsvpn_read(self.tun_fd, p + FRAME_HDR_LEN - hoff, TUN_READ_MAX + hoff)
+        if n <= 0:
+            return n
+        self.c.tun_rx_packets += 1
+        if <size_t> n < hoff:
+            self.c.short_drops += 1
+            return SHORT_READ
+        self.c.tun_rx_bytes += <uint64_t> n - hoff
+        return n - <ssize_t> hoff
+
+    cdef bint _tun_offload(self, const dsvpn_vnet_hdr* vh, uint8_t* p, size_t plen) noexcept nogil:
+        """vnet_hdr: a TSO packet is cut into frames here, a partial checksum completed.
+        True if the packet was consumed (cut, or dropped)."""
+        if vh.gso_type != 0:
+            self._tun_gso(vh, p + FRAME_HDR_LEN, plen)
+            return True
+        if (vh.flags & 1) and dsvpn_vnet_finish_csum(vh, p + FRAME_HDR_LEN, plen) != 0:
+            self.c.t.drops[<int> DROP_OVERSIZE] += 1
+            return True
+        return False
 
     cdef void _emit(self, uint8_t* p, size_t plen) noexcept nogil:
         """Turn the tun packet at p + 8 (p = txbuf + tx_end) into a frame and append it."""
-        cdef uint8_t tag[16]
+        cdef uint8_t tag[CHARM_TAG_LEN]
         if self.congestion:
             # The reference's congestion signal: drop one packet, state not advanced.
             self.congestion = False
-            self.n_congestion_drops += 1
+            self.c.t.drops[<int> DROP_CONGESTION] += 1
             return
         if plen > MAX_PAYLOAD or plen == 0:
-            self.n_oversize_drops += 1
+            self.c.t.drops[<int> DROP_OVERSIZE] += 1
             return
-        charm_encrypt(&self.tx_st, p + HDR, plen, tag)
+        charm_encrypt(&self.tx_st, p + FRAME_HDR_LEN, plen, tag)
         p[0] = <uint8_t> (plen & 0xff)
         p[1] = <uint8_t> (plen >> 8)
-        memcpy(p + 2, tag, TAG_LEN)
-        self.tx_end += HDR + plen
-        self.n_frames_tx += 1
+        memcpy(p + 2, tag, WIRE_TAG_LEN)
+        self.tx_end += FRAME_HDR_LEN + plen
+        self.c.t.tx_packets += 1
 
     cdef void _tun_gso(self, const dsvpn_vnet_hdr* vh, uint8_t* src, size_t plen) noexcept nogil:
         """A TSO super-packet read to src (= txbuf + tx_end + 8): cut it into ordinary packets,
         one frame each (tun_vnet.h). The segments grow (headers repeat), so src is moved out
         to gsobuf first."""
         cdef size_t room = 0, i
-        cdef size_t nseg = dsvpn_gso_count(vh, src, plen, HDR, &room)
+        cdef size_t nseg = dsvpn_gso_count(vh, src, plen, FRAME_HDR_LEN, &room)
         cdef uint8_t* p
         if nseg == 0 or self.tx_end + room > TX_CAP:
-            self.n_oversize_drops += 1
+            self.c.t.drops[<int> DROP_OVERSIZE] += 1
             return
         memcpy(self.gsobuf, src, plen)
-        self.n_tun_rx_packets += nseg - 1
+        self.c.tun_rx_packets += nseg - 1
         for i in range(nseg):
             p = self.txbuf + self.tx_end
-            self._emit(p, dsvpn_gso_segment(vh, self.gsobuf, plen, i, nseg, p + HDR))
+            self._emit(p, dsvpn_gso_segment(vh, self.gsobuf, plen, i, nseg, p + FRAME_HDR_LEN))
 
     cdef void _tun_batch(self, int64_t now) noexcept nogil:
         """Read ready tun packets into txbuf, encrypt them in place, send the batch at once."""
@@ -589,44 +814,23 @@ cdef class Loop:
         cdef ssize_t n
         cdef size_t plen
         cdef uint8_t* p
-        cdef size_t hoff = 4 if self.tun_header else 0
         cdef dsvpn_vnet_hdr vh
-        cdef iovec iov[2]
         while count < TX_BATCH_PKTS and self.tx_end < TX_BATCH_BYTES:
             p = self.txbuf + self.tx_end
-            # Payload lands at p + 8; with an AF header the header lands at p + 4..p + 8,
-            # where LEN||TAG will overwrite it. A 10-byte vnet header does not fit there
-            # (it would hit the previous frame), so it goes to its own iovec.
-            if self.vnet_hdr:
-                iov[0].iov_base = &vh
-                iov[0].iov_len = DSVPN_VNET_HDR_LEN
-                iov[1].iov_base = p + HDR
-                iov[1].iov_len = TUN_READ_MAX
-                n = readv(self.tun_fd, iov, 2)
-                hoff = DSVPN_VNET_HDR_LEN  # counted in n, not in the buffer
-            else:
-                n = read(self.tun_fd, p + HDR - hoff, TUN_READ_MAX + hoff)
+            n = self._tun_read(p, &vh)
+            if n == SHORT_READ:
+                count += 1
+                continue
             if n <= 0:
-                if self._tun_error(n):
-                    break
-                continue
+                self._tun_stop(n)
+                break
             count += 1
-            self.n_tun_rx_packets += 1
-            if <size_t> n < hoff:
-                self.n_short_drops += 1
-                continue
-            plen = <size_t> n - hoff
-            self.n_tun_rx_bytes += plen
-            if self.vnet_hdr and vh.gso_type != 0:
-                self._tun_gso(&vh, p + HDR, plen)
-                continue
-            if self.vnet_hdr and (vh.flags & 1) and \
-                    dsvpn_vnet_finish_csum(&vh, p + HDR, plen) != 0:
-                self.n_oversize_drops += 1
+            plen = <size_t> n
+            if self.vnet_hdr and self._tun_offload(&vh, p, plen):
                 continue
             self._emit(p, plen)
             if count == 1 and plen <= QUICK_MAX and self.tx_end > 0 \
-                    and not _bulk_ack(p + HDR, plen):
+                    and not bulk_ack(p + FRAME_HDR_LEN, plen):
                 # Latency: a lone small packet (ping, DNS, a keystroke, a request) goes out now,
                 # not after the read that would only confirm the tun is empty. Pure ACKs and
                 # TSO packets still wait for the batch, so bulk transfers keep one send().
@@ -639,84 +843,117 @@ cdef class Loop:
                 self.tx_since = now
             self._flush(now)
 
-    cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
-        """Write the plaintext at frame + 8 to the tun; frame[0..8] is free scratch space."""
-        cdef ssize_t n
-        cdef uint8_t* out = frame + HDR
-        cdef size_t olen = plen
-        cdef uint32_t af
-        cdef int v
-        if self.vnet_hdr:
-            dsvpn_gro_add(self.tun_fd, &self.gro, out, olen)
-            self.n_tun_tx_packets += 1
-            return
-        if self.tun_header:
-            if plen < 20:
-                self.n_short_drops += 1
-                return
-            v = out[0] >> 4
-            if v == 4:
-                af = <uint32_t> self.af_inet
-            elif v == 6:
-                af = <uint32_t> self.af_inet6
-            else:
-                self.n_tun_tx_errors += 1
-                return
-            out = frame + 4
-            out[0] = <uint8_t> (af >> 24)
-            out[1] = <uint8_t> (af >> 16)
-            out[2] = <uint8_t> (af >> 8)
-            out[3] = <uint8_t> af
-            olen = plen + 4
-        while True:
-            n = write(self.tun_fd, out, olen)
-            if n < 0 and errno == EINTR:
-                continue
-            break
-        if n < 0:
-            self.n_tun_tx_errors += 1
-        else:
-            self.n_tun_tx_packets += 1
+    # ---------------------------------------------------------------- session -> tun
 
     cdef void _sock_read(self) noexcept nogil:
-        cdef ssize_t n
-        cdef size_t pos = 0, plen
-        cdef uint8_t* p
-        cdef uint8_t tag[TAG_LEN]
-        cdef char msg[MSG_LEN]
-        n = read(self.sock, self.rxbuf + self.rx_len, RX_CAP - self.rx_len)
+        cdef ssize_t n = dsvpn_read(self.sock, self.rxbuf + self.rx_len, RX_CAP - self.rx_len)
+        cdef ssize_t used
+        if n == DSVPN_IO_AGAIN:
+            return
         if n == 0:
             self._session_down(b"connection closed by peer")
             return
         if n < 0:
-            if errno == EINTR or dsvpn_would_block(errno):
-                return
-            snprintf(msg, MSG_LEN, "read error: %s", strerror(errno))
-            self._session_down(msg)
+            self._session_down_errno(b"read error: %s", errno)
             return
-        self.n_sock_rx_bytes += <uint64_t> n
+        self.c.t.rx_bytes += <uint64_t> n
         self.rx_len += <size_t> n
-        while self.rx_len - pos >= HDR:
-            p = self.rxbuf + pos
-            plen = <size_t> p[0] | (<size_t> p[1] << 8)
-            if self.rx_len - pos < HDR + plen:
-                break
-            memcpy(tag, p + 2, TAG_LEN)
-            if charm_decrypt(&self.rx_st, p + HDR, plen, tag, TAG_LEN) != 0:
-                # Frames before this one were already written to the tun, as in the reference.
-                dsvpn_gro_flush(self.tun_fd, &self.gro)
-                self._session_down(b"corrupted stream")
-                return
-            self.n_frames_rx += 1
-            if plen > 0:
-                self._tun_write(p, plen)
-            pos += HDR + plen
+        used = self._frames()
+        if used < 0:
+            return
         # Merged packets point into rxbuf: write them before it is compacted.
         dsvpn_gro_flush(self.tun_fd, &self.gro)
-        if pos > 0:
-            if pos < self.rx_len:
-                memmove(self.rxbuf, self.rxbuf + pos, self.rx_len - pos)
-            self.rx_len -= pos
+        if used > 0:
+            if <size_t> used < self.rx_len:
+                memmove(self.rxbuf, self.rxbuf + used, self.rx_len - <size_t> used)
+            self.rx_len -= <size_t> used
+        return
+
+    cdef ssize_t _frames(self) noexcept nogil:
+        """Decrypt and deliver every complete frame in rxbuf. Returns the bytes used (the
+        partial frame after them stays), or -1 if a bad tag ended the session."""
+        cdef size_t pos = 0, plen
+        cdef uint8_t* p
+        cdef int drop
+        while self.rx_len - pos >= FRAME_HDR_LEN:
+            p = self.rxbuf + pos
+            plen = <size_t> p[0] | (<size_t> p[1] << 8)
+            if self.rx_len - pos < FRAME_HDR_LEN + plen:
+                break
+            if charm_decrypt(&self.rx_st, p + FRAME_HDR_LEN, plen, p + 2, WIRE_TAG_LEN) != 0:
+                # Frames before this one were already written to the tun, as in the reference.
+                dsvpn_gro_flush(self.tun_fd, &self.gro)
+                self.c.t.drops[<int> DROP_BAD_TAG] += 1
+                self._session_down(b"corrupted stream")
+                return -1
+            self.c.t.rx_packets += 1
+            if plen > 0:
+                drop = self._admit(p + FRAME_HDR_LEN, plen)
+                if drop < 0:
+                    self._tun_write(p, plen)
+                else:
+                    self.c.t.drops[drop] += 1
+            pos += FRAME_HDR_LEN + plen
+        return <ssize_t> pos
+
+    cdef inline int _admit(self, const uint8_t* pkt, size_t plen) noexcept nogil:
+        """-1 if the decrypted packet may go to the tun, else the Drop reason."""
+        cdef int version
+        if plen > self.mtu:
+            return DROP_OVERSIZE
+        if not self.check_src:
+            return -1
+        version = pkt[0] >> 4
+        if version == 4:
+            if plen < 20:
+                return DROP_NON_IP
+            return -1 if memcmp(pkt + 12, self.src4, 4) == 0 else DROP_SPOOFED
+        if version == 6:
+            if plen < 40:
+                return DROP_NON_IP
+            return -1 if memcmp(pkt + 8, self.src6, 16) == 0 else DROP_SPOOFED
+        return DROP_NON_IP
+
+    cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
+        """Write the plaintext at frame + 8 to the tun; frame[0..8] is free scratch space."""
+        cdef uint8_t* out = frame + FRAME_HDR_LEN
+        cdef size_t olen = plen
+        if self.vnet_hdr:
+            dsvpn_gro_add(self.tun_fd, &self.gro, out, olen)
+            self.c.tun_tx_packets += 1
+            return
+        if self.tun_header:
+            out = self._af_header(frame, plen)
+            if out == NULL:
+                return
+            olen = plen + AF_HDR_LEN
+        if dsvpn_write(self.tun_fd, out, olen) < 0:
+            self.c.tun_tx_errors += 1
+        else:
+            self.c.tun_tx_packets += 1
+
+    cdef uint8_t* _af_header(self, uint8_t* frame, size_t plen) noexcept nogil:
+        """tun_header: put the packet's address family (big-endian) in the 4 bytes before
+        it; returns where the tun packet starts, or NULL if it is not IPv4/IPv6 (counted)."""
+        cdef uint8_t* out = frame + FRAME_HDR_LEN - AF_HDR_LEN
+        cdef uint32_t af
+        cdef int version
+        if plen < 20:
+            self.c.short_drops += 1
+            return NULL
+        version = frame[FRAME_HDR_LEN] >> 4
+        if version == 4:
+            af = <uint32_t> self.af_inet
+        elif version == 6:
+            af = <uint32_t> self.af_inet6
+        else:
+            self.c.tun_tx_errors += 1
+            return NULL
+        out[0] = <uint8_t> (af >> 24)
+        out[1] = <uint8_t> (af >> 16)
+        out[2] = <uint8_t> (af >> 8)
+        out[3] = <uint8_t> af
+        return out
 
     # ---------------------------------------------------------------- the loop
 
@@ -724,7 +961,7 @@ cdef class Loop:
         cdef int i
         for i in range(MAX_PENDING):
             if self.pend[i].fd >= 0 and now >= self.pend[i].deadline:
-                self._pending_fail(i, "handshake timeout from %s")
+                self._pending_fail(i, b"handshake timeout from %s", b"")
         if self.hs_fd >= 0 and now >= self.hs_deadline:
             self._client_fail(b"handshake timed out")
         if (self.sock >= 0 and self.tx_end > self.tx_off
@@ -743,104 +980,99 @@ cdef class Loop:
             limit = self.tx_since + self.send_timeout_ms
         return limit
 
-    cdef void _run(self, int64_t timeout_ms) noexcept nogil:
-        cdef pollfd fds[6 + MAX_PENDING]
-        cdef int pidx[MAX_PENDING]
-        cdef uint64_t pseq[MAX_PENDING]
-        cdef int nfds, i, r, i_wake, i_listen, i_tun, i_sock, i_hs, wait
-        cdef uint64_t gen, wrote
-        cdef int64_t now, end, nxt
-        cdef uint8_t drain[256]
+    cdef void _poll_set(self, PollSet* ps) noexcept nogil:
+        """What to wait for: every descriptor the loop serves, in this state."""
+        cdef int i
+        ps.n = 0
+        ps.wake = poll_add(ps, self.wake_fd, POLLIN) if self.wake_fd >= 0 else -1
+        ps.control = poll_add(ps, self.control_fd, POLLIN) if self.control_fd >= 0 else -1
+        ps.sock = -1
+        if self.sock >= 0:
+            ps.sock = poll_add(ps, self.sock,
+                               POLLIN | POLLOUT if self.tx_end > self.tx_off else POLLIN)
+        # Backpressure: with a session, read the tun only once our buffer is empty.
+        ps.tun = -1
+        if self.sock < 0 or self.tx_end == self.tx_off:
+            ps.tun = poll_add(ps, self.tun_fd, POLLIN)
+        ps.hs = -1
+        if self.hs_fd >= 0:
+            ps.hs = poll_add(ps, self.hs_fd,
+                             POLLIN | POLLOUT if self.hs_sent < PKT1_LEN else POLLIN)
+        for i in range(MAX_PENDING):
+            ps.pend[i] = -1
+            if self.pend[i].fd >= 0:
+                ps.pend[i] = poll_add(ps, self.pend[i].fd, POLLIN)
+                ps.pseq[i] = self.pend[i].seq
+        ps.listen = -1
+        if self.listen_fd >= 0 and self.is_server:
+            ps.listen = poll_add(ps, self.listen_fd, POLLIN)
+
+    cdef void _dispatch(self, PollSet* ps, uint64_t gen, int64_t now) noexcept nogil:
+        """Serve what poll() found ready. gen is the session generation polled for: a socket
+        replaced in the meantime is not served from stale readiness."""
+        cdef uint64_t wrote = self.c.tun_tx_packets
         cdef short rev
-        now = dsvpn_now_ms()
-        end = now + timeout_ms if timeout_ms >= 0 else -1
+        cdef int i
+        if revents(ps, ps.wake):
+            self._drain_wake()
+        if revents(ps, ps.control):
+            self._push(EV_CONTROL, b"")  # left unread: Python answers it
+        rev = revents(ps, ps.sock)
+        if rev and gen == self.gen:
+            if rev & (POLLIN | POLLHUP | POLLERR):
+                self._sock_read()
+            if gen == self.gen and (rev & POLLOUT) and self.tx_end > self.tx_off:
+                self._flush(now)
+        # Writing to the tun usually makes the answer (a forwarded reply, the local stack's
+        # ACK) ready at once, in the same call: read it now, not after one more poll() round.
+        if ps.tun >= 0 and (revents(ps, ps.tun) or (
+                self.c.tun_tx_packets != wrote and self.sock >= 0)):
+            if self.sock < 0:
+                self._tun_discard()
+            elif self.tx_end == self.tx_off:
+                self._tun_batch(now)
+        rev = revents(ps, ps.hs)
+        if rev and self.hs_fd == ps.fds[ps.hs].fd:
+            self._client_io(rev)
+        for i in range(MAX_PENDING):
+            # seq check: the slot may have been dropped or reused in this iteration
+            if ps.pend[i] >= 0 and self.pend[i].fd >= 0 and self.pend[i].seq == ps.pseq[i] \
+                    and revents(ps, ps.pend[i]):
+                self._pending_io(i)
+        if revents(ps, ps.listen):
+            self._accept(now)
+
+    cdef void _drain_wake(self) noexcept nogil:
+        cdef uint8_t drain[256]
+        while dsvpn_read(self.wake_fd, drain, 256) > 0:
+            pass
+        self._push(EV_WAKE, b"")
+
+    cdef void _run(self, int64_t timeout_ms) noexcept nogil:
+        cdef PollSet ps
+        cdef int r, err, wait
+        cdef uint64_t gen
+        cdef int64_t now = dsvpn_now_ms()
+        cdef int64_t end = now + timeout_ms if timeout_ms >= 0 else -1
+        cdef int64_t nxt
         while True:
             self._deadlines(now)
             if self.ev_count:
                 return
-            nfds = 0
-            i_wake = i_listen = i_tun = i_sock = i_hs = -1
-            if self.wake_fd >= 0:
-                i_wake = nfds
-                fds[nfds].fd = self.wake_fd
-                fds[nfds].events = POLLIN
-                nfds += 1
-            if self.sock >= 0:
-                i_sock = nfds
-                fds[nfds].fd = self.sock
-                fds[nfds].events = POLLIN
-                if self.tx_end > self.tx_off:
-                    fds[nfds].events |= POLLOUT
-                nfds += 1
-            # Backpressure: with a session, read the tun only once our buffer is empty.
-            if self.sock < 0 or self.tx_end == self.tx_off:
-                i_tun = nfds
-                fds[nfds].fd = self.tun_fd
-                fds[nfds].events = POLLIN
-                nfds += 1
-            if self.hs_fd >= 0:
-                i_hs = nfds
-                fds[nfds].fd = self.hs_fd
-                fds[nfds].events = POLLIN
-                if self.hs_sent < PKT1_LEN:
-                    fds[nfds].events |= POLLOUT
-                nfds += 1
-            for i in range(MAX_PENDING):
-                pidx[i] = -1
-                if self.pend[i].fd >= 0:
-                    pidx[i] = nfds
-                    pseq[i] = self.pend[i].seq
-                    fds[nfds].fd = self.pend[i].fd
-                    fds[nfds].events = POLLIN
-                    nfds += 1
-            if self.listen_fd >= 0 and self.is_server:
-                i_listen = nfds
-                fds[nfds].fd = self.listen_fd
-                fds[nfds].events = POLLIN
-                nfds += 1
+            self._poll_set(&ps)
             nxt = self._next_deadline(end if end >= 0 else now + 3600000)
             wait = <int> (nxt - now) if nxt > now else 0
             gen = self.gen
-            r = poll(fds, <unsigned long> nfds, wait)
+            r = poll(ps.fds, ps.n, wait)
+            err = errno
             now = dsvpn_now_ms()
-            if r < 0:
-                if errno == EINTR and self.wake_fd < 0:
-                    # Nobody else will tell Python about the signal.
-                    self._push(C_EV_WAKE, b"")
-                    return
-            elif r > 0:
-                if i_wake >= 0 and fds[i_wake].revents:
-                    while read(self.wake_fd, drain, 256) > 0:
-                        pass
-                    self._push(C_EV_WAKE, b"")
-                wrote = self.n_tun_tx_packets
-                if i_sock >= 0 and fds[i_sock].revents and gen == self.gen:
-                    rev = fds[i_sock].revents
-                    if rev & (POLLIN | POLLHUP | POLLERR):
-                        self._sock_read()
-                    if gen == self.gen and (rev & POLLOUT) and self.tx_end > self.tx_off:
-                        self._flush(now)
-                # Writing to the tun usually makes the answer (a forwarded reply, the local
-                # stack's ACK) ready at once, in the same call: read it now, not after one more
-                # poll() round.
-                if i_tun >= 0 and (fds[i_tun].revents or (
-                        self.n_tun_tx_packets != wrote and self.sock >= 0)):
-                    if self.sock < 0:
-                        self._tun_discard()
-                    elif self.tx_end == self.tx_off:
-                        self._tun_batch(now)
-                if i_hs >= 0 and fds[i_hs].revents and self.hs_fd == fds[i_hs].fd:
-                    self._client_io(fds[i_hs].revents)
-                for i in range(MAX_PENDING):
-                    # seq check: the slot may have been dropped or reused in this iteration
-                    if pidx[i] >= 0 and self.pend[i].fd >= 0 and self.pend[i].seq == pseq[i] \
-                            and fds[pidx[i]].revents:
-                        self._pending_io(i)
-                if i_listen >= 0 and fds[i_listen].revents:
-                    self._accept(now)
-            if self.ev_count:
+            if r < 0 and err == EINTR and self.wake_fd < 0:
+                # Nobody else will tell Python about the signal.
+                self._push(EV_WAKE, b"")
                 return
-            if end >= 0 and now >= end:
+            if r > 0:
+                self._dispatch(&ps, gen, now)
+            if self.ev_count or (end >= 0 and now >= end):
                 return
 
     # ---------------------------------------------------------------- Python API
@@ -858,21 +1090,8 @@ cdef class Loop:
         if dsvpn_set_nonblock(own) != 0:
             close(own)
             raise OSError(errno, strerror(errno).decode())
-        cdef uint64_t ts
-        cdef int j
         with nogil:
-            self._drop_session()
-            self._drop_client_hs()
-            self.hs_fd = own
-            self.hs_sent = self.hs_got = 0
-            self.hs_deadline = dsvpn_now_ms() + self.connect_timeout_ms
-            self.hs_st = self.kx
-            self._rand32(self.hs_out)
-            ts = <uint64_t> self._wall()
-            for j in range(8):
-                self.hs_out[32 + j] = <uint8_t> (ts >> (8 * j))
-            charm_hash(&self.hs_st, self.hs_out, 40, self.hs_out + 40)
-            self._client_io(0)
+            self._client_start(own)
 
     def run(self, int timeout_ms):
         """Run until the first event or timeout_ms (negative: no timeout); see _loop.pyi."""
@@ -883,18 +1102,18 @@ cdef class Loop:
                 self._run(timeout_ms)
         if self.ev_count == 0:
             return (EV_TIMEOUT, "")
-        cdef Event* e = &self.evq[self.ev_head]
+        cdef QueuedEvent* e = &self.evq[self.ev_head]
         self.ev_head = (self.ev_head + 1) % EVQ
         self.ev_count -= 1
         return (e.code, e.msg.decode("utf-8", "replace"))
 
     def disconnect(self):
         """Drop the session and every handshake in progress (no event)."""
-        self._close_all()
+        self._close_all(b"disconnected locally")
 
     def close(self):
         """Close every socket the loop owns. The loop cannot be used afterwards."""
-        self._close_all()
+        self._close_all(b"loop closed")
         self.closed = True
 
     @property
@@ -903,30 +1122,46 @@ cdef class Loop:
 
     @property
     def peer(self):
-        return self.peer_text.decode() if self.sock >= 0 else None
+        return self.peer_addr.ip.decode() if self.sock >= 0 else None
+
+    def session(self):
+        """The active session's record (see _loop.pyi), or None."""
+        if self.sock < 0:
+            return None
+        cdef Traffic d = traffic_since(&self.c.t, &self.cur.base)
+        return _session_dict(&self.cur, &d)
+
+    def ended_session(self):
+        """The record of the last session that ended (see _loop.pyi), or None."""
+        if not self.has_last:
+            return None
+        out = _session_dict(&self.last, &self.last.base)
+        out["ended"] = self.last.ended
+        out["reason"] = self.last.reason.decode("utf-8", "replace")
+        return out
 
     def stats(self):
-        return {
-            "tun_rx_packets": self.n_tun_rx_packets,
-            "tun_rx_bytes": self.n_tun_rx_bytes,
-            "tun_tx_packets": self.n_tun_tx_packets,
-            "tun_tx_errors": self.n_tun_tx_errors + self.gro.errors,
-            "tun_writes": self.gro.writes if self.vnet_hdr else self.n_tun_tx_packets,
+        out = {
+            "tun_rx_packets": self.c.tun_rx_packets,
+            "tun_rx_bytes": self.c.tun_rx_bytes,
+            "tun_tx_packets": self.c.tun_tx_packets,
+            "tun_tx_errors": self.c.tun_tx_errors + self.gro.errors,
+            "tun_writes": self.gro.writes if self.vnet_hdr else self.c.tun_tx_packets,
             "tun_merged": self.gro.merged,
-            "sock_rx_bytes": self.n_sock_rx_bytes,
-            "sock_tx_bytes": self.n_sock_tx_bytes,
-            "frames_rx": self.n_frames_rx,
-            "frames_tx": self.n_frames_tx,
-            "congestion_drops": self.n_congestion_drops,
-            "no_session_drops": self.n_no_session_drops,
-            "oversize_drops": self.n_oversize_drops,
-            "short_drops": self.n_short_drops,
-            "handshakes_ok": self.n_handshakes_ok,
-            "handshakes_failed": self.n_handshakes_failed,
+            "sock_rx_bytes": self.c.t.rx_bytes,
+            "sock_tx_bytes": self.c.t.tx_bytes,
+            "frames_rx": self.c.t.rx_packets,
+            "frames_tx": self.c.t.tx_packets,
+            "short_drops": self.c.short_drops,
+            "handshakes_ok": self.c.handshakes_ok,
+            "handshakes_failed": self.c.handshakes_failed,
             "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
             "rx_buffered": self.rx_len,
             "tx_queued": self.tx_end - self.tx_off,
         }
+        for i, name in _DROP_NAMES.items():
+            out[f"{name}_drops"] = self.c.t.drops[i]
+        return out
 
     def _set_test_random(self, data):
         """Test hook: the next handshakes take their 32 random bytes from data."""
@@ -944,36 +1179,30 @@ cdef class Loop:
         memcpy(self.trand, &d[0], d.shape[0])
         self.trand_len = d.shape[0]
 
+    def _set_test_random_failure(self, bint fail):
+        """Test hook: the system's random source fails (EIO) while fail is True."""
+        self.trand_fail = fail
+
     def _set_test_clock(self, t):
         """Test hook: fixed wall-clock seconds for the handshake timestamp and its check."""
         self.has_tclock = t is not None
         self.tclock = 0 if t is None else t
 
     def _set_test_timeouts(self, accept_ms=None, connect_ms=None, send_ms=None):
-        """Test hook: shorten the 10 s / 60 s / 60 s deadlines (None restores the default)."""
+        """Test hook: shorten the handshake and send deadlines (None restores the default)."""
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS if accept_ms is None else accept_ms
         self.connect_timeout_ms = TIMEOUT_MS if connect_ms is None else connect_ms
         self.send_timeout_ms = TIMEOUT_MS if send_ms is None else send_ms
 
 
-cdef inline bint _bulk_ack(const uint8_t* p, size_t n) noexcept nogil:
-    """A TCP segment without payload with only ACK set (or ACK|PSH): the reverse stream of
-    a bulk transfer, fine to batch. Anything else (SYN, FIN, RST, payload, non-TCP) is not."""
-    cdef size_t ipl
-    if n >= 40 and (p[0] >> 4) == 4 and p[9] == 6:
-        ipl = (p[0] & 15) * 4
-    elif n >= 60 and (p[0] >> 4) == 6 and p[6] == 6:
-        ipl = 40
-    else:
-        return False
-    if ipl + 20 > n:
-        return False
-    return ipl + (p[ipl + 12] >> 4) * 4 == n and (p[ipl + 13] & 0xf7) == 0x10
-
-
-cdef inline int memcmp16(const uint8_t* a, const uint8_t* b) noexcept nogil:
-    cdef int i
-    for i in range(16):
-        if a[i] != b[i]:
-            return 1
-    return 0
+cdef dict _session_dict(SessionRec* s, const Traffic* t):
+    return {
+        "endpoint": s.endpoint.decode("utf-8", "replace"),
+        "since": s.since,
+        "latest_handshake": s.latest_handshake,
+        "rx_bytes": t.rx_bytes,
+        "tx_bytes": t.tx_bytes,
+        "rx_packets": t.rx_packets,
+        "tx_packets": t.tx_packets,
+        "drops": {name: t.drops[i] for i, name in _DROP_NAMES.items()},
+    }

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Charm: the Xoodoo[12] duplex cipher of DSVPN (../shared/protocol.md sections 1 and 2).
+"""Charm: the Xoodoo[12] duplex cipher of DSVPN (docs/protocol.md, Permutation and Duplex).
 
 The C-level API (charm.pxd) is for the event loop: nogil, in place, no allocation. The Python API
 below wraps it for the handshake, the tools and the tests. The permutation kernel (AVX-512,
@@ -18,24 +18,11 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset, strcmp
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-cdef extern from "xoodoo_kernels.h" nogil:
-    ctypedef struct xoo_kernel:
-        const char* name
-        int (*supported)() noexcept nogil
-        void (*permute)(uint32_t* w) noexcept nogil
-        void (*encrypt)(uint32_t* w, uint8_t* buf, size_t n, uint8_t* tag) noexcept nogil
-        void (*decrypt)(uint32_t* w, uint8_t* buf, size_t n, uint8_t* tag) noexcept nogil
-        void (*hash)(uint32_t* w, const uint8_t* msg, size_t n, uint8_t* out) noexcept nogil
-    const xoo_kernel* xoo_kernels[]
-    const xoo_kernel* xoo_active
-    const xoo_kernel* xoo_best()
+cimport dsvpn.xoodoo_kernels as xk
+from dsvpn.wire cimport WIRE_TAG_LEN
+from dsvpn.xoodoo_kernels cimport xoo_best, xoo_kernel, xoo_kernels
 
 cdef enum:
-    KEY_LEN = 32
-    IV_LEN = 16
-    STATE_LEN = 48
-    TAG_LEN = 16
-    HASH_LEN = 32
     BENCH_BATCH = 32  # frames encrypted ahead, untimed, for the decryption benchmark
 
 
@@ -46,28 +33,28 @@ class AuthenticationError(ValueError):
 # ---- C-level API (charm.pxd) ------------------------------------------------------------------
 
 cdef void charm_init(charm_state* st, const uint8_t* key, const uint8_t* iv) noexcept nogil:
-    cdef uint8_t raw[STATE_LEN]
+    cdef uint8_t raw[CHARM_STATE_LEN]
     if iv == NULL:
-        memset(raw, 0, IV_LEN)
+        memset(raw, 0, CHARM_IV_LEN)
     else:
-        memcpy(raw, iv, IV_LEN)
-    memcpy(raw + IV_LEN, key, KEY_LEN)
+        memcpy(raw, iv, CHARM_IV_LEN)
+    memcpy(raw + CHARM_IV_LEN, key, CHARM_KEY_LEN)
     _state_from_bytes(st, raw)
-    xoo_active.permute(st.w)
+    xk.xoo_active.permute(st.w)
 
 
 cdef void charm_encrypt(charm_state* st, uint8_t* buf, size_t n, uint8_t* tag) noexcept nogil:
-    xoo_active.encrypt(st.w, buf, n, tag)
+    xk.xoo_active.encrypt(st.w, buf, n, tag)
 
 
 cdef int charm_decrypt(charm_state* st, uint8_t* buf, size_t n,
                        const uint8_t* tag, size_t tag_len) noexcept nogil:
-    cdef uint8_t computed[TAG_LEN]
+    cdef uint8_t computed[CHARM_TAG_LEN]
     cdef uint8_t diff = 0
     cdef size_t i
-    xoo_active.decrypt(st.w, buf, n, computed)
+    xk.xoo_active.decrypt(st.w, buf, n, computed)
     # exactly tag_len bytes, not the reference's tag_len & 15 (which accepts any 16-byte tag)
-    if tag_len == 0 or tag_len > TAG_LEN:
+    if tag_len == 0 or tag_len > CHARM_TAG_LEN:
         diff = 1
     else:
         for i in range(tag_len):  # no early exit: constant time in the tag's contents
@@ -80,11 +67,11 @@ cdef int charm_decrypt(charm_state* st, uint8_t* buf, size_t n,
 
 
 cdef void charm_hash(charm_state* st, const uint8_t* msg, size_t n, uint8_t* out) noexcept nogil:
-    xoo_active.hash(st.w, msg, n, out)
+    xk.xoo_active.hash(st.w, msg, n, out)
 
 
 cdef void charm_permute(charm_state* st) noexcept nogil:
-    xoo_active.permute(st.w)
+    xk.xoo_active.permute(st.w)
 
 
 # ---- state <-> bytes (word i is bytes 4i..4i+3, little-endian, on every host) ----------------
@@ -97,7 +84,7 @@ cdef void _state_from_bytes(charm_state* st, const uint8_t* raw) noexcept nogil:
 
 
 cdef bytes _state_to_bytes(const charm_state* st):
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, STATE_LEN)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, CHARM_STATE_LEN)
     cdef uint8_t* raw = <uint8_t*>PyBytes_AS_STRING(out)
     cdef int i
     for i in range(12):
@@ -140,7 +127,7 @@ def permute(state) -> bytes:
     """Xoodoo[12] of a 48-byte state."""
     cdef charm_state st
     cdef Py_buffer view
-    _get(&view, state, STATE_LEN, "state")
+    _get(&view, state, CHARM_STATE_LEN, "state")
     _state_from_bytes(&st, <const uint8_t*>view.buf)
     PyBuffer_Release(&view)
     charm_permute(&st)
@@ -155,12 +142,12 @@ cdef class Charm:
 
     def __init__(self, key, iv=None):
         cdef Py_buffer kv, ivv
-        _get(&kv, key, KEY_LEN, "key")
+        _get(&kv, key, CHARM_KEY_LEN, "key")
         try:
             if iv is None:
                 charm_init(&self.st, <const uint8_t*>kv.buf, NULL)
             else:
-                _get(&ivv, iv, IV_LEN, "iv")
+                _get(&ivv, iv, CHARM_IV_LEN, "iv")
                 charm_init(&self.st, <const uint8_t*>kv.buf, <const uint8_t*>ivv.buf)
                 PyBuffer_Release(&ivv)
         finally:
@@ -173,7 +160,7 @@ cdef class Charm:
     def from_state(cls, state):
         """A Charm whose state is the given 48 bytes (as returned by .state)."""
         cdef Py_buffer view
-        _get(&view, state, STATE_LEN, "state")
+        _get(&view, state, CHARM_STATE_LEN, "state")
         cdef Charm c = cls.__new__(cls)
         _state_from_bytes(&c.st, <const uint8_t*>view.buf)
         PyBuffer_Release(&view)
@@ -193,23 +180,23 @@ cdef class Charm:
         return c
 
     def encrypt(self, msg):
-        """(ciphertext, 16-byte tag); the wire carries only the first 6 tag bytes."""
+        """(ciphertext, 16-byte tag); a frame carries only the first 6 tag bytes."""
         cdef bytes out = _copy_of(msg)
-        cdef bytes tag = PyBytes_FromStringAndSize(NULL, TAG_LEN)
+        cdef bytes tag = PyBytes_FromStringAndSize(NULL, CHARM_TAG_LEN)
         charm_encrypt(&self.st, <uint8_t*>PyBytes_AS_STRING(out), len(out),
                       <uint8_t*>PyBytes_AS_STRING(tag))
         return out, tag
 
-    def decrypt(self, ciphertext, tag, Py_ssize_t tag_len=6):
+    def decrypt(self, ciphertext, tag, Py_ssize_t tag_len=WIRE_TAG_LEN):
         """The plaintext, if the first tag_len (1..16) bytes of tag match.
 
         Raises AuthenticationError otherwise. The state has then absorbed the (wrong) plaintext,
         as in the reference: it is out of step with the sender unless only the tag was damaged.
         """
-        if not 1 <= tag_len <= TAG_LEN:
-            raise ValueError(f"tag_len must be 1..{TAG_LEN}, got {tag_len}")
+        if not 1 <= tag_len <= CHARM_TAG_LEN:
+            raise ValueError(f"tag_len must be 1..{CHARM_TAG_LEN}, got {tag_len}")
         cdef Py_buffer tv
-        cdef uint8_t expected[TAG_LEN]
+        cdef uint8_t expected[CHARM_TAG_LEN]
         _get(&tv, tag, -1, "tag")
         if tv.len < tag_len:
             PyBuffer_Release(&tv)
@@ -226,7 +213,7 @@ cdef class Charm:
         """32-byte hash of msg keyed by, and chained through, this state."""
         cdef Py_buffer view
         _get(&view, msg, -1, "msg")
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, HASH_LEN)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, CHARM_HASH_LEN)
         charm_hash(&self.st, <const uint8_t*>view.buf, view.len,
                    <uint8_t*>PyBytes_AS_STRING(out))
         PyBuffer_Release(&view)
@@ -236,11 +223,11 @@ cdef class Charm:
 def _c_decrypt(Charm c, ciphertext, tag, size_t tag_len) -> tuple:
     """(charm_decrypt's result, the buffer after it): the C API as the event loop sees it,
     for tests. Any tag_len is passed through, even those the Python API refuses."""
-    cdef uint8_t expected[TAG_LEN]
+    cdef uint8_t expected[CHARM_TAG_LEN]
     cdef bytes out = _copy_of(ciphertext)
     cdef bytes tag_bytes = _copy_of(tag)
-    memset(expected, 0, TAG_LEN)
-    memcpy(expected, PyBytes_AS_STRING(tag_bytes), min(len(tag_bytes), TAG_LEN))
+    memset(expected, 0, CHARM_TAG_LEN)
+    memcpy(expected, PyBytes_AS_STRING(tag_bytes), min(len(tag_bytes), CHARM_TAG_LEN))
     result = charm_decrypt(&c.st, <uint8_t*>PyBytes_AS_STRING(out), len(out), expected, tag_len)
     return result, out
 
@@ -272,10 +259,10 @@ def _available_kernels() -> tuple:
 
 def _use_kernel(str name) -> str:
     """Route the whole API through the named kernel (for tests); returns the previous name."""
-    global KERNEL, xoo_active
+    global KERNEL
     cdef const xoo_kernel* k = _kernel(name)
     previous = KERNEL
-    xoo_active = k
+    xk.xoo_active = k
     KERNEL = name
     return previous
 
@@ -294,8 +281,8 @@ def _bench(str kernel, str op, Py_ssize_t size, Py_ssize_t iterations) -> float:
         raise ValueError("op must be 'encrypt' or 'decrypt', size >= 0, iterations >= 1")
     previous = _use_kernel(kernel)
     cdef charm_state sender, receiver
-    cdef uint8_t key[KEY_LEN]
-    cdef uint8_t* bufs = <uint8_t*>malloc(BENCH_BATCH * (size + TAG_LEN) + 1)
+    cdef uint8_t key[CHARM_KEY_LEN]
+    cdef uint8_t* bufs = <uint8_t*>malloc(BENCH_BATCH * (size + CHARM_TAG_LEN) + 1)
     cdef uint8_t* tags
     cdef Py_ssize_t done = 0, batch, j, _j
     cdef double elapsed = 0.0, t0
@@ -305,7 +292,7 @@ def _bench(str kernel, str op, Py_ssize_t size, Py_ssize_t iterations) -> float:
         _use_kernel(previous)
         raise MemoryError()
     tags = bufs + BENCH_BATCH * size
-    memset(key, 0x42, KEY_LEN)
+    memset(key, 0x42, CHARM_KEY_LEN)
     memset(bufs, 0x5a, BENCH_BATCH * size)
     charm_init(&sender, key, NULL)
     receiver = sender
@@ -318,11 +305,11 @@ def _bench(str kernel, str op, Py_ssize_t size, Py_ssize_t iterations) -> float:
         while decrypt and done < iterations:
             batch = min(BENCH_BATCH, iterations - done)
             for j in range(batch):
-                charm_encrypt(&sender, bufs + j * size, size, tags + j * TAG_LEN)
+                charm_encrypt(&sender, bufs + j * size, size, tags + j * CHARM_TAG_LEN)
             t0 = _now()
             for j in range(batch):
                 failures += charm_decrypt(&receiver, bufs + j * size, size,
-                                          tags + j * TAG_LEN, 6) != 0
+                                          tags + j * CHARM_TAG_LEN, WIRE_TAG_LEN) != 0
             elapsed += _now() - t0
             done += batch
     free(bufs)
@@ -332,5 +319,5 @@ def _bench(str kernel, str op, Py_ssize_t size, Py_ssize_t iterations) -> float:
     return elapsed
 
 
-xoo_active = xoo_best()
-KERNEL = xoo_active.name.decode()
+xk.xoo_active = xoo_best()
+KERNEL = xk.xoo_active.name.decode()

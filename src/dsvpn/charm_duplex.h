@@ -1,4 +1,4 @@
-/* Template: the Charm duplex (protocol.md section 2) over one kernel's register state.
+/* Template: the Charm duplex (docs/protocol.md, Duplex) over one kernel's register state.
  *
  * xoodoo_kernels.h includes this file once per kernel, after defining:
  *   XK_NAME              prefix of the generated functions (e.g. xoo_ssse3)
@@ -27,7 +27,7 @@ static XK_ATTR void XK_FN(permute)(uint32_t w[12])
     XK_STORE(w, &s);
 }
 
-/* pad(P, L) of section 2.2: P || 0x80 || 0..., cut to 16 bytes */
+/* the final block's padding (docs/protocol.md, Duplex): P || 0x80 || 0..., cut to 16 bytes */
 static XK_ATTR void XK_FN(pad)(uint8_t blk[16], const uint8_t *p, size_t len)
 {
     memset(blk, 0, 16);

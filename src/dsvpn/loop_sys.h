@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #if defined(__linux__)
@@ -79,11 +80,16 @@ static inline void dsvpn_set_cloexec(int fd)
     }
 }
 
-/* protocol.md section 8 options plus TCP_NODELAY everywhere; every error is ignored. */
-static inline void dsvpn_tcp_opts(int fd)
+/* The TCP options of docs/protocol.md, TCP options, plus TCP_NODELAY everywhere. mark != 0 sets
+ * SO_MARK (Linux), so that the routing rules can keep the tunnel's own connection out of the
+ * tunnel; a failure to set it is the only error reported (-1, errno set), since without it the
+ * tunnel would route into itself. Every other error is ignored: those options only tune. */
+static inline int dsvpn_tcp_opts(int fd, int mark, unsigned int user_timeout_ms, int notsent_lowat)
 {
     int on = 1;
     (void) on;
+    (void) user_timeout_ms;
+    (void) notsent_lowat;
     (void) setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
 #ifdef TCP_QUICKACK
     (void) setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &on, sizeof on);
@@ -96,60 +102,71 @@ static inline void dsvpn_tcp_opts(int fd)
     }
 #endif
 #ifdef TCP_NOTSENT_LOWAT
-    {
-        int lowat = 131072;
-        (void) setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
-    }
+    (void) setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &notsent_lowat, sizeof notsent_lowat);
 #endif
 #ifdef TCP_USER_TIMEOUT
-    {
-        unsigned int uto = 60000;
-        (void) setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto, sizeof uto);
-    }
-#endif
-#if defined(__linux__) && defined(SO_MARK)
-    {
-        int mark = 42069;
-        (void) setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof mark);
-    }
+    (void) setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof user_timeout_ms);
 #endif
 #ifdef SO_NOSIGPIPE
     (void) setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &on, sizeof on);
 #endif
+    if (mark != 0) {
+#if defined(__linux__) && defined(SO_MARK)
+        return setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof mark);
+#endif
+    }
+    return 0;
 }
 
-/* Normalise a peer address: key16 gets the IPv6 form (IPv4 as ::ffff:a.b.c.d) so that an
- * IPv4 client seen through a dual-stack listener compares equal to itself; text gets the
- * human form (IPv4-mapped addresses are printed as plain IPv4). */
-static inline int dsvpn_addr_norm(const struct sockaddr_storage *ss, uint8_t key16[16],
-                                  char *text, size_t textlen)
+#define DSVPN_IP_TEXT 46       /* INET6_ADDRSTRLEN */
+#define DSVPN_ENDPOINT_TEXT 56 /* "[" ip "]:" port */
+
+/* A peer's address: key is the IPv6 form (IPv4 as ::ffff:a.b.c.d), so that an IPv4 client
+ * seen through a dual-stack listener compares equal to itself; ip is the human form
+ * (IPv4-mapped addresses printed as plain IPv4) and endpoint adds the port ("1.2.3.4:5",
+ * "[::1]:5"). */
+struct dsvpn_addr {
+    uint8_t key[16];
+    char    ip[DSVPN_IP_TEXT];
+    char    endpoint[DSVPN_ENDPOINT_TEXT];
+};
+
+static inline int dsvpn_addr_norm(const struct sockaddr_storage *ss, struct dsvpn_addr *out)
 {
     static const uint8_t mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+    unsigned int         port;
 
+    memset(out, 0, sizeof *out);
     if (ss->ss_family == AF_INET) {
         const struct sockaddr_in *a = (const struct sockaddr_in *) ss;
-        memcpy(key16, mapped, 12);
-        memcpy(key16 + 12, &a->sin_addr, 4);
+        memcpy(out->key, mapped, 12);
+        memcpy(out->key + 12, &a->sin_addr, 4);
+        port = ntohs(a->sin_port);
     } else if (ss->ss_family == AF_INET6) {
         const struct sockaddr_in6 *a = (const struct sockaddr_in6 *) ss;
-        memcpy(key16, &a->sin6_addr, 16);
+        memcpy(out->key, &a->sin6_addr, 16);
+        port = ntohs(a->sin6_port);
     } else {
-        memset(key16, 0, 16);
-        snprintf(text, textlen, "(unknown)");
+        snprintf(out->ip, sizeof out->ip, "(unknown)");
+        snprintf(out->endpoint, sizeof out->endpoint, "(unknown)");
         return -1;
     }
-    if (memcmp(key16, mapped, 12) == 0) {
-        if (inet_ntop(AF_INET, key16 + 12, text, (socklen_t) textlen) == NULL) {
-            snprintf(text, textlen, "(unknown)");
+    if (memcmp(out->key, mapped, 12) == 0) {
+        if (inet_ntop(AF_INET, out->key + 12, out->ip, (socklen_t) sizeof out->ip) == NULL) {
+            snprintf(out->ip, sizeof out->ip, "(unknown)");
         }
-    } else if (inet_ntop(AF_INET6, key16, text, (socklen_t) textlen) == NULL) {
-        snprintf(text, textlen, "(unknown)");
+        snprintf(out->endpoint, sizeof out->endpoint, "%s:%u", out->ip, port);
+    } else {
+        if (inet_ntop(AF_INET6, out->key, out->ip, (socklen_t) sizeof out->ip) == NULL) {
+            snprintf(out->ip, sizeof out->ip, "(unknown)");
+        }
+        snprintf(out->endpoint, sizeof out->endpoint, "[%s]:%u", out->ip, port);
     }
     return 0;
 }
 
 /* Accept one connection as a non-blocking, close-on-exec socket; fills the peer address. */
-static inline int dsvpn_accept(int lfd, uint8_t key16[16], char *text, size_t textlen)
+static inline int dsvpn_accept(int lfd, struct dsvpn_addr *peer)
 {
     struct sockaddr_storage ss;
     socklen_t               len = sizeof ss;
@@ -169,33 +186,72 @@ static inline int dsvpn_accept(int lfd, uint8_t key16[16], char *text, size_t te
     }
 #endif
     if (fd >= 0) {
-        dsvpn_addr_norm(&ss, key16, text, textlen);
+        dsvpn_addr_norm(&ss, peer);
     }
     return fd;
 }
 
-static inline int dsvpn_peer(int fd, uint8_t key16[16], char *text, size_t textlen)
+static inline int dsvpn_peer(int fd, struct dsvpn_addr *peer)
 {
     struct sockaddr_storage ss;
     socklen_t               len = sizeof ss;
 
     memset(&ss, 0, sizeof ss);
     if (getpeername(fd, (struct sockaddr *) &ss, &len) != 0) {
-        memset(key16, 0, 16);
-        snprintf(text, textlen, "(unknown)");
+        memset(peer, 0, sizeof *peer);
+        snprintf(peer->ip, sizeof peer->ip, "(unknown)");
+        snprintf(peer->endpoint, sizeof peer->endpoint, "(unknown)");
         return -1;
     }
-    return dsvpn_addr_norm(&ss, key16, text, textlen);
+    return dsvpn_addr_norm(&ss, peer);
+}
+
+/* I/O on non-blocking descriptors, retried on EINTR. Each returns the byte count (0 = end of
+ * file for the reads), DSVPN_IO_AGAIN when the call would block, or -1 with errno set. */
+#define DSVPN_IO_AGAIN (-2)
+
+static inline ssize_t dsvpn_io_result(ssize_t n)
+{
+    if (n >= 0) {
+        return n;
+    }
+    return (errno == EAGAIN || errno == EWOULDBLOCK) ? DSVPN_IO_AGAIN : -1;
+}
+
+static inline ssize_t dsvpn_read(int fd, void *buf, size_t len)
+{
+    ssize_t n;
+    do {
+        n = read(fd, buf, len);
+    } while (n < 0 && errno == EINTR);
+    return dsvpn_io_result(n);
+}
+
+static inline ssize_t dsvpn_readv(int fd, const struct iovec *iov, int iovcnt)
+{
+    ssize_t n;
+    do {
+        n = readv(fd, iov, iovcnt);
+    } while (n < 0 && errno == EINTR);
+    return dsvpn_io_result(n);
+}
+
+static inline ssize_t dsvpn_write(int fd, const void *buf, size_t len)
+{
+    ssize_t n;
+    do {
+        n = write(fd, buf, len);
+    } while (n < 0 && errno == EINTR);
+    return dsvpn_io_result(n);
 }
 
 static inline ssize_t dsvpn_send(int fd, const void *buf, size_t len)
 {
-    return send(fd, buf, len, DSVPN_MSG_NOSIGNAL);
-}
-
-static inline int dsvpn_would_block(int err)
-{
-    return err == EAGAIN || err == EWOULDBLOCK;
+    ssize_t n;
+    do {
+        n = send(fd, buf, len, DSVPN_MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return dsvpn_io_result(n);
 }
 
 #endif

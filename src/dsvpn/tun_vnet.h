@@ -2,7 +2,7 @@
  *
  * Why: each packet written to a tun walks the receiving host's stack on its own (forwarding,
  * NAT, veth, the far host's TCP), and on the receiving side of the tunnel that per-packet
- * work, not the cipher, was the bottleneck. Here consecutive segments of one TCP flow taken
+ * work, not the cipher, is what costs most. Here consecutive segments of one TCP flow taken
  * from one socket read are written as ONE GSO super-packet (userspace GRO, as wireguard-go
  * does), so the kernel walks its stack once per up to 64 KB and splits the packet again only
  * where it must (a veth delivers it whole to the far host's TCP).

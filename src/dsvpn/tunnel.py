@@ -202,6 +202,7 @@ class Tunnel:
 
     def _make_loop(self, tun_fd: int, signals: Signals, listener: socket.socket | None) -> Loop:
         from dsvpn._loop import Loop
+        from dsvpn.config import ROUTING_TABLE
 
         framing = self.backend.framing
         return Loop(
@@ -215,6 +216,10 @@ class Tunnel:
             af_inet6=framing.af_inet6,
             mtu=self.cfg.mtu,
             vnet_hdr=framing.vnet_hdr,
+            # A server forwards only what its client sends as itself (IPv4 and IPv6 twin).
+            client_ip4=self.cfg.remote_tun_ip if self.cfg.is_server else None,
+            # As the reference, accepted sockets carry the mark too (ignored if refused).
+            mark=ROUTING_TABLE,
         )
 
     # -- server -----------------------------------------------------------------------------
@@ -274,20 +279,22 @@ class Tunnel:
     def _dial(self, signals: Signals) -> socket.socket | None:
         """A connected TCP socket to the server (options set before connect, so SO_MARK keeps
         the tunnel's own connection out of the tunnel), or None after a logged failure."""
-        from dsvpn._loop import tcp_options
+        from dsvpn._loop import Timeout, tcp_options
+        from dsvpn.config import ROUTING_TABLE
 
         cfg = self.cfg
         assert cfg.server_ip is not None
         family = socket.AF_INET6 if is_ipv6(cfg.server_ip) else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            tcp_options(sock.fileno())
+            # The routing table's number is also the mark its rules exempt (Linux).
+            tcp_options(sock.fileno(), mark=ROUTING_TABLE)
             sock.setblocking(False)
             err = sock.connect_ex((cfg.server_ip, cfg.port))
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
             if err == errno.EINPROGRESS:
-                if not signals.wait(CONNECT_TIMEOUT, sock):
+                if not signals.wait(Timeout.TIMEOUT_MS / 1000, sock):
                     if signals.received is None:
                         raise OSError(errno.ETIMEDOUT, "connection timed out")
                     sock.close()

@@ -1,4 +1,4 @@
-/* Xoodoo[12] kernels (protocol.md section 1) and the Charm duplex built on each of them.
+/* Xoodoo[12] kernels (docs/protocol.md, Permutation) and the Charm duplex built on each of them.
  *
  * Kernels: "avx512" (AVX-512F+VL: 128-bit rotates and ternary logic), "ssse3" (pshufb for the
  * 8-bit rotation), "portable" (plain C, any host and byte order). The SIMD kernels keep each
@@ -44,8 +44,9 @@ static const uint32_t XOO_RK[12] = {
 
 typedef struct { uint32_t a[12]; } xoo_portable_t;
 
-/* little-endian hosts copy the words as they are: clang 14 leaves the byte-wise form below as
- * separate byte stores on aarch64 (Apple Silicon runs this kernel), and gcc too gains ~5% */
+/* little-endian hosts copy the words as they are, which every compiler turns into one load or
+ * store; the byte-wise form below may stay four byte accesses (clang on aarch64, where this
+ * kernel is the one that runs) */
 #if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) &&                             \
     __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 static XOO_INLINE uint32_t xoo_load32_le(const uint8_t *p)
@@ -76,10 +77,10 @@ static XOO_INLINE void xoo_store32_le(uint8_t *p, uint32_t v)
 
 /* One round from the twelve words i0..i11 (A[y][x] = i(4y + x)) into o0..o11. The lane shifts
  * of rho-west and rho-east are made by the choice of input and output words, and the two sets of
- * names alternate between rounds, so the state stays in plain scalars (from an array form clang
- * vectorised the round into slow SSE2 shuffles, ~40% slower than gcc). The round goes a column
- * at a time, finishing each column's three outputs before the next, which keeps few values live
- * (on x86-64 the state alone takes 12 of the 15 registers); measured ~6% faster under gcc. */
+ * names alternate between rounds, so the state stays in plain scalars (from an array form, clang
+ * vectorises the round into SSE2 shuffles that are slower than scalar code). The round goes a
+ * column at a time, finishing each column's three outputs before the next, which keeps few
+ * values live (on x86-64 the state alone takes 12 of the 15 registers). */
 #define XOO_E(p) (XOO_ROL32((p), 5) ^ XOO_ROL32((p), 14))
 /* column x: theta (E[x] = e, E[x-1] = ew), rho-west, iota (rc), chi and rho-east; plane 1 is
  * read from word wi (lane x-1) and written to wo, plane 2 read from zi and written to zo (lane
@@ -270,20 +271,20 @@ static int xoo_ssse3_supported(void)
 #include "charm_duplex.h" /* undefines the XK_ parameters */
 
 /* AVX-512VL: one-instruction rotates (vprold) and three-input logic (vpternlogd; 0x96 = a ^ b ^ c,
- * 0xd2 = a ^ (~b & c)). On the CPUs that have it the round is latency-bound (on Zen 5 every
- * vector op takes 2 cycles, 3 for vpternlogd's second and third inputs), so the round is arranged
- * to shorten the serial chain rather than to save instructions:
+ * 0xd2 = a ^ (~b & c)). On the CPUs that have it the round is latency-bound (vector ops take
+ * 2 cycles on some of them, more for vpternlogd's second and third inputs), so the round is
+ * arranged to shorten the serial chain rather than to save instructions:
  *  - the next round's P[x-1] and P[x-2] (S1(P), S2(P)) are built straight from the chi outputs,
  *    S(c0) ^ S(ROL(c1, 1)) ^ S(rho-east(c2)) with the lane shift folded into a shuffle per term,
  *    so P itself and its shuffle drop off the critical path;
  *  - plane 2 only feeds the next round through ROL(rho-east(c2), 11) = ROL(S2(c2), 19), so that
  *    is computed directly (rho-east is applied for real only after the last round);
  *  - the critical input of each vpternlogd goes first (the destination operand, 2 cycles).
- * Folding more (e.g. chi on pre-rotated inputs) needs more rotates than the two shift pipes can
- * issue and measured slower. Measured: 17 cycles a round against 20 for the direct form. */
+ * Folding more (e.g. chi on pre-rotated inputs) would need more rotates than the two shift
+ * pipes can issue. */
 #define XOO_AVX512 __attribute__((target("avx512f,avx512vl")))
-/* clang reorders the inputs of vpternlogd, putting a non-critical one in the destination (~7%
- * slower), so under clang the operand order is pinned with inline asm */
+/* clang reorders the inputs of vpternlogd, putting a non-critical one in the destination (the
+ * latency-critical operand), so under clang the operand order is pinned with inline asm */
 #if defined(__clang__)
 static XOO_INLINE XOO_AVX512 __m128i xoo_tern96(__m128i a, __m128i b, __m128i c)
 {
@@ -368,14 +369,9 @@ static int xoo_avx512_supported(void)
 /* ---- selection --------------------------------------------------------------------------- */
 
 /* every kernel compiled in, fastest first; NULL-terminated. The order goes by CPU features, not
- * by timing at import, so the choice is deterministic.
- * SSSE3 stays ahead of the portable code: on CPUs without AVX-512 (Haswell to Alder Lake, Zen 1-3)
- * simple vector ops take one cycle, so its round should beat the ~80-instruction scalar one (not
- * measured: no such CPU at hand). Where vector ops take two cycles (Zen 5) the portable kernel
- * does beat SSSE3 (~25 against ~30 cycles a round), but those CPUs have AVX-512. A scalar kernel
- * built for BMI1/BMI2 (andn, rorx) was ~12% faster than the portable one on Zen 5, still slower
- * than AVX-512 there and presumably slower than SSSE3 elsewhere; it would never be selected, so
- * it is not kept. */
+ * by timing at import, so the choice is deterministic. SSSE3 comes before the portable code: on
+ * CPUs without AVX-512 simple vector ops take one cycle, so its round is shorter than the
+ * ~80-instruction scalar one; the CPUs where vector ops are slower have AVX-512. */
 static const xoo_kernel *const xoo_kernels[] = {
 #ifdef XOO_HAVE_X86
     &xoo_avx512_kernel,

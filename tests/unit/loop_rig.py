@@ -95,6 +95,27 @@ def pump(
     return events
 
 
+def ip4_packet(src: str, dst: str = "10.9.0.1", size: int = 60) -> bytes:
+    """An IPv4 packet (UDP, zero payload) of `size` bytes from src; enough for the loop, which
+    looks at the version and the source only."""
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45, 0, size, 1, 0, 64, 17, 0,
+        socket.inet_pton(socket.AF_INET, src), socket.inet_pton(socket.AF_INET, dst),
+    )  # fmt: skip
+    return hdr + bytes(size - len(hdr))
+
+
+def ip6_packet(src: str, dst: str = "64:ff9b::a09:1", size: int = 80) -> bytes:
+    """An IPv6 packet (UDP, zero payload) of `size` bytes from src."""
+    hdr = struct.pack(
+        "!IHBB16s16s",
+        6 << 28, size - 40, 17, 64,
+        socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst),
+    )  # fmt: skip
+    return hdr + bytes(size - len(hdr))
+
+
 def make_pkt1(key: bytes, rnd: bytes, ts: int) -> tuple[bytes, charm.Charm]:
     """A client's first handshake packet, and the key-exchange state that produced it."""
     kx = charm.Charm(key, KX_IV)

@@ -201,7 +201,7 @@ def test_vector_sections_have_expected_sizes(vectors: dict[str, Any]) -> None:
 
 
 def session_key(kx: Charm, pkt1: bytes, pkt2: bytes) -> tuple[bytes, bytes, bytes]:
-    """(h1, h2, k) of docs/protocol.md, Handshake, on a copy of the key-exchange state."""
+    """(H1, H2, k) of docs/protocol.md, Handshake, on a copy of the key-exchange state."""
     st = kx.copy()
     return st.hash(pkt1[:40]), st.hash(pkt2[:32]), st.hash(b"")
 
