@@ -11,16 +11,17 @@ from dataclasses import dataclass
 from dsvpn import PROTOCOL_VERSION, __version__
 from dsvpn.config import (
     DEFAULT_CLIENT_TUN_IP,
-    DEFAULT_MTU,
     DEFAULT_PORT,
     DEFAULT_SERVER_TUN_IP,
+    ClientConfig,
     Config,
+    ServerConfig,
 )
 from dsvpn.errors import DsvpnError, UsageError
 
 USAGE = """\
 usage:
-  dsvpn server <key file> [<server ip or name>|auto] [<port>|auto] [<tun>|auto]
+  dsvpn server <key file> [<listen ip>|auto] [<port>|auto] [<tun>|auto]
                [<local tun ip>|auto] [<remote tun ip>|auto] [<external ip>|auto]
   dsvpn client <key file> <server ip or name> [<port>|auto] [<tun>|auto]
                [<local tun ip>|auto] [<remote tun ip>|auto] [<gateway ip>|auto]
@@ -35,13 +36,18 @@ options (anywhere after the mode word):
   --platform NAME      with --dry-run: the plan of another OS
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
 
-Trailing "auto" arguments may be left out. Defaults: port 443, server tun IP 192.168.192.254,
-client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>, MTU 9000 (1500 on NetBSD).
+Trailing "auto" arguments may be left out. Defaults: listen on every address, port 443,
+server tun IP 192.168.192.254, client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>,
+MTU 9000 (1500 on NetBSD). A tun name has at most 15 characters (macOS: utunN, BSD: tunN).
+
+exit status:
+  0 success, 1 other error, 2 usage error, 69 missing prerequisite (tool, tun device),
+  75 conflict with a running dsvpn, 77 permission denied (not root), 130 interrupted
 
 example:
   dsvpn keygen vpn.key                 (copy vpn.key to the other host, e.g. with scp)
-  sudo dsvpn server vpn.key            (on the server)
-  sudo dsvpn client vpn.key 203.0.113.7   (on the client: all traffic now goes through it)
+  dsvpn server vpn.key                 (as root, on the server)
+  dsvpn client vpn.key 203.0.113.7     (as root, on the client: all traffic goes through it)
 """
 
 MAX_POSITIONALS = 7
@@ -97,7 +103,9 @@ def _tun(value: str | None) -> str | None:
         return None
     # IFNAMSIZ is 16 including the NUL; '/' and spaces are never valid interface names.
     if not value or len(value) > 15 or any(c in value for c in "/ \t\n:") or value in {".", ".."}:
-        raise UsageError(f"invalid tun name {value!r}")
+        raise UsageError(
+            f"invalid tun name {value!r}: at most 15 characters, without '/', ':' or spaces"
+        )
     return value
 
 
@@ -159,27 +167,32 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         raise UsageError(f"too many arguments for {command}: {' '.join(args[MAX_POSITIONALS:])}")
     key_file = args[0]
     given: list[str | None] = [*args[1:], *[None] * (MAX_POSITIONALS - len(args))]
-    server, port, tun, local_ip, remote_ip, ext_ip = given
-    is_server = command == "server"
-    if is_server:
-        local_default, remote_default = DEFAULT_SERVER_TUN_IP, DEFAULT_CLIENT_TUN_IP
-        server = _ip(server, "server address")
+    address, port, tun, local_ip, remote_ip, last_ip = given
+    cfg: Config
+    if command == "server":
+        # Checked in the order of the command line: the first bad argument is reported.
+        cfg = ServerConfig(
+            key_file=key_file,
+            listen_ip=_ip(address, "listen ip"),  # an address of this host, not a name
+            port=_port(port),
+            tun_name=_tun(tun),
+            local_tun_ip=_ipv4(local_ip, DEFAULT_SERVER_TUN_IP, "local tun ip"),
+            remote_tun_ip=_ipv4(remote_ip, DEFAULT_CLIENT_TUN_IP, "remote tun ip"),
+            external_ip=_ip(last_ip, "external ip"),
+        )
     else:
-        local_default, remote_default = DEFAULT_CLIENT_TUN_IP, DEFAULT_SERVER_TUN_IP
-        server = _auto(server)
+        server = _auto(address)
         if server is None:
             raise UsageError("the client needs the server's address or name")
-    cfg = Config(
-        mode="server" if is_server else "client",
-        key_file=key_file,
-        server=server,
-        port=_port(port),
-        tun_name=_tun(tun),
-        local_tun_ip=_ipv4(local_ip, local_default, "local tun ip"),
-        remote_tun_ip=_ipv4(remote_ip, remote_default, "remote tun ip"),
-        ext_ip=_ip(ext_ip, "external ip" if is_server else "gateway ip"),
-        mtu=DEFAULT_MTU,
-    )
+        cfg = ClientConfig(
+            key_file=key_file,
+            server=server,
+            port=_port(port),
+            tun_name=_tun(tun),
+            local_tun_ip=_ipv4(local_ip, DEFAULT_CLIENT_TUN_IP, "local tun ip"),
+            remote_tun_ip=_ipv4(remote_ip, DEFAULT_SERVER_TUN_IP, "remote tun ip"),
+            gateway_ip=_ip(last_ip, "gateway ip"),
+        )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")
     return Invocation(command, cfg, None, verbosity, dry_run, platform)

@@ -1,13 +1,14 @@
-"""Config: everything one dsvpn instance needs, resolved. No "auto" survives in here."""
+"""Config: everything one dsvpn instance needs, resolved; one type per mode. No "auto" survives
+in here: None means "discover it" where a field allows it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 Mode = Literal["server", "client"]
 
-# Constants of the wire protocol and of the reference's defaults (protocol.md section 8).
+# Constants of the wire protocol and of the reference's defaults.
 DEFAULT_PORT = 443
 DEFAULT_SERVER_TUN_IP = "192.168.192.254"
 DEFAULT_CLIENT_TUN_IP = "192.168.192.1"
@@ -22,23 +23,18 @@ def tun_ip6(ipv4: str) -> str:
     return NAT64_PREFIX + ipv4
 
 
-@dataclass(frozen=True)
-class Config:
-    mode: Mode
+@dataclass(frozen=True, kw_only=True)
+class BaseConfig:
+    """What both ends have."""
+
+    mode: ClassVar[Mode]
     key_file: str
-    # server: address to listen on (None = every IPv4 and IPv6 address);
-    # client: the server's name or address as given on the command line.
-    server: str | None
-    port: int
-    tun_name: str | None  # None = let the OS pick (tun0, utun3, ...)
+    port: int = DEFAULT_PORT
+    tun_name: str | None = None  # None = let the OS pick (tun0, utun3, ...)
     local_tun_ip: str
     remote_tun_ip: str
-    # server: the external IP whose interface carries NATed traffic;
-    # client: the gateway towards the server. None = discover from the default route.
-    ext_ip: str | None
+    # This OS's tun MTU: Backend.prepare sets it, nothing else does.
     mtu: int = DEFAULT_MTU
-    # client: the server's address after resolving ``server`` once at start (as the reference).
-    server_ip: str | None = None
 
     @property
     def is_server(self) -> bool:
@@ -51,3 +47,28 @@ class Config:
     @property
     def remote_tun_ip6(self) -> str:
         return tun_ip6(self.remote_tun_ip)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig(BaseConfig):
+    mode: ClassVar[Mode] = "server"
+    local_tun_ip: str = DEFAULT_SERVER_TUN_IP
+    remote_tun_ip: str = DEFAULT_CLIENT_TUN_IP
+    listen_ip: str | None = None  # None = every IPv4 and IPv6 address
+    # The address whose interface carries the clients' NATed traffic; None = the interface of
+    # the default route.
+    external_ip: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig(BaseConfig):
+    mode: ClassVar[Mode] = "client"
+    local_tun_ip: str = DEFAULT_CLIENT_TUN_IP
+    remote_tun_ip: str = DEFAULT_SERVER_TUN_IP
+    server: str  # the server's name or address, as given
+    # The server's address: `server` resolved once at start, as the reference does.
+    server_ip: str | None = None
+    gateway_ip: str | None = None  # towards the server; None = the default route's gateway
+
+
+Config = ServerConfig | ClientConfig

@@ -1,7 +1,8 @@
-"""Lifecycle of one dsvpn instance: check, set up, run the data plane, and always undo.
+"""Lifecycle of one dsvpn instance: claim, apply, loop, release.
 
-Control flows one way: Config -> backend -> Plan -> Runner (journaled), then the compiled loop
-runs until a signal or a fatal error, and the plan is undone in reverse whatever happened.
+Control flows one way: Config -> backend -> Plan -> Runner (recorded under /run/dsvpn), then
+the compiled loop runs until a signal or a fatal error, and the plan is undone in reverse
+whatever happened.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from dsvpn import platform
-from dsvpn.config import Config
+from dsvpn import instances, platform
+from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
+from dsvpn.instances import Identity
 from dsvpn.keys import load_key
+from dsvpn.plan import Plan, show
 from dsvpn.platform._common import PLACEHOLDER_SERVER, Backend, NetInfo, is_ipv6
-from dsvpn.rules import Identity, Journal, Plan, Runner, check_conflicts, cleanup_stale
+from dsvpn.runner import RunFn, Runner, execute
 
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
     from dsvpn._loop import Loop
@@ -36,6 +39,7 @@ TICK_MS = 1000  # how often the loop hands control back to Python when nothing h
 STATS_EVERY = 10.0  # seconds between counter lines with --verbose
 CAP_NET_ADMIN = 12
 LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
+NEEDS_ROOT = "needs root (CAP_NET_ADMIN): run it as root"
 
 
 def _has_net_admin() -> bool:
@@ -63,13 +67,13 @@ def _resolve(host: str, port: int) -> str:
     return str(infos[0][4][0])
 
 
-def _listener(cfg: Config) -> socket.socket:
+def _listener(cfg: ServerConfig) -> socket.socket:
     """Bound, listening, non-blocking socket; bind errors surface before anything is changed."""
-    if cfg.server is None:
+    if cfg.listen_ip is None:
         candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
     else:
-        family = socket.AF_INET6 if is_ipv6(cfg.server) else socket.AF_INET
-        candidates = [(family, cfg.server)]
+        family = socket.AF_INET6 if is_ipv6(cfg.listen_ip) else socket.AF_INET
+        candidates = [(family, cfg.listen_ip)]
     last: OSError | None = None
     for family, address in candidates:
         try:
@@ -94,7 +98,7 @@ def _listener(cfg: Config) -> socket.socket:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
                 break
     assert last is not None
-    where = f"{cfg.server or '*'}:{cfg.port}"
+    where = f"{cfg.listen_ip or '*'}:{cfg.port}"
     if last.errno == errno.EADDRINUSE:
         raise NetworkError(f"port {cfg.port} is already in use ({where})")
     if last.errno == errno.EADDRNOTAVAIL:
@@ -160,31 +164,45 @@ class Tunnel:
     """One running instance. `run()` returns the exit status; everything it changed on the host
     is undone before it returns, whatever happened."""
 
-    def __init__(self, cfg: Config, backend: Backend) -> None:
-        self.cfg = cfg
+    def __init__(
+        self,
+        cfg: Config,
+        backend: Backend,
+        *,
+        run_dir: str | os.PathLike[str] = instances.RUN_DIR,
+        run: RunFn = execute,
+    ) -> None:
         self.backend = backend
+        self.cfg = backend.prepare(cfg)  # a bad tun name is refused before the key is read
         self.key = load_key(cfg.key_file)
+        self._run_dir = run_dir
+        self._run = run  # how commands are run (a fake host in tests)
         self.runner: Runner | None = None
         self.plan: Plan | None = None
         self.net: NetInfo | None = None
 
     def run(self) -> int:
+        """claim, apply, loop, release."""
         cfg, backend = self.cfg, self.backend
         backend.check_host(cfg)
-        if not cfg.is_server:
-            assert cfg.server is not None
+        if isinstance(cfg, ClientConfig):
             cfg = self.cfg = dataclasses.replace(cfg, server_ip=_resolve(cfg.server, cfg.port))
-        cleanup_stale(log.info)
-        check_conflicts(Identity.of(cfg, cfg.tun_name))
         with contextlib.ExitStack() as stack:
-            listener = stack.enter_context(_listener(cfg)) if cfg.is_server else None
+            identity = Identity.of(cfg, cfg.tun_name)
+            instance = instances.claim(
+                identity, backend, log.info, run_dir=self._run_dir, run=self._run
+            )
+            stack.callback(instance.release)  # the very last: once everything is undone
+            listener = None
+            if isinstance(cfg, ServerConfig):
+                listener = stack.enter_context(_listener(cfg))
+            self.runner = Runner(backend, log.info, run=self._run, record=instance)
             self.net = backend.discover(cfg)
-            tun_fd, tun = backend.open_tun(cfg.tun_name, cfg.mtu)
+            tun_fd, tun = backend.open_tun(cfg.tun_name, cfg.mtu, self.runner.command)
             stack.callback(os.close, tun_fd)
-            log.info("tun device %s is up (mtu %d)", tun, cfg.mtu)
+            instance.set_tun(tun)
+            log.info("opened tun device %s", tun)
             signals = stack.enter_context(Signals())
-            journal = Journal(Identity.of(cfg, tun))
-            self.runner = Runner(journal, log.info)
             stack.callback(self.runner.undo)  # runs before the tun is closed (LIFO)
             self.plan = backend.plan(cfg, tun, self.net)
             self.runner.apply(self.plan)
@@ -194,10 +212,13 @@ class Tunnel:
                 log.warning("%s", line)
             loop = self._make_loop(tun_fd, signals, listener)
             stack.callback(loop.close)
-            if cfg.is_server:
-                self._serve(loop, signals)
-                return 0
-            return self._connect_forever(loop, signals, tun)
+            if listener is None:
+                return self._connect_forever(loop, signals, tun)
+            # A stopping server closes its listener first (a second close at the end does
+            # nothing): no client gets in while the rules are being removed.
+            stack.callback(listener.close)
+            self._serve(loop, signals)
+            return 0
         return 0  # pragma: no cover - the with block always returns
 
     def _make_loop(self, tun_fd: int, signals: Signals, listener: socket.socket | None) -> Loop:
@@ -226,7 +247,8 @@ class Tunnel:
 
     def _serve(self, loop: Loop, signals: Signals) -> None:
         cfg = self.cfg
-        log.info("listening on %s port %d", cfg.server or "all addresses", cfg.port)
+        assert isinstance(cfg, ServerConfig)
+        log.info("listening on %s port %d", cfg.listen_ip or "all addresses", cfg.port)
         ticker = _Ticker(loop)
         while signals.received is None:
             event, message = loop.run(TICK_MS)
@@ -240,6 +262,7 @@ class Tunnel:
         from dsvpn._loop import EV_HANDSHAKE_FAILED, EV_SESSION_DOWN, EV_SESSION_UP
 
         cfg = self.cfg
+        assert isinstance(cfg, ClientConfig)
         attempt = 0
         ticker = _Ticker(loop)
         while signals.received is None:
@@ -283,7 +306,7 @@ class Tunnel:
         from dsvpn.config import ROUTING_TABLE
 
         cfg = self.cfg
-        assert cfg.server_ip is not None
+        assert isinstance(cfg, ClientConfig) and cfg.server_ip is not None
         family = socket.AF_INET6 if is_ipv6(cfg.server_ip) else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -329,8 +352,9 @@ class Tunnel:
             net.ext_if,
         )
         plan = self.backend.plan(self.cfg, tun, net)
-        self.runner.reapply_gateway(self.plan, plan)
-        self.plan, self.net = plan, net
+        # On a failure the old routes stay (or are put back) and the next attempt tries again.
+        if self.runner.reapply_gateway(self.plan, plan):
+            self.plan, self.net = plan, net
 
 
 class _Ticker:
@@ -363,33 +387,36 @@ def _log_event(event: int, message: str) -> None:
 
 def run(cfg: Config) -> int:
     """`dsvpn server|client`: needs root; returns the exit status."""
-    backend = platform.current()
-    cfg = dataclasses.replace(cfg, mtu=backend.default_mtu)
-    tunnel = Tunnel(cfg, backend)  # reads the key first: a bad key file changes nothing
+    tunnel = Tunnel(cfg, platform.current())  # checks the config and reads the key first
+
     if not _has_net_admin():
-        raise PermissionDenied("needs root (CAP_NET_ADMIN): run it with sudo")
+        raise PermissionDenied(NEEDS_ROOT)
     return tunnel.run()
 
 
 def cleanup() -> int:
-    """`dsvpn cleanup`: undo what dead instances recorded under the run directory."""
+    """`dsvpn cleanup`: undo what dead instances of this network namespace left behind."""
     if not _has_net_admin():
-        raise PermissionDenied("needs root (CAP_NET_ADMIN): run it with sudo")
-    count = cleanup_stale(log.info)
-    log.info("cleaned up after %d dead instance(s)" if count else "nothing to clean up", count)
+        raise PermissionDenied(NEEDS_ROOT)
+    count = instances.cleanup(platform.current(), log.info)
+    if count:
+        log.info("cleaned up after %d dead instance(s)", count)
+    else:
+        log.info("nothing to clean up")
     return 0
 
 
 def dry_run(cfg: Config, platform_name: str | None) -> int:
-    """Print the plan without root and without changing anything."""
+    """Print the plan without root and without changing anything. The config is checked as a
+    real run checks it (Backend.prepare)."""
     backend = platform.by_name(platform_name) if platform_name else platform.current()
+    cfg = backend.prepare(cfg)
     here = platform_name is None
     if not here:
         with contextlib.suppress(DsvpnError):
             here = platform.current().name == backend.name
-    if not cfg.is_server:
+    if isinstance(cfg, ClientConfig):
         server_ip = PLACEHOLDER_SERVER
-        assert cfg.server is not None
         with contextlib.suppress(DsvpnError):
             server_ip = _resolve(cfg.server, cfg.port)
         cfg = dataclasses.replace(cfg, server_ip=server_ip)
@@ -397,13 +424,12 @@ def dry_run(cfg: Config, platform_name: str | None) -> int:
     if here:
         with contextlib.suppress(DsvpnError):
             net = backend.discover(cfg)
-    if cfg.mtu != backend.default_mtu:
-        cfg = dataclasses.replace(cfg, mtu=backend.default_mtu)
     tun = cfg.tun_name or "<tun>"
     plan = backend.plan(cfg, tun, net)
     print(f"# dsvpn {cfg.mode} on {backend.name}: dry run, nothing is changed")
-    print(f"# open tun device {tun} (mtu {cfg.mtu})")
-    for line in plan.render():
+    print(f"# open tun device {tun}")
+    print(show(backend.mtu_argv(tun, cfg.mtu)))
+    for line in plan.render(backend):
         print(line)
     for line in backend.notes(cfg, tun, net):
         print(f"# {line}")

@@ -1,8 +1,13 @@
-"""What dsvpn leaves behind: nothing after SIGTERM, no duplicates after SIGKILL, bad input."""
+"""What dsvpn leaves behind: nothing after SIGTERM, no duplicates after SIGKILL, bad input;
+and what it runs from its records: only what it could have planned itself."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 import testbed
@@ -52,12 +57,18 @@ def test_sigkill_restart_and_cleanup(tb, impl, key):
 
     server.kill()
     client.kill()
-    for ns in (tb.server, tb.client):
-        proc = tb.run_in(ns, impl.cleanup_argv(), check=False, timeout=60)
-        assert proc.returncode == 0, f"cleanup in {ns.role}: {proc.stderr}"
+    # Records are per network namespace: a cleanup in the client's leaves the server's alone.
+    proc = tb.run_in(tb.client, impl.cleanup_argv(), check=False, timeout=60)
+    assert proc.returncode == 0, f"cleanup in client: {proc.stderr}"
+    assert testbed.count_rules(tb.server, r"MASQUERADE") == 1
+    assert testbed.count_rules(tb.client, r"-j DROP") == 0
+    proc = tb.run_in(tb.server, impl.cleanup_argv(), check=False, timeout=60)
+    assert proc.returncode == 0, f"cleanup in server: {proc.stderr}"
     _assert_unchanged(tb, before)
-    # Cleanup is idempotent: a second run finds nothing to do and succeeds.
-    assert tb.run_in(tb.server, impl.cleanup_argv(), check=False).returncode == 0
+    # Cleanup is idempotent: a second run finds nothing to do and says so.
+    proc = tb.run_in(tb.server, impl.cleanup_argv(), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("nothing to clean up\n") and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("mode", ["server", "client"])
@@ -84,3 +95,53 @@ def test_bad_input_leaves_nothing(tb, impl, mode, case):
         assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr}"
         assert "Traceback" not in proc.stderr
     _assert_unchanged(tb, before)
+
+
+def _dead_pid():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_crafted_records_run_nothing(tb, impl):
+    if impl.reference:
+        pytest.skip("the C reference keeps no records")
+    marker = tb.workdir / "pwned"
+    netns = tb.run_in(
+        tb.server,
+        [sys.executable, "-c", "from dsvpn.instances import current_netns; print(current_netns())"],
+    ).stdout.strip()
+    pid = _dead_pid()
+    record = {
+        "version": 2,
+        "pid": pid,
+        "start": "1",
+        "identity": {"mode": "server", "tun": "tun0", "port": 443,
+                     "local_tun_ip": "192.168.192.254", "remote_tun_ip": "192.168.192.1",
+                     "table": None, "netns": netns},
+        "steps": [{"apply": ["true"], "undo": ["/bin/sh", "-c", f"touch {marker}"],
+                   "sysctl": None, "gateway": False, "previous": None}],
+    }  # fmt: skip
+    # In /run/dsvpn, a file that passes every check on files but holds a step dsvpn never plans;
+    # and in a world-writable directory named by $DSVPN_RUN_DIR, which dsvpn no longer reads.
+    run_dir = Path("/run/dsvpn")
+    run_dir.mkdir(mode=0o700, exist_ok=True)
+    crafted = run_dir / f"{pid}.json"
+    evil = tb.workdir / "evil"
+    evil.mkdir()
+    evil.chmod(0o777)
+    for path in (crafted, evil / f"{pid}.json"):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+    try:
+        env = {**tb.env(tb.server), "DSVPN_RUN_DIR": str(evil)}
+        proc = tb.run_in(tb.server, impl.cleanup_argv(), env=env, check=False, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"ignoring {crafted}: `/bin/sh -c touch {marker}` is not dsvpn's undo" in proc.stderr
+        assert not marker.exists()
+        assert crafted.exists()  # reported and left for the administrator
+    finally:
+        crafted.unlink(missing_ok=True)

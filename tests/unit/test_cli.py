@@ -6,28 +6,35 @@ import itertools
 
 import pytest
 
-from dsvpn import cli
-from dsvpn.config import DEFAULT_MTU, Config
+from dsvpn import cli, instances
+from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import UsageError
 
 SERVER_VALUES = ["10.0.0.1", "7443", "tun5", "10.9.0.254", "10.9.0.1", "10.0.0.1"]
 CLIENT_VALUES = ["vpn.example", "7443", "tun5", "10.9.0.1", "10.9.0.254", "10.0.0.254"]
-FIELDS = ["server", "port", "tun_name", "local_tun_ip", "remote_tun_ip", "ext_ip"]
 
 
 def expected(mode: str, values: list[str | None]) -> Config:
-    server, port, tun, local, remote, ext = values
-    is_server = mode == "server"
-    return Config(
-        mode=mode,  # type: ignore[arg-type]
+    address, port, tun, local, remote, last = values
+    if mode == "server":
+        return ServerConfig(
+            key_file="vpn.key",
+            listen_ip=address,
+            port=int(port) if port else 443,
+            tun_name=tun,
+            local_tun_ip=local or "192.168.192.254",
+            remote_tun_ip=remote or "192.168.192.1",
+            external_ip=last,
+        )
+    assert address is not None
+    return ClientConfig(
         key_file="vpn.key",
-        server=server,
+        server=address,
         port=int(port) if port else 443,
         tun_name=tun,
-        local_tun_ip=local or ("192.168.192.254" if is_server else "192.168.192.1"),
-        remote_tun_ip=remote or ("192.168.192.1" if is_server else "192.168.192.254"),
-        ext_ip=ext,
-        mtu=DEFAULT_MTU,
+        local_tun_ip=local or "192.168.192.1",
+        remote_tun_ip=remote or "192.168.192.254",
+        gateway_ip=last,
     )
 
 
@@ -57,7 +64,7 @@ def test_every_combination_of_auto_and_omission(mode: str) -> None:
 def test_options_anywhere_after_the_mode_word() -> None:
     inv = cli.parse_args(["client", "-v", "vpn.key", "--dry-run", "h", "--platform", "macos"])
     assert (inv.verbosity, inv.dry_run, inv.platform) == (1, True, "macos")
-    assert inv.config is not None and inv.config.server == "h"
+    assert isinstance(inv.config, ClientConfig) and inv.config.server == "h"
     assert cli.parse_args(["server", "k", "--quiet"]).verbosity == -1
     assert cli.parse_args(["server", "k", "--dry-run", "--platform=openbsd"]).platform == "openbsd"
 
@@ -72,9 +79,10 @@ def test_options_anywhere_after_the_mode_word() -> None:
         (["server", "k", "auto", "0"], "invalid port"),
         (["server", "k", "auto", "65536"], "invalid port"),
         (["server", "k", "auto", "https"], "invalid port"),
-        (["server", "k", "not-an-ip"], "invalid server address"),
+        (["server", "k", "not-an-ip"], "invalid listen ip 'not-an-ip': expected an IP address"),
+        (["server", "k", "vpn.example.com"], "invalid listen ip"),
         (["server", "k", "auto", "auto", "a/b"], "invalid tun name"),
-        (["server", "k", "auto", "auto", "x" * 16], "invalid tun name"),
+        (["server", "k", "auto", "auto", "x" * 16], "invalid tun name .*at most 15 characters"),
         (["server", "k", "auto", "auto", "auto", "fd00::1"], "expected an IPv4"),
         (["server", "k", "auto", "auto", "auto", "10.0.0.1", "10.0.0.1"], "both 10.0.0.1"),
         (["client", "k", "h", "auto", "auto", "auto", "auto", "gw"], "invalid gateway ip"),
@@ -98,7 +106,11 @@ def test_main_prints_one_line_and_exits_non_zero(capsys: pytest.CaptureFixture[s
 
 def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
-    assert "dsvpn server <key file>" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dsvpn server <key file> [<listen ip>|auto]" in out
+    assert "[<server ip or name>|auto]" not in out  # the server binds an address, not a name
+    for code in (2, 69, 75, 77, 130):
+        assert f" {code} " in out
     assert cli.main(["--version"]) == 0
     assert "0.1.5" in capsys.readouterr().out
     assert cli.main([]) == 0
@@ -128,7 +140,7 @@ def test_not_root_is_refused_before_anything(
     monkeypatch.setattr(tunnel, "_has_net_admin", lambda: False)
     monkeypatch.setattr(tunnel.Tunnel, "run", lambda self: pytest.fail("touched the host"))
     assert cli.main(["server", str(key)]) == 77
-    assert capsys.readouterr().err == "dsvpn: needs root (CAP_NET_ADMIN): run it with sudo\n"
+    assert capsys.readouterr().err == "dsvpn: needs root (CAP_NET_ADMIN): run it as root\n"
 
 
 @pytest.mark.parametrize("name", ["linux", "macos", "openbsd", "freebsd", "netbsd", "dragonfly"])
@@ -144,7 +156,7 @@ def test_dry_run_prints_the_plan_of_any_platform_without_root(
     out = capsys.readouterr().out
     assert f"dsvpn {mode} on {name}: dry run" in out
     assert "# set up" in out and "# on exit" in out
-    assert f"(mtu {1500 if name == 'netbsd' else 9000})" in out
+    assert f" mtu {1500 if name == 'netbsd' else 9000}\n" in out
     if name == "openbsd" and mode == "server":
         assert "pass out from 192.168.192.1 nat-to egress" in out
     if mode == "client" and name != "linux":
@@ -163,9 +175,40 @@ def test_cleanup_needs_root(
     from dsvpn import tunnel
 
     monkeypatch.setattr(tunnel, "_has_net_admin", lambda: False)
-    monkeypatch.setattr(tunnel, "cleanup_stale", lambda log: pytest.fail("cleaned without root"))
+    monkeypatch.setattr(instances, "cleanup", lambda *a, **k: pytest.fail("cleaned without root"))
     assert cli.main(["cleanup"]) == 77
     assert "needs root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_cleanup_says_what_it_did(
+    count: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsvpn import tunnel
+
+    monkeypatch.setattr(tunnel, "_has_net_admin", lambda: True)
+    monkeypatch.setattr(instances, "cleanup", lambda dialect, log: count)
+    assert cli.main(["cleanup"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    want = "nothing to clean up" if count == 0 else "cleaned up after 2 dead instance(s)"
+    assert err == want + "\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "tun", "message"),
+    [
+        ("macos", "tun0", "on macOS it must be utunN"),
+        ("openbsd", "utun0", "expected tun0 .. tun255"),
+        ("linux", "!x", "at most 15 characters"),
+    ],
+)
+def test_dry_run_refuses_what_a_real_run_refuses(
+    name: str, tun: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["server", "k", "auto", "auto", tun, "--dry-run", "--platform", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
 
 
 def test_keygen_from_the_command_line(

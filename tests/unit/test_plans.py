@@ -1,31 +1,26 @@
-"""Exact command lists of every backend and mode (facts from the reference's os.c)."""
+"""Exact command lists of every backend and mode (facts from the reference's os.c), and the
+backends' own knowledge of them: every planned undo is recognised as the undo of its apply,
+nothing else is."""
 
 from __future__ import annotations
 
 import pytest
 
-from dsvpn.config import Config
+from dsvpn.config import ClientConfig, Config, ServerConfig
+from dsvpn.plan import Plan
 from dsvpn.platform import NAMES, by_name
 from dsvpn.platform._common import NetInfo
-from dsvpn.rules import Plan
 
 NET = NetInfo("eth0", "198.51.100.1")
 BSDS = ("macos", "openbsd", "freebsd", "netbsd", "dragonfly")
 
 
-def server_cfg() -> Config:
-    return Config(
-        mode="server", key_file="k", server=None, port=443, tun_name=None,
-        local_tun_ip="192.168.192.254", remote_tun_ip="192.168.192.1", ext_ip=None,
-    )  # fmt: skip
+def server_cfg() -> ServerConfig:
+    return ServerConfig(key_file="k")
 
 
-def client_cfg(server_ip: str = "203.0.113.5") -> Config:
-    return Config(
-        mode="client", key_file="k", server="vpn.example", port=443, tun_name=None,
-        local_tun_ip="192.168.192.1", remote_tun_ip="192.168.192.254", ext_ip=None,
-        server_ip=server_ip,
-    )  # fmt: skip
+def client_cfg(server_ip: str = "203.0.113.5") -> ClientConfig:
+    return ClientConfig(key_file="k", server="vpn.example", server_ip=server_ip)
 
 
 def cmds(plan: Plan) -> list[str]:
@@ -144,7 +139,7 @@ def test_bsd_client_ipv6_server() -> None:
 
 def test_render_linux_server() -> None:
     backend = by_name("linux")
-    lines = backend.plan(server_cfg(), "tun0", backend.placeholder_net()).render()
+    lines = backend.plan(server_cfg(), "tun0", backend.placeholder_net()).render(backend)
     assert lines[0] == "# set up"
     assert lines[1] == "sysctl net.ipv4.ip_forward=1"
     assert "iptables -t nat -A POSTROUTING -o <ext-if> -s 192.168.192.1 -j MASQUERADE" in lines
@@ -156,7 +151,7 @@ def test_render_linux_server() -> None:
 
 def test_render_bsd_client() -> None:
     backend = by_name("openbsd")
-    lines = backend.plan(client_cfg(), "tun0", backend.placeholder_net()).render()
+    lines = backend.plan(client_cfg(), "tun0", backend.placeholder_net()).render(backend)
     assert "route add 203.0.113.5 <gateway>" in lines
     assert lines[-1] == "route delete 203.0.113.5"
     assert lines.index("# on exit") == 8
@@ -192,3 +187,88 @@ def test_only_a_new_gateway_changes_the_gateway_steps() -> None:
     assert not changed("macos", client_cfg(), NET, NET)
     assert not changed("linux", client_cfg(), NET, other)
     assert not changed("openbsd", server_cfg(), NET, other)
+
+
+# -- what the backends recognise in a record ------------------------------------------------------
+
+IPV6_NET = NetInfo("em0", "fe80::1%em0")
+
+
+def every_plan(name: str) -> list[Plan]:
+    backend = by_name(name)
+    return [
+        backend.plan(server_cfg(), "tun0", NET),
+        backend.plan(client_cfg(), "tun0", NET),
+        backend.plan(client_cfg("2001:db8::5"), "tun3", IPV6_NET),
+        backend.plan(ServerConfig(key_file="k", local_tun_ip="10.8.0.1", remote_tun_ip="10.8.0.2"),
+                     "dsvpn-a", NetInfo("wan0", "10.0.0.1")),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_planned_undo_is_recognised(name: str) -> None:
+    backend = by_name(name)
+    for plan in every_plan(name):
+        for step in plan.steps:
+            if step.sysctl:
+                assert step.sysctl[0] in backend.sysctl_keys
+                assert step.apply == backend.sysctl_write(*step.sysctl)
+                assert step.undo is None
+            elif step.undo is not None:
+                assert backend.undo_of(step.apply) == step.undo, step
+            else:
+                assert backend.undo_of(step.apply) is None, step
+
+
+@pytest.mark.parametrize(
+    "apply",
+    [
+        ("/bin/sh", "-c", "id"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"),
+        ("iptables", "-t", "nat", "-I", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.1", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "filter", "-A", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.1", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "--modprobe=/x", "-s", "10.0.0.1",
+         "-j", "MASQUERADE"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.0/8", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "nat", "-D", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.1", "-j",
+         "MASQUERADE"),
+        ("ip", "rule", "add", "not", "fwmark", "1", "table", "1"),
+        ("ip", "-6", "rule", "add", "table", "main"),
+        ("ip", "route", "add", "default", "dev", "tun0", "table", "42069"),
+        ("route", "add", "-net", "0/0", "10.0.0.1"),
+        ("route", "add", "203.0.113.5", "-iface"),
+        ("route", "add", "0/1", "64:ff9b::1"),
+        ("route", "add", "-inet6", "-blackhole", "0000::/1", "10.0.0.1"),
+        ("route", "add", "-inet6", "2001:db8::5", "fe80::1%-x"),
+        ("sysctl", "net.ipv4.ip_forward=1"),
+        ("ifconfig", "tun0", "10.0.0.1", "10.0.0.2", "up"),
+    ],
+)  # fmt: skip
+def test_nothing_else_is_recognised(apply: tuple[str, ...]) -> None:
+    for name in NAMES:
+        assert by_name(name).undo_of(apply) is None, (name, apply)
+
+
+def test_sysctl_syntax_and_keys() -> None:
+    assert by_name("linux").sysctl_write("k", "v") == ("sysctl", "k=v")
+    assert by_name("freebsd").sysctl_write("k", "v") == ("sysctl", "-w", "k=v")
+    assert by_name("linux").sysctl_keys == {
+        "net.ipv4.ip_forward",
+        "net.ipv4.tcp_congestion_control",
+    }
+    for name in BSDS:
+        assert by_name(name).sysctl_keys == {"net.inet.ip.forwarding"}
+        assert by_name(name).sysctl_read("net.inet.ip.forwarding") == (
+            "sysctl",
+            "-n",
+            "net.inet.ip.forwarding",
+        )
+
+
+def test_mtu_commands() -> None:
+    assert by_name("linux").mtu_argv("tun0", 9000) == ("ip", "link", "set", "dev", "tun0", "mtu",
+                                                       "9000")  # fmt: skip
+    assert by_name("netbsd").mtu_argv("tun1", 1500) == ("ifconfig", "tun1", "mtu", "1500")

@@ -1,11 +1,12 @@
-"""Backend selection, tun opening (fake devices and sockets), host checks and discovery."""
+"""Backend selection, tun opening (fake devices and sockets), host checks, discovery, config
+checks shared by real and dry runs, and what platform/ may import."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import fcntl
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Any, ClassVar
 import pytest
 
 from dsvpn import platform
-from dsvpn.config import Config
+from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import (
+    CommandError,
     DsvpnError,
     NetworkError,
     PermissionDenied,
@@ -29,8 +31,17 @@ from dsvpn.platform.bsd import FreeBSDBackend, NetBSDBackend
 from dsvpn.platform.openbsd import OpenBSDBackend
 
 
-def ok(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.CompletedProcess(argv, 0, "", "")
+class Commands:
+    """Stands in for Runner.command: records each argv, raises what `fail` holds."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail = fail
+
+    def __call__(self, argv: Sequence[str]) -> None:
+        self.calls.append(list(argv))
+        if self.fail is not None:
+            raise self.fail
 
 
 # -- selection ------------------------------------------------------------------------------------
@@ -145,26 +156,22 @@ def test_dev_tun_busy_and_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_bsd_open_tun_sets_mtu(tmp_path: Path) -> None:
     (tmp_path / "tun0").touch()
-    calls: list[list[str]] = []
-
-    def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        calls.append(list(argv))
-        return ok(argv)
-
-    backend = NetBSDBackend(run=run, dev_dir=tmp_path)
-    fd, name = backend.open_tun(None, backend.default_mtu)
+    run = Commands()
+    backend = NetBSDBackend(dev_dir=tmp_path)
+    fd, name = backend.open_tun(None, backend.default_mtu, run)
     os.close(fd)
-    assert (name, calls) == ("tun0", [["ifconfig", "tun0", "mtu", "1500"]])
+    assert (name, run.calls) == ("tun0", [["ifconfig", "tun0", "mtu", "1500"]])
 
 
-def test_bsd_open_tun_mtu_failure_closes(tmp_path: Path) -> None:
+def test_bsd_open_tun_mtu_failure_closes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "tun0").touch()
-
-    def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.CompletedProcess(argv, 1, "", "ifconfig: SIOCSIFMTU: Invalid argument\n")
-
-    with pytest.raises(DsvpnError, match="cannot set the MTU of tun0 to 99999: ifconfig"):
-        OpenBSDBackend(run=run, dev_dir=tmp_path).open_tun("tun0", 99999)
+    closed: list[int] = []
+    real_close = os.close
+    monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd)))
+    failure = CommandError("`ifconfig tun0 mtu 99999` failed: ifconfig: SIOCSIFMTU: Invalid")
+    with pytest.raises(CommandError, match="SIOCSIFMTU"):
+        OpenBSDBackend(dev_dir=tmp_path).open_tun("tun0", 99999, Commands(failure))
+    assert len(closed) == 1
 
 
 # -- utun -----------------------------------------------------------------------------------------
@@ -208,8 +215,8 @@ def fake_ctliocginfo(fd: int, request: int, arg: bytes) -> bytes:
     return (7).to_bytes(4, sys.byteorder) + arg[4:]
 
 
-def macos(run: Any = ok, sockets: Any = FakeUtun) -> darwin.DarwinBackend:
-    return darwin.DarwinBackend(run=run, socket_factory=sockets, ioctl=fake_ctliocginfo)
+def macos(sockets: Any = FakeUtun) -> darwin.DarwinBackend:
+    return darwin.DarwinBackend(socket_factory=sockets, ioctl=fake_ctliocginfo)
 
 
 @pytest.fixture
@@ -229,33 +236,27 @@ def test_parse_utun_name() -> None:
 
 def test_utun_auto_picks_first_free(utun: type[FakeUtun]) -> None:
     utun.busy = {1, 2}  # utun0 and utun1 taken
-    mtu: list[list[str]] = []
-
-    def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        mtu.append(list(argv))
-        return ok(argv)
-
-    backend = macos(run)
-    fd, name = backend.open_tun(None, 9000)
+    run = Commands()
+    fd, name = macos().open_tun(None, 9000, run)
     assert (fd, name) == (103, "utun2")
     assert [s.closed for s in utun.made] == [True, True, False]
-    assert mtu == [["ifconfig", "utun2", "mtu", "9000"]]
+    assert run.calls == [["ifconfig", "utun2", "mtu", "9000"]]
 
 
 def test_utun_wanted(utun: type[FakeUtun]) -> None:
     backend = macos()
-    assert backend.open_tun("utun5", 9000) == (106, "utun5")
+    assert backend.open_tun("utun5", 9000, Commands()) == (106, "utun5")
     utun.busy = {6}
     with pytest.raises(DsvpnError, match="tun device utun5 is busy"):
-        backend.open_tun("utun5", 9000)
+        backend.open_tun("utun5", 9000, Commands())
     with pytest.raises(UsageError):
-        backend.open_tun("tun0", 9000)
+        backend.open_tun("tun0", 9000, Commands())
 
 
 def test_utun_none_free(utun: type[FakeUtun]) -> None:
     utun.busy = set(range(1, 33))
     with pytest.raises(DsvpnError, match="no free utun"):
-        macos().open_tun(None, 9000)
+        macos().open_tun(None, 9000, Commands())
 
 
 # -- Linux ----------------------------------------------------------------------------------------
@@ -285,12 +286,12 @@ def test_bsd_check_host() -> None:
 def test_linux_open_tun_missing_clone_device(tmp_path: Path) -> None:
     backend = linux.LinuxBackend(clone_dev=str(tmp_path / "nope"))
     with pytest.raises(PrerequisiteError, match="modprobe tun"):
-        backend.open_tun(None, 9000)
+        backend.open_tun(None, 9000, Commands())
 
 
 def test_linux_open_tun_bad_name() -> None:
     with pytest.raises(UsageError):
-        linux.LinuxBackend().open_tun("a-name-that-is-too-long", 9000)
+        linux.LinuxBackend().open_tun("a-name-that-is-too-long", 9000, Commands())
 
 
 def test_linux_open_tun_ioctls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,18 +306,19 @@ def test_linux_open_tun_ioctls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         return arg
 
     monkeypatch.setattr(fcntl, "ioctl", ioctl)
-    fd, name = linux.LinuxBackend(clone_dev=str(dev)).open_tun(None, 9000)
+    run = Commands()
+    fd, name = linux.LinuxBackend(clone_dev=str(dev)).open_tun(None, 9000, run)
     os.close(fd)
     assert name == "tun4"
-    (req1, ifr1), (req3, offloads), (req2, ifr2) = seen
-    assert req3 == linux.TUNSETOFFLOAD and offloads == linux.TUN_OFFLOADS
+    (req1, ifr1), (req2, offloads) = seen
+    assert req2 == linux.TUNSETOFFLOAD and offloads == linux.TUN_OFFLOADS
     assert req1 == linux.TUNSETIFF and len(ifr1) == 40
     assert ifr1[:16] == b"\0" * 16
     assert int.from_bytes(ifr1[16:18], sys.byteorder) == (
         linux.IFF_TUN | linux.IFF_NO_PI | linux.IFF_VNET_HDR
     )
-    assert req2 == linux.SIOCSIFMTU and ifr2[:5] == b"tun4\0"
-    assert int.from_bytes(ifr2[16:20], sys.byteorder, signed=True) == 9000
+    # The MTU goes through the runner, which prints it as it runs.
+    assert run.calls == [["ip", "link", "set", "dev", "tun4", "mtu", "9000"]]
 
 
 def test_linux_open_tun_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,25 +330,24 @@ def test_linux_open_tun_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(fcntl, "ioctl", ioctl)
     with pytest.raises(DsvpnError, match="tun device tun0 is busy"):
-        linux.LinuxBackend(clone_dev=str(dev)).open_tun("tun0", 9000)
+        linux.LinuxBackend(clone_dev=str(dev)).open_tun("tun0", 9000, Commands())
 
     def eperm(fd: int, request: int, arg: bytes) -> bytes:
         raise OSError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(fcntl, "ioctl", eperm)
     with pytest.raises(PermissionDenied):
-        linux.LinuxBackend(clone_dev=str(dev)).open_tun(None, 9000)
+        linux.LinuxBackend(clone_dev=str(dev)).open_tun(None, 9000, Commands())
 
 
 # -- discovery ------------------------------------------------------------------------------------
 
 
 def make_cfg(mode: str, ext_ip: str | None = None, server_ip: str | None = None) -> Config:
-    return Config(
-        mode=mode, key_file="k", server=server_ip, port=443, tun_name=None,  # type: ignore[arg-type]
-        local_tun_ip="192.168.192.1", remote_tun_ip="192.168.192.254", ext_ip=ext_ip,
-        server_ip=server_ip,
-    )  # fmt: skip
+    if mode == "server":
+        return ServerConfig(key_file="k", external_ip=ext_ip)
+    return ClientConfig(key_file="k", server=server_ip or "h", server_ip=server_ip,
+                        gateway_ip=ext_ip)  # fmt: skip
 
 
 class FakeNetifaces:
@@ -411,3 +412,55 @@ def test_discover_via_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = platform.by_name("linux")
     assert backend.discover(make_cfg("server")) == NetInfo("eth0", "192.0.2.1")
     assert backend.placeholder_net() == NetInfo("<ext-if>", "<gateway>")
+
+
+# -- the config as each OS runs it ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "good", "bad"),
+    [
+        ("linux", "a-fifteen-chars", "-looks-like-opt"),
+        ("macos", "utun3", "tun0"),
+        ("openbsd", "tun3", "utun3"),
+        ("freebsd", "tun255", "tun256"),
+    ],
+)
+def test_prepare_checks_the_tun_name_and_sets_the_mtu(name: str, good: str, bad: str) -> None:
+    backend = platform.by_name(name)
+    cfg = backend.prepare(ServerConfig(key_file="k", tun_name=good, mtu=1))
+    assert cfg.mtu == backend.default_mtu and cfg.tun_name == good
+    with pytest.raises(UsageError, match="invalid tun device name"):
+        backend.prepare(ServerConfig(key_file="k", tun_name=bad))
+    assert backend.prepare(ClientConfig(key_file="k", server="h")).mtu == backend.default_mtu
+
+
+def test_linux_tun_name_error_says_fifteen() -> None:
+    with pytest.raises(UsageError, match="at most 15 characters"):
+        linux.LinuxBackend().check_tun_name("x" * 16)
+
+
+# -- platform/ depends on nothing of dsvpn but the plan, the config and the errors ----------------
+
+ALLOWED = {"dsvpn.plan", "dsvpn.config", "dsvpn.errors"}
+
+
+def test_platform_imports_only_plan_config_and_errors() -> None:
+    package = Path(platform.__file__).parent
+    modules = sorted(package.glob("*.py"))
+    assert len(modules) >= 6
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path.name}: relative import"
+                names = [node.module or ""]
+                if node.module == "dsvpn":
+                    names = [f"dsvpn.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "dsvpn" or name.startswith("dsvpn."):
+                    ok = name in ALLOWED or name.startswith("dsvpn.platform")
+                    assert ok, f"{path.name} imports {name}"

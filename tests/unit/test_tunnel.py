@@ -1,22 +1,31 @@
-"""Lifecycle pieces that need no root: listener errors, name resolution, signal wake-ups."""
+"""Lifecycle pieces that need no root: listener errors, name resolution, signal wake-ups,
+reconnecting and following the gateway."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
+from host_rig import CmdDialect, FakeHost
 
 from dsvpn import tunnel
-from dsvpn.config import Config
+from dsvpn.config import ClientConfig, ServerConfig
 from dsvpn.errors import NetworkError
+from dsvpn.plan import Plan, Step
+from dsvpn.platform._common import NetInfo
+from dsvpn.runner import Runner
 
 
-def server_cfg(address: str | None, port: int) -> Config:
-    return Config("server", "k", address, port, None, "10.0.0.254", "10.0.0.1", None)
+def server_cfg(address: str | None, port: int) -> ServerConfig:
+    return ServerConfig(key_file="k", listen_ip=address, port=port)
 
 
 def test_port_in_use_is_a_clear_error() -> None:
@@ -103,27 +112,32 @@ class FakeRunner:
     def __init__(self) -> None:
         self.reapplied: list[tuple[object, object]] = []
 
-    def reapply_gateway(self, old: object, new: object) -> None:
+    def reapply_gateway(self, old: object, new: object) -> bool:
         self.reapplied.append((old, new))
+        return True
+
+
+def client_cfg(tmp_path: Path) -> ClientConfig:
+    key = tmp_path / "k"
+    key.write_bytes(bytes(32))
+    key.chmod(0o600)
+    return ClientConfig(key_file=str(key), server="192.0.2.1", server_ip="192.0.2.1")
 
 
 def test_client_retries_like_the_reference_and_follows_the_gateway(
-    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dsvpn.platform._common import NetInfo
-
-    key = tmp_path / "k"  # type: ignore[operator]
-    key.write_bytes(bytes(32))
-    key.chmod(0o600)
-    cfg = Config("client", str(key), "192.0.2.1", 443, None, "10.0.0.1", "10.0.0.254", None)
-    cfg = tunnel.dataclasses.replace(cfg, server_ip="192.0.2.1")
+    cfg = client_cfg(tmp_path)
     nets = iter([NetInfo("eth0", "10.1.0.1")] * 3 + [NetInfo("wlan0", "10.2.0.1")] * 200)
 
     class Backend:
-        def discover(self, cfg: Config) -> NetInfo:
+        def prepare(self, cfg: ClientConfig) -> ClientConfig:
+            return cfg
+
+        def discover(self, cfg: ClientConfig) -> NetInfo:
             return next(nets)
 
-        def plan(self, cfg: Config, tun: str, net: NetInfo) -> str:
+        def plan(self, cfg: ClientConfig, tun: str, net: NetInfo) -> str:
             return f"plan via {net.gateway}"
 
     t = tunnel.Tunnel(cfg, Backend())  # type: ignore[arg-type]
@@ -144,3 +158,172 @@ def test_client_retries_like_the_reference_and_follows_the_gateway(
     assert waits == [0, 1, 2] + [3] * 97
     # The gateway moved before the fourth attempt: its routes moved once, and only then.
     assert t.runner.reapplied == [("plan via 10.1.0.1", "plan via 10.2.0.1")]  # type: ignore[attr-defined]
+
+
+class RouteBackend:
+    """A BSD-like client: one host route through the gateway; discovery answers from a list."""
+
+    def __init__(self, nets: list[NetInfo]) -> None:
+        self.nets = nets
+
+    def prepare(self, cfg: ClientConfig) -> ClientConfig:
+        return cfg
+
+    def discover(self, cfg: ClientConfig) -> NetInfo:
+        return self.nets.pop(0)
+
+    def plan(self, cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
+        host_route = Step(
+            ("route", "add", "192.0.2.1", net.gateway), ("route", "delete", "192.0.2.1"),
+            gateway=True,
+        )  # fmt: skip
+        return Plan([Step(("ifconfig", tun, "up"), None), host_route])
+
+    def sysctl_read(self, key: str) -> tuple[str, ...]:
+        return ("sysctl", "-n", key)
+
+    def sysctl_write(self, key: str, value: str) -> tuple[str, ...]:
+        return ("sysctl", f"{key}={value}")
+
+    def undo_of(self, apply: Sequence[str]) -> None:
+        return None
+
+
+def test_a_failed_route_add_after_a_gateway_change_keeps_the_client(tmp_path: Path) -> None:
+    old, new = NetInfo("eth0", "10.1.0.1"), NetInfo("wlan0", "10.2.0.1")
+    backend = RouteBackend([new, new, new])
+    calls: list[str] = []
+    failing = {"route add 192.0.2.1 10.2.0.1"}
+
+    def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        line = " ".join(argv)
+        calls.append(line)
+        code = 1 if line in failing else 0
+        return subprocess.CompletedProcess(argv, code, "", "Network is unreachable\n")
+
+    t = tunnel.Tunnel(client_cfg(tmp_path), backend)  # type: ignore[arg-type]
+    t.runner = Runner(backend, lambda _: None, run=run)  # type: ignore[arg-type]
+    t.net, t.plan = old, backend.plan(t.cfg, "tun0", old)  # type: ignore[arg-type]
+    t.runner.apply(t.plan)
+    calls.clear()
+    t._follow_gateway("tun0")  # the new gateway is not reachable yet: no exception
+    assert calls == [
+        "route delete 192.0.2.1",
+        "route add 192.0.2.1 10.2.0.1",
+        "route add 192.0.2.1 10.1.0.1",  # the old route is back
+    ]
+    assert t.net == old
+    assert [a.step.apply[-1] for a in t.runner.applied if a.step.gateway] == ["10.1.0.1"]
+    # The next attempt tries again, and this time it works.
+    failing.clear()
+    calls.clear()
+    t._follow_gateway("tun0")
+    assert calls == ["route delete 192.0.2.1", "route add 192.0.2.1 10.2.0.1"]
+    assert t.net == new
+    calls.clear()
+    t._follow_gateway("tun0")  # nothing moved
+    assert calls == []
+
+
+# -- the whole lifecycle, on a fake host --------------------------------------------------------
+
+
+class FakeServerBackend(CmdDialect):
+    """Opens /dev/null as its tun; its plan is one `cmd a` step."""
+
+    name = "fake"
+
+    def prepare(self, cfg: ServerConfig) -> ServerConfig:
+        return cfg
+
+    def check_host(self, cfg: ServerConfig) -> None:
+        pass
+
+    def discover(self, cfg: ServerConfig) -> NetInfo:
+        return NetInfo("eth0", "10.0.0.1")
+
+    def open_tun(
+        self, wanted: str | None, mtu: int, run: Callable[[Sequence[str]], None]
+    ) -> tuple[int, str]:
+        run(("ip", "link", "set", "dev", "tun9", "mtu", str(mtu)))
+        return os.open(os.devnull, os.O_RDWR), "tun9"
+
+    def plan(self, cfg: ServerConfig, tun: str, net: NetInfo) -> Plan:
+        return Plan([Step(("cmd", "a"), ("uncmd", "a"))])
+
+    def notes(self, cfg: ServerConfig, tun: str, net: NetInfo) -> list[str]:
+        return []
+
+
+class StopAtOnce:
+    """The loop: its first run() ends in a SIGTERM, as if the operator stopped the server."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def run(self, timeout_ms: int) -> tuple[int, str]:
+        from dsvpn._loop import EV_TIMEOUT
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        return EV_TIMEOUT, ""
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_server_lifecycle_claim_apply_loop_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(bytes(32))
+    key.chmod(0o600)
+    cfg = ServerConfig(key_file=str(key), listen_ip="127.0.0.1", port=0, tun_name="tun9")
+    sockets: list[socket.socket] = []
+    real_listener = tunnel._listener
+
+    def listener(cfg: ServerConfig) -> socket.socket:
+        sockets.append(real_listener(cfg))
+        return sockets[-1]
+
+    loop = StopAtOnce()
+    monkeypatch.setattr(tunnel, "_listener", listener)
+    monkeypatch.setattr(tunnel.Tunnel, "_make_loop", lambda *a: loop)
+    host = FakeHost()
+    listening_at_undo: list[bool] = []
+
+    def at_undo(argv: list[str]) -> None:
+        if argv == ["uncmd", "a"]:
+            listening_at_undo.append(sockets[0].fileno() != -1)
+            assert loop.closed
+
+    host.on_call = at_undo
+    run_dir = tmp_path / "run"
+    lines = Lines()
+    logger = logging.getLogger("dsvpn")
+    logger.addHandler(lines)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        t = tunnel.Tunnel(cfg, FakeServerBackend(), run_dir=run_dir, run=host)  # type: ignore[arg-type]
+        assert t.run() == 0
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(old_level)
+    assert host.calls == ["ip link set dev tun9 mtu 9000", "cmd a", "uncmd a"]
+    # The listener was closed before the rules were undone.
+    assert listening_at_undo == [False]
+    assert lines.lines[:3] == [
+        "[#] ip link set dev tun9 mtu 9000",
+        "opened tun device tun9",
+        "[#] cmd a",
+    ]
+    assert os.listdir(run_dir) == [".lock"]  # the record is gone

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from dsvpn.config import DEFAULT_MTU, Config
+from dsvpn.config import DEFAULT_MTU, ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied, PrerequisiteError
-from dsvpn.rules import Plan
+from dsvpn.plan import Argv, Plan, Run
 
 PLACEHOLDER_IF = "<ext-if>"
 PLACEHOLDER_GW = "<gateway>"
@@ -38,15 +39,30 @@ class TunFraming(NamedTuple):
 
 
 class Backend(ABC):
+    """One OS: how to open a tun, which commands make up the plans, and (as a plan.Dialect)
+    what those commands look like, so that a record can be checked against them."""
+
     name: str
-    modes: frozenset[str] = frozenset({"server", "client"})
     framing: TunFraming
     default_mtu: int = DEFAULT_MTU
     # (tool, what provides it) that check_host() requires on PATH.
     tools: tuple[tuple[str, str], ...] = ()
+    # Every sysctl key a plan of this backend sets.
+    sysctl_keys: frozenset[str] = frozenset()
 
     def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
         self._which = which
+
+    def prepare(self, cfg: Config) -> Config:
+        """The config as this OS runs it, for a real run and a dry run alike: the tun name
+        checked as open_tun would (UsageError), and this OS's MTU."""
+        if cfg.tun_name is not None:
+            self.check_tun_name(cfg.tun_name)
+        return dataclasses.replace(cfg, mtu=self.default_mtu)
+
+    @abstractmethod
+    def check_tun_name(self, name: str) -> None:
+        """UsageError if this OS cannot have a tun device of that name."""
 
     def check_host(self, cfg: Config) -> None:
         """PrerequisiteError naming what to install when a tool or device is missing."""
@@ -61,27 +77,44 @@ class Backend(ABC):
         return NetInfo(PLACEHOLDER_IF, PLACEHOLDER_GW)
 
     @abstractmethod
-    def open_tun(self, wanted: str | None, mtu: int) -> tuple[int, str]:
-        """Open a tun device (the `wanted` one, or the first free one), set its MTU and
-        return (fd, actual name)."""
+    def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
+        """Open a tun device (the `wanted` one, or the first free one), set its MTU with
+        `run(self.mtu_argv(...))` and return (fd, actual name)."""
+
+    @abstractmethod
+    def mtu_argv(self, tun: str, mtu: int) -> Argv: ...
 
     def plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
-        return self.server_plan(cfg, tun, net) if cfg.is_server else self.client_plan(cfg, tun, net)
+        if isinstance(cfg, ServerConfig):
+            return self.server_plan(cfg, tun, net)
+        return self.client_plan(cfg, tun, net)
 
     @abstractmethod
-    def server_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan: ...
+    def server_plan(self, cfg: ServerConfig, tun: str, net: NetInfo) -> Plan: ...
 
     @abstractmethod
-    def client_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan: ...
+    def client_plan(self, cfg: ClientConfig, tun: str, net: NetInfo) -> Plan: ...
 
     def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
         """Lines to print once the tunnel is up: what the user still has to do by hand."""
         return []
 
+    # -- plan.Dialect ------------------------------------------------------------------------
 
-def server_address(cfg: Config) -> str:
+    def sysctl_read(self, key: str) -> Argv:
+        return ("sysctl", "-n", key)
+
+    @abstractmethod
+    def sysctl_write(self, key: str, value: str) -> Argv: ...
+
+    @abstractmethod
+    def undo_of(self, apply: Sequence[str]) -> Argv | None:
+        """The undo this backend plans for `apply`, or None if it plans no such step."""
+
+
+def server_address(cfg: ClientConfig) -> str:
     """The server's IP as seen by a client (resolved once at start, as the reference)."""
-    return cfg.server_ip or cfg.server or PLACEHOLDER_SERVER
+    return cfg.server_ip or PLACEHOLDER_SERVER
 
 
 def is_ipv6(address: str) -> bool:
@@ -100,6 +133,54 @@ def tun_open_error(exc: OSError, name: str) -> DsvpnError:
     return DsvpnError(f"cannot open tun device {name}: {exc.strerror or exc}")
 
 
+# -- the shapes of planned commands ------------------------------------------------------------
+# A shape is an argv whose words are literals or checks of one word; undo_of uses them to
+# recognise exactly the commands its plans produce.
+
+Word = Callable[[str], bool]
+Shape = tuple["str | Word", ...]
+
+
+def fits(argv: Sequence[str], shape: Shape) -> bool:
+    return len(argv) == len(shape) and all(
+        w == s if isinstance(s, str) else s(w) for w, s in zip(argv, shape, strict=True)
+    )
+
+
+def word_ifname(word: str) -> bool:
+    """An interface name as the OS allows it, never one a tool could read as an option."""
+    return (
+        0 < len(word) <= 15
+        and word[0] not in "-!"
+        and word not in (".", "..")
+        and not any(c in word for c in "/:%")
+        and not any(c.isspace() for c in word)
+    )
+
+
+def _address(word: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(word).version == version
+    except ValueError:
+        return False
+
+
+def word_ipv4(word: str) -> bool:
+    return _address(word, 4)
+
+
+def word_ipv6(word: str) -> bool:
+    return "%" not in word and _address(word, 6)
+
+
+def word_gateway(word: str) -> bool:
+    """A gateway address; an IPv6 link-local one may carry its interface (fe80::1%em0)."""
+    address, _, scope = word.partition("%")
+    if scope:
+        return word_ipv6(address) and word_ifname(scope)
+    return word_ipv4(word) or word_ipv6(word)
+
+
 # -- discovery through netifaces ----------------------------------------------------------------
 
 
@@ -116,12 +197,12 @@ def _netifaces() -> Any:
 def discover(cfg: Config, ni: Any = None) -> NetInfo:
     """Find the external interface and gateway. `ni` stands in for netifaces in tests."""
     ni = ni if ni is not None else _netifaces()
-    if cfg.is_server:
-        if cfg.ext_ip:
-            ext_if = interface_with_address(ni, cfg.ext_ip)
+    if isinstance(cfg, ServerConfig):
+        if cfg.external_ip:
+            ext_if = interface_with_address(ni, cfg.external_ip)
             if ext_if is None:
-                raise NetworkError(f"no interface has the external address {cfg.ext_ip}")
-            family = ni.AF_INET6 if is_ipv6(cfg.ext_ip) else ni.AF_INET
+                raise NetworkError(f"no interface has the external address {cfg.external_ip}")
+            family = ni.AF_INET6 if is_ipv6(cfg.external_ip) else ni.AF_INET
             gateway = ni.gateways().get("default", {}).get(family, ("", ""))[0]
             return NetInfo(ext_if, gateway)
         default = _default_route(ni, ni.AF_INET)
@@ -135,12 +216,12 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
 
     server = server_address(cfg)
     family = ni.AF_INET6 if is_ipv6(server) else ni.AF_INET
-    if cfg.ext_ip:
-        ext_if = interface_reaching(ni, cfg.ext_ip)
+    if cfg.gateway_ip:
+        ext_if = interface_reaching(ni, cfg.gateway_ip)
         if ext_if is None:
             default = _default_route(ni, family)
             ext_if = default[1] if default else ""
-        return NetInfo(ext_if, cfg.ext_ip)
+        return NetInfo(ext_if, cfg.gateway_ip)
     default = _default_route(ni, family)
     if default is None:
         kind = "IPv6" if family == ni.AF_INET6 else "IPv4"

@@ -6,29 +6,31 @@ from __future__ import annotations
 import errno
 import os
 import re
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dsvpn.config import Config
+from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, UsageError
+from dsvpn.plan import Argv, Plan, Run, Step
 from dsvpn.platform._common import (
     Backend,
     NetInfo,
+    Shape,
+    fits,
     is_ipv6,
     server_address,
     tun_open_error,
+    word_gateway,
+    word_ipv4,
+    word_ipv6,
 )
-from dsvpn.rules import Plan, Step
 
 FORWARDING = "net.inet.ip.forwarding"
 TUN_UNITS = 256  # tun0 .. tun255
 
-RunFn = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
-
-def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=30)
+def sysctl_write(key: str, value: str) -> Argv:
+    return ("sysctl", "-w", f"{key}={value}")
 
 
 def address_steps(cfg: Config, tun: str) -> list[Step]:
@@ -51,43 +53,71 @@ def address_steps(cfg: Config, tun: str) -> list[Step]:
     ]
 
 
-def server_plan(cfg: Config, tun: str) -> Plan:
+def server_plan(cfg: ServerConfig, tun: str) -> Plan:
     return Plan(
         [
             # The reference never restores forwarding; the runner does (see Step.sysctl).
-            Step(("sysctl", "-w", f"{FORWARDING}=1"), None, sysctl=(FORWARDING, "1")),
+            Step(sysctl_write(FORWARDING, "1"), None, sysctl=(FORWARDING, "1")),
             *address_steps(cfg, tun),
         ]
     )
 
 
-def client_plan(cfg: Config, tun: str, net: NetInfo) -> Plan:
-    server = server_address(cfg)
+# The halves of the address space that beat the default route without replacing it (as the
+# reference), IPv4 through the tunnel, IPv6 blackholed rather than leaked outside it.
+_V4_HALVES = ("0/1", "128/1")
+_V6_HALVES = ("0000::/1", "8000::/1")
+
+
+def _host_route(server: str, gateway: str) -> Step:
+    # Keeps the tunnel's own connection off the tunnel; redone when the gateway moves.
     inet = ("-inet6",) if is_ipv6(server) else ()
-    remote, remote6 = cfg.remote_tun_ip, cfg.remote_tun_ip6
+    return Step(
+        ("route", "add", *inet, server, gateway), ("route", "delete", *inet, server), gateway=True
+    )
+
+
+def _v4_half(half: str, remote: str) -> Step:
+    return Step(("route", "add", half, remote), ("route", "delete", half))
+
+
+def _v6_half(half: str, remote6: str) -> Step:
+    return Step(
+        ("route", "add", "-inet6", "-blackhole", half, remote6),
+        ("route", "delete", "-inet6", half),
+    )
+
+
+def client_plan(cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
     return Plan(
         [
             *address_steps(cfg, tun),
-            # Keeps the tunnel's own connection off the tunnel; redone when the gateway moves.
-            Step(
-                ("route", "add", *inet, server, net.gateway),
-                ("route", "delete", *inet, server),
-                gateway=True,
-            ),
-            # Two halves beat the default route without replacing it (same as the reference).
-            Step(("route", "add", "0/1", remote), ("route", "delete", "0/1")),
-            Step(("route", "add", "128/1", remote), ("route", "delete", "128/1")),
-            # IPv6 is blackholed rather than leaked outside the tunnel.
-            Step(
-                ("route", "add", "-inet6", "-blackhole", "0000::/1", remote6),
-                ("route", "delete", "-inet6", "0000::/1"),
-            ),
-            Step(
-                ("route", "add", "-inet6", "-blackhole", "8000::/1", remote6),
-                ("route", "delete", "-inet6", "8000::/1"),
-            ),
+            _host_route(server_address(cfg), net.gateway),
+            *(_v4_half(half, cfg.remote_tun_ip) for half in _V4_HALVES),
+            *(_v6_half(half, cfg.remote_tun_ip6) for half in _V6_HALVES),
         ]
     )
+
+
+# Each shape with the function that makes its step from the apply argv: a record's undo is
+# accepted only if it is that step's undo.
+_ROUTE_SHAPES: tuple[tuple[Shape, Callable[[Argv], Step]], ...] = (
+    (("route", "add", word_ipv4, word_gateway), lambda a: _host_route(a[2], a[3])),
+    (("route", "add", "-inet6", word_ipv6, word_gateway), lambda a: _host_route(a[3], a[4])),
+    *((("route", "add", half, word_ipv4), lambda a: _v4_half(a[2], a[3])) for half in _V4_HALVES),
+    *(
+        (("route", "add", "-inet6", "-blackhole", half, word_ipv6), lambda a: _v6_half(a[4], a[5]))
+        for half in _V6_HALVES
+    ),
+)
+
+
+def undo_of(apply: Sequence[str]) -> Argv | None:
+    apply = tuple(apply)
+    for shape, make in _ROUTE_SHAPES:
+        if fits(apply, shape):
+            return make(apply).undo
+    return None
 
 
 class IfconfigBackend(Backend):
@@ -98,42 +128,43 @@ class IfconfigBackend(Backend):
         ("route", "the base system's route; is /sbin in PATH?"),
         ("sysctl", "the base system's sysctl; is /sbin in PATH?"),
     )
+    sysctl_keys = frozenset({FORWARDING})
 
     def __init__(
         self,
         which: Callable[[str], str | None] | None = None,
-        run: RunFn | None = None,
         dev_dir: str | os.PathLike[str] = "/dev",
     ) -> None:
         if which is None:
             super().__init__()
         else:
             super().__init__(which)
-        self._run_cmd = run or _run
         self._dev_dir = Path(dev_dir)
 
-    def server_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
+    def check_tun_name(self, name: str) -> None:
+        parse_tun_name(name)
+
+    def server_plan(self, cfg: ServerConfig, tun: str, net: NetInfo) -> Plan:
         return server_plan(cfg, tun)
 
-    def client_plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
+    def client_plan(self, cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
         return client_plan(cfg, tun, net)
 
-    def set_mtu(self, name: str, mtu: int) -> None:
+    def sysctl_write(self, key: str, value: str) -> Argv:
+        return sysctl_write(key, value)
+
+    def undo_of(self, apply: Sequence[str]) -> Argv | None:
+        return undo_of(apply)
+
+    def mtu_argv(self, tun: str, mtu: int) -> Argv:
         # ifconfig rather than ioctl(SIOCSIFMTU): struct ifreq and the request number differ
         # between these systems, and ifconfig is in every base system.
-        argv = ("ifconfig", name, "mtu", str(mtu))
-        try:
-            done = self._run_cmd(argv)
-        except OSError as exc:
-            raise DsvpnError(f"`{' '.join(argv)}` failed: {exc.strerror or exc}") from exc
-        if done.returncode != 0:
-            why = (done.stderr or "").strip().splitlines()[:1] or [f"exit {done.returncode}"]
-            raise DsvpnError(f"cannot set the MTU of {name} to {mtu}: {why[0]}")
+        return ("ifconfig", tun, "mtu", str(mtu))
 
-    def open_tun(self, wanted: str | None, mtu: int) -> tuple[int, str]:
+    def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
         fd, name = open_dev_tun(self._dev_dir, wanted)
         try:
-            self.set_mtu(name, mtu)
+            run(self.mtu_argv(name, mtu))
         except BaseException:
             os.close(fd)
             raise

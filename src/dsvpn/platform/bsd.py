@@ -3,7 +3,7 @@ not set up NAT (the reference has no rules for these systems either)."""
 
 from __future__ import annotations
 
-from dsvpn.config import NETBSD_MTU, Config
+from dsvpn.config import NETBSD_MTU, Config, ServerConfig
 from dsvpn.platform._common import NetInfo, TunFraming
 from dsvpn.platform._ifconfig import IfconfigBackend
 
@@ -13,7 +13,7 @@ class _BSDBackend(IfconfigBackend):
     firewall: str
 
     def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
-        if not cfg.is_server:
+        if not isinstance(cfg, ServerConfig):
             return []
         return [
             f"NAT is not configured on {self.pretty}: clients reach this host only. "

@@ -11,10 +11,11 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from dsvpn.config import Config
+from dsvpn.config import Config, ServerConfig
 from dsvpn.errors import DsvpnError, UsageError
+from dsvpn.plan import Run
 from dsvpn.platform._common import NetInfo, TunFraming, tun_open_error
-from dsvpn.platform._ifconfig import IfconfigBackend, RunFn
+from dsvpn.platform._ifconfig import IfconfigBackend
 
 UTUN_CONTROL = "com.apple.net.utun_control"
 # <sys/kern_control.h>: _IOWR('N', 3, struct ctl_info { u_int32_t ctl_id; char ctl_name[96]; })
@@ -44,13 +45,15 @@ class DarwinBackend(IfconfigBackend):
     def __init__(
         self,
         which: Callable[[str], str | None] | None = None,
-        run: RunFn | None = None,
         socket_factory: Callable[..., Any] | None = None,
         ioctl: Callable[[int, int, bytes], bytes] | None = None,
     ) -> None:
-        super().__init__(which=which, run=run)
+        super().__init__(which=which)
         self._socket = socket_factory or socket.socket
         self._ioctl = ioctl or fcntl.ioctl
+
+    def check_tun_name(self, name: str) -> None:
+        parse_utun_name(name)
 
     def _control_id(self, sock: Any) -> int:
         # Python's connect() takes (ctl_id, unit); a bare name would always mean unit 0,
@@ -59,7 +62,7 @@ class DarwinBackend(IfconfigBackend):
         ctl_id: int = CTL_INFO.unpack(info)[0]
         return ctl_id
 
-    def open_tun(self, wanted: str | None, mtu: int) -> tuple[int, str]:
+    def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
         units = [parse_utun_name(wanted)] if wanted is not None else range(UTUN_UNITS)
         for n in units:
             name = f"utun{n}"
@@ -81,7 +84,7 @@ class DarwinBackend(IfconfigBackend):
             except OSError:
                 pass  # the name we asked for is the name we got
             try:
-                self.set_mtu(name, mtu)
+                run(self.mtu_argv(name, mtu))
             except BaseException:
                 sock.close()
                 raise
@@ -90,7 +93,7 @@ class DarwinBackend(IfconfigBackend):
         raise DsvpnError(f"no free utun device (tried utun0 .. utun{UTUN_UNITS - 1})")
 
     def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
-        if not cfg.is_server:
+        if not isinstance(cfg, ServerConfig):
             return []
         ext = net.ext_if
         return [

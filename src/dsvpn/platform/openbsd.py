@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dsvpn.config import Config
+from dsvpn.config import Config, ServerConfig
 from dsvpn.platform._common import NetInfo, TunFraming
 from dsvpn.platform._ifconfig import IfconfigBackend
 
@@ -12,7 +12,7 @@ class OpenBSDBackend(IfconfigBackend):
     framing = TunFraming(header=True, af_inet=2, af_inet6=24)
 
     def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
-        if not cfg.is_server:
+        if not isinstance(cfg, ServerConfig):
             return []
         return [
             "NAT is not set up automatically on OpenBSD. Add this rule to /etc/pf.conf:",

@@ -1,0 +1,80 @@
+"""The plan as data: the ordered (apply, undo) steps of a start, how they are shown, and what
+a backend says about its own commands. Standard library only: platform/ builds plans with it.
+
+Commands are argv tuples, never shell lines.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Argv = tuple[str, ...]
+
+# Runs one command for a backend (the runner's `command`): logs it, raises CommandError.
+Run = Callable[[Sequence[str]], None]
+
+# A sysctl value as dsvpn saves and writes back: words of letters, digits, ".", "_", ":", "-"
+# (multi-valued keys are read back space-separated).
+_SYSCTL_VALUE = re.compile(r"[A-Za-z0-9_.:-]{1,64}( [A-Za-z0-9_.:-]{1,64}){0,15}")
+
+
+def is_sysctl_value(value: str) -> bool:
+    return _SYSCTL_VALUE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class Step:
+    apply: Argv
+    undo: Argv | None
+    # (key, wanted value): the runner saves the current value first and restores it on undo.
+    sysctl: tuple[str, str] | None = None
+    # Depends on the gateway (client host route to the server): redone when it changes.
+    gateway: bool = False
+    # A failure is reported and skipped (client bbr: the tunnel works without it).
+    best_effort: bool = False
+
+
+class Dialect(Protocol):
+    """What a backend says about its own commands: how it reads and writes a sysctl, which keys
+    it sets, and the undo of each apply argv it produces. An undo found in a record runs only
+    if it is `undo_of` its own apply, so a record can never make dsvpn run anything else."""
+
+    @property
+    def sysctl_keys(self) -> frozenset[str]: ...
+
+    def sysctl_read(self, key: str) -> Argv: ...
+
+    def sysctl_write(self, key: str, value: str) -> Argv: ...
+
+    def undo_of(self, apply: Sequence[str]) -> Argv | None:
+        """The undo dsvpn plans for `apply`, or None if `apply` is not a command it plans with
+        an undo (in the exact shape it produces)."""
+
+
+def show(argv: Sequence[str]) -> str:
+    """An argv as the user would type it (these arguments never need shell quoting,
+    except empty or spaced ones; "!" stays bare so the line reads like the reference's)."""
+    return " ".join(a if a and not any(c.isspace() for c in a) else repr(a) for a in argv)
+
+
+@dataclass
+class Plan:
+    steps: list[Step] = field(default_factory=list)
+
+    def gateway_steps(self) -> list[Step]:
+        return [s for s in self.steps if s.gateway]
+
+    def render(self, dialect: Dialect) -> list[str]:
+        """--dry-run text: the set-up commands in order, then the undo in the order it runs."""
+        lines = ["# set up"]
+        lines += [show(s.apply) for s in self.steps]
+        lines.append("# on exit")
+        for s in reversed(self.steps):
+            if s.sysctl:
+                lines.append(show(dialect.sysctl_write(s.sysctl[0], "<saved>")))
+            elif s.undo:
+                lines.append(show(s.undo))
+        return lines

@@ -1,0 +1,274 @@
+"""The one place where dsvpn runs a command: plans applied in order with the record kept one
+step ahead of the host, undone in reverse; the tun's MTU and sysctl reads go through it too.
+
+Each command is logged before it runs, the way wg-quick shows its work:
+``[#] ip link set dev tun0 up``. The runner knows nothing of how records are stored: it is
+handed a `RecordWriter` (instances.Instance) and calls it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from dsvpn.errors import CommandError, DsvpnError, PrerequisiteError
+from dsvpn.plan import Dialect, Plan, Step, is_sysctl_value, show
+
+__all__ = ["Applied", "RecordWriter", "RunFn", "Runner", "execute"]
+
+RunFn = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+LogFn = Callable[[str], None]
+
+COMMAND_TIMEOUT = 30  # seconds; none of these tools should ever take this long
+
+# Which package provides a tool, for the "not found" message. The BSDs and macOS ship
+# ifconfig, route and sysctl in the base system.
+PACKAGES = {
+    "ip": "iproute2",
+    "iptables": "iptables",
+    "sysctl": "procps",
+    "ifconfig": "the base system's ifconfig",
+    "route": "the base system's route",
+}
+
+
+def execute(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run argv (no shell), capturing its output; the only subprocess call in dsvpn."""
+    return subprocess.run(
+        list(argv), capture_output=True, text=True, check=False, timeout=COMMAND_TIMEOUT
+    )
+
+
+class Applied:
+    """One applied step, with a sysctl's value from before this instance (or handed over to it
+    by another). Compared by identity: a plan may hold two equal steps."""
+
+    __slots__ = ("previous", "step")
+
+    def __init__(self, step: Step, previous: str | None = None) -> None:
+        self.step = step
+        self.previous = previous
+
+    def __repr__(self) -> str:
+        return f"Applied({self.step!r}, previous={self.previous!r})"
+
+
+class RecordWriter(Protocol):
+    """Where the runner keeps what it applied (instances.Instance)."""
+
+    def save(self, applied: list[Applied]) -> None:
+        """Record `applied` (after adopting values handed over on disk, see adopt)."""
+
+    def adopt(self, applied: list[Applied]) -> None:
+        """Take the sysctl values other instances handed over to this record since it was
+        last written."""
+
+    def hand_over(
+        self, key: str, wanted: str, previous: str | None, restore: Callable[[], None]
+    ) -> int | None:
+        """Under the run directory's lock: give `previous` (our saved value of sysctl `key`) to
+        a live instance that still needs `key` and return its PID, or call `restore` and
+        return None when no live instance needs it."""
+
+
+def _first_line(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+class Runner:
+    """Applies plans, keeping the record one step ahead of the host; undoes in reverse."""
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        log: LogFn,
+        *,
+        run: RunFn = execute,
+        record: RecordWriter | None = None,
+        applied: Sequence[Applied] = (),
+    ) -> None:
+        self._dialect = dialect
+        self._log = log
+        self._run = run
+        self._record = record
+        # Applied steps in order; handed in from a record when undoing a dead instance.
+        self._applied: list[Applied] = list(applied)
+
+    @property
+    def applied(self) -> list[Applied]:
+        return list(self._applied)
+
+    # -- running one command -------------------------------------------------------------
+
+    def command(self, argv: Sequence[str]) -> None:
+        """Log and run argv; CommandError (PrerequisiteError for a missing tool) on failure.
+        Backends are handed this to set the tun's MTU."""
+        self._log(f"[#] {show(argv)}")
+        self._exec(argv)
+
+    def _exec(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        try:
+            done = self._run(argv)
+        except FileNotFoundError as exc:
+            tool = argv[0]
+            where = PACKAGES.get(tool)
+            hint = f" (install {where})" if where else ""
+            raise PrerequisiteError(f"`{tool}` not found{hint}") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise CommandError(f"`{show(argv)}` failed: timed out") from exc
+        except OSError as exc:
+            raise CommandError(f"`{show(argv)}` failed: {exc.strerror or exc}") from exc
+        if done.returncode != 0:
+            why = (
+                _first_line(done.stderr)
+                or _first_line(done.stdout)
+                or f"exit status {done.returncode}"
+            )
+            raise CommandError(f"`{show(argv)}` failed: {why}")
+        return done
+
+    def read_sysctl(self, key: str) -> str:
+        argv = self._dialect.sysctl_read(key)
+        self._log(f"[#] {show(argv)}")
+        # Multi-valued keys come back tab-separated; we only compare and write them back.
+        value = " ".join(self._exec(argv).stdout.split())
+        if not is_sysctl_value(value):
+            raise CommandError(f"`{show(argv)}` gave an unexpected value: {value!r}")
+        return value
+
+    def _save(self) -> None:
+        if self._record is not None:
+            self._record.save(list(self._applied))
+
+    # -- apply -----------------------------------------------------------------------------
+
+    def apply(self, plan: Plan) -> None:
+        """Apply every step in order. On a failure, undo this call's steps and raise."""
+        self._apply_steps(plan.steps)
+
+    def _apply_steps(self, steps: Sequence[Step]) -> None:
+        done: list[Applied] = []
+        for step in steps:
+            try:
+                applied = self._apply_one(step)
+            except (CommandError, PrerequisiteError) as exc:
+                if step.best_effort:
+                    self._log(f"warning: {exc}; continuing without it")
+                    continue
+                for entry in reversed(done):
+                    self._undo_one(entry)
+                raise
+            done.append(applied)
+
+    def _apply_one(self, step: Step) -> Applied:
+        applied = Applied(step)
+        if step.sysctl:
+            applied.previous = self.read_sysctl(step.sysctl[0])
+        # Record first: if we die between recording and running, the next start merely
+        # tries an undo that fails harmlessly; the other order could leak a rule.
+        self._applied.append(applied)
+        self._save()
+        try:
+            self.command(step.apply)
+        except (CommandError, PrerequisiteError):
+            _drop(self._applied, applied)
+            self._save()
+            raise
+        # Anything else (a signal mid-command) leaves the step recorded: it may have taken
+        # effect, and undoing a step that did not is harmless.
+        return applied
+
+    # -- undo ------------------------------------------------------------------------------
+
+    def undo(self) -> None:
+        """Undo everything applied, newest first. Failures (of a command or of the record)
+        are logged and skipped: the host comes first. Calling it again does nothing."""
+        if self._record is not None and self._applied:
+            try:
+                self._record.adopt(self._applied)  # values handed to us by instances that left
+            except DsvpnError as exc:
+                self._log(f"warning: {exc}")
+        while self._applied:
+            self._undo_one(self._applied[-1])
+
+    def _undo_one(self, applied: Applied) -> None:
+        if applied.step.sysctl:
+            self._restore_sysctl(applied)
+        elif applied.step.undo:
+            try:
+                self.command(applied.step.undo)
+            except (CommandError, PrerequisiteError) as exc:
+                self._log(f"warning: {exc}")
+        if _drop(self._applied, applied):
+            try:
+                self._save()
+            except DsvpnError as exc:
+                self._log(f"warning: {exc}")
+
+    def _restore_sysctl(self, applied: Applied) -> None:
+        assert applied.step.sysctl is not None
+        key, wanted = applied.step.sysctl
+        previous = applied.previous
+
+        def restore() -> None:
+            if previous is None or previous == wanted:
+                return  # we did not change it
+            try:
+                # Built from the key and the saved value, never from a recorded argv.
+                self.command(self._dialect.sysctl_write(key, previous))
+            except (CommandError, PrerequisiteError) as exc:
+                self._log(f"warning: {exc}")
+
+        if self._record is None:
+            restore()
+            return
+        try:
+            heir = self._record.hand_over(key, wanted, previous, restore)
+        except DsvpnError as exc:
+            # Another instance may still need the value: leave it as it is.
+            self._log(f"warning: {exc}; {key} stays {wanted}")
+            return
+        if heir is not None:
+            self._log(f"{key} stays {wanted}: dsvpn PID {heir} still needs it")
+
+    # -- gateway changes (client) -------------------------------------------------------------
+
+    def reapply_gateway(self, old: Plan, new: Plan) -> bool:
+        """Swap the gateway-dependent steps of `old` for those of `new`. True when the new ones
+        are in place. When one of them fails, the old ones are put back (as far as they go),
+        a warning is logged and False returned: the caller keeps `old` and tries again later,
+        so the tunnel survives a gateway that is not ready yet."""
+        old_steps, new_steps = old.gateway_steps(), new.gateway_steps()
+        if old_steps == new_steps:
+            return True
+        self._undo_steps(old_steps)
+        try:
+            self._apply_steps(new_steps)
+        except (CommandError, PrerequisiteError) as exc:
+            self._log(f"warning: {exc}; keeping the routes of the previous gateway for now")
+            try:
+                self._apply_steps(old_steps)
+            except (CommandError, PrerequisiteError) as again:
+                self._log(f"warning: {again}")
+            return False
+        return True
+
+    def _undo_steps(self, steps: Sequence[Step]) -> None:
+        for step in reversed(steps):
+            for applied in reversed(self._applied):
+                if applied.step.apply == step.apply:
+                    self._undo_one(applied)
+                    break
+
+
+def _drop(applied: list[Applied], entry: Applied) -> bool:
+    """Remove this very entry (not an equal one) from the list; False if absent."""
+    for i, a in enumerate(applied):
+        if a is entry:
+            del applied[i]
+            return True
+    return False
