@@ -35,6 +35,9 @@ options (anywhere after the mode word):
   --dry-run            print every command it would run to set up and to undo, change nothing
   --platform NAME      with --dry-run: the plan of another OS
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
+  --pfs                client: forward secrecy (an X25519 handshake); needs a dsvpn
+                       server, never falls back to the classic handshake
+  --require-pfs        server: refuse clients without --pfs (C DSVPN clients too)
 
 Trailing "auto" arguments may be left out. Defaults: listen on every address, port 443,
 server tun IP 192.168.192.254, client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>,
@@ -51,6 +54,15 @@ example:
 """
 
 MAX_POSITIONALS = 7
+
+
+@dataclass
+class _Options:
+    verbosity: int = 0
+    dry_run: bool = False
+    platform: str | None = None
+    pfs: bool = False
+    require_pfs: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,28 +121,32 @@ def _tun(value: str | None) -> str | None:
     return value
 
 
-def _split_options(args: Sequence[str]) -> tuple[list[str], int, bool, str | None]:
+def _split_options(args: Sequence[str]) -> tuple[list[str], _Options]:
     positionals: list[str] = []
-    verbosity, dry_run, platform = 0, False, None
+    opts = _Options()
     it = iter(args)
     for arg in it:
         if arg in ("-v", "--verbose"):
-            verbosity = 1
+            opts.verbosity = 1
         elif arg in ("-q", "--quiet"):
-            verbosity = -1
+            opts.verbosity = -1
         elif arg == "--dry-run":
-            dry_run = True
+            opts.dry_run = True
         elif arg == "--platform":
-            platform = next(it, None)
-            if platform is None:
+            opts.platform = next(it, None)
+            if opts.platform is None:
                 raise UsageError("--platform needs a name")
         elif arg.startswith("--platform="):
-            platform = arg.split("=", 1)[1]
+            opts.platform = arg.split("=", 1)[1]
+        elif arg == "--pfs":
+            opts.pfs = True
+        elif arg == "--require-pfs":
+            opts.require_pfs = True
         elif arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
             raise UsageError(f"unknown option {arg!r} (see dsvpn --help)")
         else:
             positionals.append(arg)
-    return positionals, verbosity, dry_run, platform
+    return positionals, opts
 
 
 def _is_number(arg: str) -> bool:
@@ -148,9 +164,16 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         raise UsageError(f"unknown mode {command!r}: expected server, client, keygen or cleanup")
     if "-h" in rest or "--help" in rest:
         return Invocation("help")
-    args, verbosity, dry_run, platform = _split_options(rest)
+    args, opts = _split_options(rest)
+    verbosity, dry_run, platform = opts.verbosity, opts.dry_run, opts.platform
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
+    if opts.pfs and command != "client":
+        hint = " (a server takes both handshakes; --require-pfs refuses the classic one)"
+        raise UsageError("--pfs is a client option" + (hint if command == "server" else ""))
+    if opts.require_pfs and command != "server":
+        hint = " (a client asks for forward secrecy with --pfs)" if command == "client" else ""
+        raise UsageError("--require-pfs is a server option" + hint)
 
     if command == "keygen":
         if len(args) != 1:
@@ -179,6 +202,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             local_tun_ip=_ipv4(local_ip, DEFAULT_SERVER_TUN_IP, "local tun ip"),
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_CLIENT_TUN_IP, "remote tun ip"),
             external_ip=_ip(last_ip, "external ip"),
+            require_pfs=opts.require_pfs,
         )
     else:
         server = _auto(address)
@@ -192,6 +216,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             local_tun_ip=_ipv4(local_ip, DEFAULT_CLIENT_TUN_IP, "local tun ip"),
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_SERVER_TUN_IP, "remote tun ip"),
             gateway_ip=_ip(last_ip, "gateway ip"),
+            pfs=opts.pfs,
         )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")

@@ -19,13 +19,23 @@ are wiped once used; the Charm states are wiped too.
 
 from __future__ import annotations
 
+import errno
 import hmac
+import logging
+import socket
 import struct
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from nacl._sodium import ffi, lib  # type: ignore[import-not-found]  # PyNaCl's libsodium
 
 from dsvpn.charm import Charm
+
+if TYPE_CHECKING:
+    from dsvpn._loop import Loop
+
+log = logging.getLogger("dsvpn")
 
 PFS_IV = b"DSVPN PFS X25519"  # 16 bytes
 RANDOM_LEN = 32
@@ -42,6 +52,11 @@ assert len(PFS_IV) == 16
 
 class HandshakeError(Exception):
     """The peer's packet does not verify, or the key agreement failed."""
+
+
+class NotAcceptedError(HandshakeError):
+    """The server closed or reset the connection before its reply was complete: it does not
+    know the extension (C DSVPN, an older dsvpn), or its key differs."""
 
 
 class _Ephemeral:
@@ -176,3 +191,76 @@ def server_reply(
 
 def client_public(hello: bytes) -> bytes:
     return hello[RANDOM_LEN + TS_LEN : RANDOM_LEN + TS_LEN + PUBLIC_LEN]
+
+
+# ------------------------------------------------------------------------- on the wire
+
+Wait = Callable[[float, bool], bool]
+"""wait(seconds, readable): block until the socket is readable (readable=True) or writable, at
+most `seconds`; False if the time ran out or something else (a signal) needs attention."""
+
+
+def client_exchange(sock: socket.socket, key: bytes, wait: Wait, timeout: float) -> bytes:
+    """Client: the forward-secret handshake on a connected non-blocking socket, within
+    `timeout` seconds; returns the session key. Reads exactly the reply: frames that follow
+    stay in the socket for the loop.
+
+    Raises NotAcceptedError (closed or reset before the whole reply), HandshakeError (a reply
+    that does not verify, a low-order key), TimeoutError, InterruptedError (wait() returned
+    False early), OSError (network)."""
+    deadline = time.monotonic() + timeout
+    hs = ClientHandshake(key, int(time.time()))
+
+    def ready(readable: bool) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0 or not wait(left, readable):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(errno.ETIMEDOUT, "the handshake timed out")
+            raise InterruptedError(errno.EINTR, "interrupted")
+
+    try:
+        sent = 0
+        while sent < HELLO_LEN:
+            try:
+                sent += sock.send(hs.hello[sent:])
+            except BlockingIOError:
+                ready(False)
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise NotAcceptedError(str(exc)) from None
+        reply = b""
+        while len(reply) < REPLY_LEN:
+            try:
+                chunk = sock.recv(REPLY_LEN - len(reply))
+            except BlockingIOError:
+                ready(True)
+                continue
+            except ConnectionResetError as exc:
+                raise NotAcceptedError(str(exc)) from None
+            if not chunk:
+                raise NotAcceptedError("connection closed")
+            reply += chunk
+    except BaseException:
+        hs.abort()
+        raise
+    return hs.finish(reply)
+
+
+def answer_hellos(loop: Loop) -> int:
+    """Server: answer every verified extended hello the loop holds (EV_PFS_HELLO): X25519 and
+    the reply here, the rest in the loop. A failure (a low-order key) closes that connection
+    with a log line naming the client. Returns how many were answered."""
+    answered = 0
+    while (hello := loop.take_pfs_hello()) is not None:
+        token, state, peer_public, peer = hello
+        st = Charm.from_state(state)
+        state[:] = bytes(len(state))
+        try:
+            reply, key = server_reply(st, peer_public)
+        except HandshakeError as exc:
+            loop.pfs_abort(token, str(exc))
+            continue
+        # Each connection's client key is fresh: showing a prefix lets one see it change.
+        log.info("forward-secret handshake from %s (client key %s...)", peer, peer_public[:8].hex())
+        if loop.pfs_reply(token, reply, key):
+            answered += 1
+    return answered

@@ -40,6 +40,7 @@ STATS_EVERY = 10.0  # seconds between counter lines with --verbose
 CAP_NET_ADMIN = 12
 LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
 NEEDS_ROOT = "needs root (CAP_NET_ADMIN): run it as root"
+PFS_NOT_ACCEPTED = "the server did not accept the --pfs handshake: is it C DSVPN or an older dsvpn?"
 
 
 def _has_net_admin() -> bool:
@@ -130,19 +131,26 @@ class Signals:
             while self._r.recv(4096):
                 pass
 
-    def wait(self, seconds: float, sock: socket.socket | None = None) -> bool:
-        """Sleep up to `seconds`, waking early on a signal (or when `sock` becomes writable).
-        Returns True if `sock` became writable."""
+    def wait(
+        self, seconds: float, sock: socket.socket | None = None, readable: bool = False
+    ) -> bool:
+        """Sleep up to `seconds`, waking early on a signal (or when `sock` becomes writable, or
+        readable with `readable`). Returns True if `sock` became ready."""
         deadline = time.monotonic() + seconds
         while self.received is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            writable = [sock] if sock is not None else []
-            r, w, _ = select.select([self._r], writable, [], left)
-            if w:
-                return True
-            if r:
+            watched: list[socket.socket] = [sock] if sock is not None else []
+            if readable:
+                r, _, _ = select.select([self._r, *watched], [], [], left)
+                if sock is not None and sock in r:
+                    return True
+            else:
+                r, w, _ = select.select([self._r], watched, [], left)
+                if w:
+                    return True
+            if self._r in r:
                 self.drain()
         return False
 
@@ -241,18 +249,32 @@ class Tunnel:
             client_ip4=self.cfg.remote_tun_ip if self.cfg.is_server else None,
             # As the reference, accepted sockets carry the mark too (ignored if refused).
             mark=ROUTING_TABLE,
+            require_pfs=isinstance(self.cfg, ServerConfig) and self.cfg.require_pfs,
         )
 
     # -- server -----------------------------------------------------------------------------
 
     def _serve(self, loop: Loop, signals: Signals) -> None:
+        from dsvpn import pfs
+        from dsvpn._loop import EV_PFS_HELLO, EV_SESSION_UP
+
         cfg = self.cfg
         assert isinstance(cfg, ServerConfig)
-        log.info("listening on %s port %d", cfg.listen_ip or "all addresses", cfg.port)
+        log.info(
+            "listening on %s port %d%s",
+            cfg.listen_ip or "all addresses",
+            cfg.port,
+            " (forward-secret handshakes only)" if cfg.require_pfs else "",
+        )
         ticker = _Ticker(loop)
         while signals.received is None:
             event, message = loop.run(TICK_MS)
-            _log_event(event, message)
+            if event == EV_PFS_HELLO:
+                pfs.answer_hellos(loop)
+            elif event == EV_SESSION_UP:
+                log.info("session up: client %s%s", message, _fs_note(loop))
+            else:
+                _log_event(event, message)
             ticker.tick()
         log.info("stopping (signal %d)", signals.received)
 
@@ -281,12 +303,23 @@ class Tunnel:
             sock = self._dial(signals)
             if sock is None:
                 continue
-            loop.connect(sock.detach())
+            if cfg.pfs:
+                key = self._pfs_handshake(sock, signals)
+                if key is None:
+                    continue
+                loop.adopt(sock.detach(), key)
+            else:
+                loop.connect(sock.detach())
             while signals.received is None:
                 event, message = loop.run(TICK_MS)
                 ticker.tick()
                 if event == EV_SESSION_UP:
-                    log.info("session up with %s port %d", message or cfg.server_ip, cfg.port)
+                    log.info(
+                        "session up with %s port %d%s",
+                        message or cfg.server_ip,
+                        cfg.port,
+                        _fs_note(loop),
+                    )
                     attempt = 0
                 elif event == EV_HANDSHAKE_FAILED:
                     log.warning("handshake with %s failed: %s", cfg.server_ip, message)
@@ -298,6 +331,35 @@ class Tunnel:
                     _log_event(event, message)
         log.info("stopping (signal %d)", signals.received)
         return 0
+
+    def _pfs_handshake(self, sock: socket.socket, signals: Signals) -> bytes | None:
+        """The forward-secret handshake on a fresh connection, in Python (X25519 from
+        libsodium), with fresh ephemeral keys: the session key, or None after a logged failure
+        (the caller reconnects). A server that closes the connection instead of answering does
+        not know the extension: that ends the client, since it never falls back."""
+        from dsvpn import pfs
+        from dsvpn._loop import Timeout
+
+        cfg = self.cfg
+        assert isinstance(cfg, ClientConfig)
+        try:
+            return pfs.client_exchange(
+                sock,
+                self.key,
+                lambda seconds, readable: signals.wait(seconds, sock, readable),
+                Timeout.TIMEOUT_MS / 1000,
+            )
+        except pfs.NotAcceptedError:
+            sock.close()
+            raise NetworkError(PFS_NOT_ACCEPTED) from None
+        except InterruptedError:
+            sock.close()
+            return None  # a signal: the caller stops
+        except (pfs.HandshakeError, OSError) as exc:
+            sock.close()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("handshake with %s failed: %s", cfg.server_ip, why)
+            return None
 
     def _dial(self, signals: Signals) -> socket.socket | None:
         """A connected TCP socket to the server (options set before connect, so SO_MARK keeps
@@ -370,6 +432,11 @@ class _Ticker:
         self.next = time.monotonic() + STATS_EVERY
         stats = self.loop.stats()
         log.debug("stats: " + " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+
+
+def _fs_note(loop: Loop) -> str:
+    session = loop.session()
+    return " (forward secret)" if session is not None and session["pfs"] else ""
 
 
 def _log_event(event: int, message: str) -> None:
