@@ -15,6 +15,7 @@ from dsvpn.config import (
     DEFAULT_SERVER_TUN_IP,
     ClientConfig,
     Config,
+    FirewallName,
     ServerConfig,
 )
 from dsvpn.errors import DsvpnError, UsageError
@@ -27,6 +28,10 @@ usage:
                [<local tun ip>|auto] [<remote tun ip>|auto] [<gateway ip>|auto]
   dsvpn keygen <key file>      write a new random 32-byte key (mode 0600)
   dsvpn cleanup                remove what crashed dsvpn instances left behind
+  dsvpn service install <name> [--print] -- server|client <arguments>
+                               run dsvpn as a system service (see dsvpn service --help)
+  dsvpn service remove <name>  stop that service and remove what install wrote
+  dsvpn selftest               (as root) a tunnel between namespaces of its own, then a report
   dsvpn --version | --help
 
 options (anywhere after the mode word):
@@ -35,6 +40,8 @@ options (anywhere after the mode word):
   --dry-run            print every command it would run to set up and to undo, change nothing
   --platform NAME      with --dry-run: the plan of another OS
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
+  --firewall NAME      Linux: set the packet filter rules with iptables or nft (one table
+                       of its own); auto (the default): iptables when installed, else nft
   --pfs                client: forward secrecy (an X25519 handshake); needs a dsvpn
                        server, never falls back to the classic handshake
   --require-pfs        server: refuse clients without --pfs (C DSVPN clients too)
@@ -153,6 +160,40 @@ def _is_number(arg: str) -> bool:
     return arg[1:].isdigit()
 
 
+# -- --firewall (Linux), taken out of the arguments before the others are read ---------------
+
+FIREWALL_CHOICES = ("iptables", "nft", "auto")
+
+
+def _take_firewall(args: Sequence[str]) -> tuple[list[str], str | None]:
+    """(the other arguments, the last --firewall value given or None)."""
+    rest: list[str] = []
+    given: str | None = None
+    it = iter(args)
+    for arg in it:
+        if arg == "--firewall":
+            value = next(it, None)
+            if value is None:
+                raise UsageError("--firewall needs iptables, nft or auto")
+        elif arg.startswith("--firewall="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        if value not in FIREWALL_CHOICES:
+            raise UsageError(f"invalid --firewall {value!r}: expected iptables, nft or auto")
+        given = value
+    return rest, given
+
+
+def _firewall(given: str | None) -> FirewallName | None:
+    if given == "iptables":
+        return "iptables"
+    if given == "nft":
+        return "nft"
+    return None  # auto
+
+
 def parse_args(argv: Sequence[str]) -> Invocation:
     """argv (without the program name) -> Invocation. Raises UsageError; resolves no names."""
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -164,10 +205,13 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         raise UsageError(f"unknown mode {command!r}: expected server, client, keygen or cleanup")
     if "-h" in rest or "--help" in rest:
         return Invocation("help")
+    rest, firewall = _take_firewall(rest)
     args, opts = _split_options(rest)
     verbosity, dry_run, platform = opts.verbosity, opts.dry_run, opts.platform
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
+    if firewall is not None and command not in ("server", "client"):
+        raise UsageError("--firewall only goes with server or client")
     if opts.pfs and command != "client":
         hint = " (a server takes both handshakes; --require-pfs refuses the classic one)"
         raise UsageError("--pfs is a client option" + (hint if command == "server" else ""))
@@ -202,6 +246,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             local_tun_ip=_ipv4(local_ip, DEFAULT_SERVER_TUN_IP, "local tun ip"),
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_CLIENT_TUN_IP, "remote tun ip"),
             external_ip=_ip(last_ip, "external ip"),
+            firewall=_firewall(firewall),
             require_pfs=opts.require_pfs,
         )
     else:
@@ -216,6 +261,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             local_tun_ip=_ipv4(local_ip, DEFAULT_CLIENT_TUN_IP, "local tun ip"),
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_SERVER_TUN_IP, "remote tun ip"),
             gateway_ip=_ip(last_ip, "gateway ip"),
+            firewall=_firewall(firewall),
             pfs=opts.pfs,
         )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
@@ -259,9 +305,22 @@ def _dispatch(inv: Invocation) -> int:
     return tunnel.run(inv.config)
 
 
+def _operate(args: Sequence[str]) -> int:
+    """`dsvpn service ...` and `dsvpn selftest ...`: each module parses its own arguments."""
+    if args[0] == "service":
+        from dsvpn import service
+
+        return service.main(args[1:])
+    from dsvpn import selftest
+
+    return selftest.main(args[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args and args[0] in ("service", "selftest"):
+            return _operate(args)
         return _dispatch(parse_args(args))
     except DsvpnError as exc:
         print(f"dsvpn: {exc}", file=sys.stderr)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 Mode = Literal["server", "client"]
+# Linux: the tool that installs the packet filter rules (see platform/firewall.py).
+FirewallName = Literal["iptables", "nft"]
 
 # Constants of the wire protocol and of the reference's defaults.
 DEFAULT_PORT = 443
@@ -35,6 +37,9 @@ class BaseConfig:
     remote_tun_ip: str
     # This OS's tun MTU: Backend.prepare sets it, nothing else does.
     mtu: int = DEFAULT_MTU
+    # Linux: the packet filter tool (server NAT, the anti-spoof rule of both ends);
+    # None = iptables when installed, else nft.
+    firewall: FirewallName | None = None
 
     @property
     def is_server(self) -> bool:

@@ -241,7 +241,7 @@ def _applied_from_json(data: Any, dialect: Dialect) -> Applied:
         ):
             raise Untrusted("malformed sysctl step")
         key, wanted = sysctl
-        if key not in dialect.sysctl_keys:
+        if not dialect.is_sysctl_key(key):
             raise Untrusted(f"sysctl {key!r} is not one dsvpn sets")
         for value in (wanted, previous):
             if value is not None and not is_sysctl_value(value):

@@ -42,8 +42,8 @@ class Dialect(Protocol):
     it sets, and the undo of each apply argv it produces. An undo found in a record runs only
     if it is `undo_of` its own apply, so a record can never make dsvpn run anything else."""
 
-    @property
-    def sysctl_keys(self) -> frozenset[str]: ...
+    def is_sysctl_key(self, key: str) -> bool:
+        """Whether a plan of this backend may set sysctl `key` (some keys name an interface)."""
 
     def sysctl_read(self, key: str) -> Argv: ...
 
@@ -56,8 +56,17 @@ class Dialect(Protocol):
 
 def show(argv: Sequence[str]) -> str:
     """An argv as the user would type it (these arguments never need shell quoting,
-    except empty or spaced ones; "!" stays bare so the line reads like the reference's)."""
-    return " ".join(a if a and not any(c.isspace() for c in a) else repr(a) for a in argv)
+    except empty or spaced ones; "!" stays bare so the line reads like the reference's).
+    A multi-line argument (an nft ruleset) is shown as it is, in single quotes."""
+    return " ".join(_shown(a) for a in argv)
+
+
+def _shown(arg: str) -> str:
+    if arg and not any(c.isspace() for c in arg):
+        return arg
+    if "\n" in arg and "'" not in arg:
+        return f"'{arg}'"
+    return repr(arg)
 
 
 @dataclass

@@ -27,6 +27,8 @@ COMMAND_TIMEOUT = 30  # seconds; none of these tools should ever take this long
 PACKAGES = {
     "ip": "iproute2",
     "iptables": "iptables",
+    "ip6tables": "iptables",
+    "nft": "nftables",
     "sysctl": "procps",
     "ifconfig": "the base system's ifconfig",
     "route": "the base system's route",

@@ -1,5 +1,5 @@
-# Sizes of the wire protocol (docs/protocol.md, Handshake, Framing, Timeouts and limits), for
-# the Cython modules. The timeouts, which Python needs too, are in _loop.pxd.
+# Sizes of the wire protocol (docs/protocol.md, Handshake, Framing, Timeouts and limits), for the
+# Cython modules. The timeouts, which Python needs too, are in _loop.pxd.
 
 cdef enum:
     WIRE_TAG_LEN = 6            # the tag bytes a frame carries (of Charm's 16)

@@ -8,7 +8,8 @@ import signal
 import time
 
 import pytest
-import testbed
+
+from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import testbed
+
+from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,13 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from dsvpn.config import DEFAULT_MTU, ClientConfig, Config, ServerConfig
-from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied, PrerequisiteError
+from dsvpn.errors import (
+    DsvpnError,
+    NetworkError,
+    PermissionDenied,
+    PrerequisiteError,
+    UsageError,
+)
 from dsvpn.plan import Argv, Plan, Run
 
 PLACEHOLDER_IF = "<ext-if>"
@@ -25,6 +31,11 @@ class NetInfo(NamedTuple):
 
     ext_if: str
     gateway: str
+    # server: the interface of the IPv6 route out (None: there is none, IPv6 is not NATed),
+    # and whether it takes router advertisements (Linux accept_ra 1 or 2), which turning
+    # forwarding on would stop unless accept_ra is 2.
+    ext_if6: str | None = None
+    ext6_accepts_ra: bool = False
 
 
 class TunFraming(NamedTuple):
@@ -47,8 +58,10 @@ class Backend(ABC):
     default_mtu: int = DEFAULT_MTU
     # (tool, what provides it) that check_host() requires on PATH.
     tools: tuple[tuple[str, str], ...] = ()
-    # Every sysctl key a plan of this backend sets.
+    # Every sysctl key of fixed name a plan of this backend sets (see is_sysctl_key).
     sysctl_keys: frozenset[str] = frozenset()
+    # The packet filters --firewall may name (Linux only).
+    firewalls: tuple[str, ...] = ()
 
     def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
         self._which = which
@@ -56,6 +69,7 @@ class Backend(ABC):
     def prepare(self, cfg: Config) -> Config:
         """The config as this OS runs it, for a real run and a dry run alike: the tun name
         checked as open_tun would (UsageError), and this OS's MTU."""
+        self.check_firewall(cfg)
         if cfg.tun_name is not None:
             self.check_tun_name(cfg.tun_name)
         return dataclasses.replace(cfg, mtu=self.default_mtu)
@@ -84,6 +98,11 @@ class Backend(ABC):
     @abstractmethod
     def mtu_argv(self, tun: str, mtu: int) -> Argv: ...
 
+    def check_firewall(self, cfg: Config) -> None:
+        """UsageError for a --firewall this OS does not have."""
+        if cfg.firewall is not None and cfg.firewall not in self.firewalls:
+            raise UsageError(f"--firewall has no effect on {self.name}: it sets no packet filter")
+
     def plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
         if isinstance(cfg, ServerConfig):
             return self.server_plan(cfg, tun, net)
@@ -100,6 +119,9 @@ class Backend(ABC):
         return []
 
     # -- plan.Dialect ------------------------------------------------------------------------
+
+    def is_sysctl_key(self, key: str) -> bool:
+        return key in self.sysctl_keys
 
     def sysctl_read(self, key: str) -> Argv:
         return ("sysctl", "-n", key)
@@ -204,7 +226,8 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
                 raise NetworkError(f"no interface has the external address {cfg.external_ip}")
             family = ni.AF_INET6 if is_ipv6(cfg.external_ip) else ni.AF_INET
             gateway = ni.gateways().get("default", {}).get(family, ("", ""))[0]
-            return NetInfo(ext_if, gateway)
+            ext_if6 = ext_if if is_ipv6(cfg.external_ip) else _route_out6(ni)
+            return NetInfo(ext_if, gateway, ext_if6)
         default = _default_route(ni, ni.AF_INET)
         if default is None:
             raise NetworkError(
@@ -212,7 +235,7 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
                 "traffic is unknown; give the external IP explicitly"
             )
         gateway, ext_if = default
-        return NetInfo(ext_if, gateway)
+        return NetInfo(ext_if, gateway, _route_out6(ni))
 
     server = server_address(cfg)
     family = ni.AF_INET6 if is_ipv6(server) else ni.AF_INET
@@ -230,6 +253,12 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
         )
     gateway, ext_if = default
     return NetInfo(ext_if, gateway)
+
+
+def _route_out6(ni: Any) -> str | None:
+    """The interface of the default IPv6 route, if there is one."""
+    default = _default_route(ni, ni.AF_INET6)
+    return default[1] if default else None
 
 
 def _default_route(ni: Any, family: int) -> tuple[str, str] | None:

@@ -1,26 +1,29 @@
-"""Linux: /dev/net/tun, iproute2 and iptables; the client routes through table 42069."""
+"""Linux: /dev/net/tun, iproute2 and iptables or nft; the client routes through table 42069."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import struct
 from collections.abc import Callable, Sequence
 
-from dsvpn.config import ROUTING_TABLE, ClientConfig, Config, ServerConfig
-from dsvpn.errors import PrerequisiteError, UsageError
+from dsvpn.config import ROUTING_TABLE, ClientConfig, Config, FirewallName, ServerConfig
+from dsvpn.errors import DsvpnError, PrerequisiteError, UsageError
 from dsvpn.plan import Argv, Plan, Run, Step
+from dsvpn.platform import firewall as fw
 from dsvpn.platform._common import (
+    PLACEHOLDER_IF,
     Backend,
     NetInfo,
-    Shape,
     TunFraming,
-    fits,
+    discover,
     tun_open_error,
     word_ifname,
     word_ipv4,
+    word_ipv6,
 )
 
 # <linux/if_tun.h>
@@ -36,73 +39,88 @@ IFNAMSIZ = 16
 
 TABLE = str(ROUTING_TABLE)
 FORWARDING = "net.ipv4.ip_forward"
+FORWARDING6 = "net.ipv6.conf.all.forwarding"
 CONGESTION = "net.ipv4.tcp_congestion_control"
+# The keys of fixed name the plans set; accept_ra's names an interface (is_sysctl_key).
+SYSCTL_KEYS = frozenset({FORWARDING, FORWARDING6, CONGESTION})
+NO_IPV6_OUT = "no IPv6 route out: clients' IPv6 traffic will not be forwarded"
 
 
 def sysctl_write(key: str, value: str) -> Argv:
     return ("sysctl", f"{key}={value}")
 
 
-# -- iptables rules: built here for the plans, recognised here for the records ----------------
+# -- sysctls whose key names an interface ------------------------------------------------------
+
+# Interfaces whose names are sysctl directories of their own, not interfaces.
+_NOT_IFNAMES = ("all", "default")
 
 
-def _drop_foreign_to_tun_ip(tun: str, local_ip: str) -> Argv:
+def accept_ra_key(ifname: str) -> str:
+    """The accept_ra sysctl key of an interface. DsvpnError for a name it cannot be built of
+    (a plan must hold only keys that is_sysctl_key accepts back from a record)."""
+    if not word_ifname(ifname) or ifname in _NOT_IFNAMES:
+        raise DsvpnError(f"interface name {ifname!r} cannot be used in a sysctl key")
+    # sysctl reads dots as separators; a name with a dot (eth0.100) needs the slash form.
+    if "." in ifname:
+        return f"net/ipv6/conf/{ifname}/accept_ra"
+    return f"net.ipv6.conf.{ifname}.accept_ra"
+
+
+_ACCEPT_RA = re.compile(r"net\.ipv6\.conf\.(.+)\.accept_ra|net/ipv6/conf/(.+)/accept_ra")
+
+
+def is_sysctl_key(key: str) -> bool:
+    """Whether a Linux plan may set `key`: a fixed key, or exactly what accept_ra_key makes of
+    a valid interface name (for checking a record before restoring a value as root)."""
+    if key in SYSCTL_KEYS:
+        return True
+    m = _ACCEPT_RA.fullmatch(key)
+    if m is None:
+        return False
+    try:
+        return accept_ra_key(m[1] or m[2]) == key
+    except DsvpnError:
+        return False
+
+
+# -- packet filter rules: built here for the plans, recognised here for the records -----------
+
+
+def _anti_spoof(tun: str, address: str, family: fw.Family) -> fw.Rule:
     # Packets for our tun address that arrive on another interface are spoofed: drop them.
-    return (
-        "PREROUTING",
-        "!",
-        "-i",
-        tun,
-        "-d",
-        local_ip,
-        "-m",
-        "addrtype",
-        "!",
-        "--src-type",
-        "LOCAL",
-        "-j",
-        "DROP",
+    return fw.Rule(
+        fw.Hook.RAW_PREROUTING,
+        family,
+        "drop",
+        iif=tun,
+        not_iif=True,
+        daddr=address,
+        src_not_local=True,
+        first=True,
     )
 
 
-def _masquerade(ext: str, remote_ip: str) -> Argv:
-    return ("POSTROUTING", "-o", ext, "-s", remote_ip, "-j", "MASQUERADE")
+def _nat(tun: str, ext: str, client: str, family: fw.Family) -> list[fw.Rule]:
+    """The client's address leaves through `ext` as the server's; replies come back."""
+    return [
+        fw.Rule(fw.Hook.NAT_POSTROUTING, family, "masquerade", oif=ext, saddr=client),
+        fw.Rule(fw.Hook.FORWARD, family, "accept", iif=ext, oif=tun, established=True),
+        fw.Rule(fw.Hook.FORWARD, family, "accept", iif=tun, oif=ext),
+    ]
 
 
-def _forward_back(ext: str, tun: str) -> Argv:
-    return (
-        "FORWARD",
-        "-i",
-        ext,
-        "-o",
-        tun,
-        "-m",
-        "state",
-        "--state",
-        "RELATED,ESTABLISHED",
-        "-j",
-        "ACCEPT",
-    )
-
-
-def _forward_out(tun: str, ext: str) -> Argv:
-    return ("FORWARD", "-i", tun, "-o", ext, "-j", "ACCEPT")
-
-
-def _iptables(table: str, verb: str, rule: Argv) -> Step:
-    return Step(("iptables", "-t", table, verb, *rule), ("iptables", "-t", table, "-D", *rule))
-
-
-# The same builders called with markers give the shapes: a record's iptables undo is accepted
-# only as the -D twin of an apply of one of these shapes.
-_IF, _V4 = "\0ifname", "\0ipv4"
-_IPTABLES_SHAPES: tuple[tuple[str, str, Shape], ...] = tuple(
-    (table, verb, tuple({_IF: word_ifname, _V4: word_ipv4}.get(w, w) for w in rule))
-    for table, verb, rule in (
-        ("raw", "-I", _drop_foreign_to_tun_ip(_IF, _V4)),
-        ("nat", "-A", _masquerade(_IF, _V4)),
-        ("filter", "-A", _forward_back(_IF, _IF)),
-        ("filter", "-A", _forward_out(_IF, _IF)),
+# The same builders called with markers give the shapes: a record's iptables or ip6tables
+# undo is accepted only as the -D twin of an apply of one of these shapes.
+_IF, _V4, _V6 = "\0ifname", "\0ipv4", "\0ipv6"
+_WORDS = {_IF: word_ifname, _V4: word_ipv4, _V6: word_ipv6}
+_IPTABLES_SHAPES = tuple(
+    fw.iptables_shape(rule, _WORDS)
+    for rule in (
+        _anti_spoof(_IF, _V4, 4),
+        *_nat(_IF, _IF, _V4, 4),
+        _anti_spoof(_IF, _V6, 6),
+        *_nat(_IF, _IF, _V6, 6),
     )
 )
 
@@ -131,12 +149,7 @@ def undo_of(apply: Sequence[str]) -> Argv | None:
     apply = tuple(apply)
     if apply in _IP_RULE_UNDO:
         return _IP_RULE_UNDO[apply]
-    if len(apply) > 4 and apply[:2] == ("iptables", "-t"):
-        table, verb, rule = apply[2], apply[3], apply[4:]
-        for t, v, shape in _IPTABLES_SHAPES:
-            if (table, verb) == (t, v) and fits(rule, shape):
-                return _iptables(table, verb, rule).undo
-    return None
+    return fw.undo_of(apply, _IPTABLES_SHAPES)
 
 
 def _addresses(cfg: Config, tun: str) -> list[Step]:
@@ -165,26 +178,46 @@ _LINK_UP = ("ip", "link", "set", "dev")
 # iptables rules are added unconditionally (no `iptables -C` check first): a rule that is
 # already there belongs to someone else (the admin, or a live instance, which
 # instances.claim refuses), and skipping it would make our undo delete theirs. Leftovers
-# of our own crashed runs are removed by instances.claim before we start.
+# of our own crashed runs are removed by instances.claim before we start (an nft table
+# replaces its namesake in the same transaction, see firewall.nft_ruleset).
 
 
-def server_plan(cfg: ServerConfig, tun: str, net: NetInfo) -> Plan:
-    ext = net.ext_if
-    return Plan(
-        [
-            # Restored (or handed to another live server) on exit by the runner.
-            Step(sysctl_write(FORWARDING, "1"), None, sysctl=(FORWARDING, "1")),
-            *_addresses(cfg, tun),
-            Step((*_LINK_UP, tun, "up"), None),
-            _iptables("raw", "-I", _drop_foreign_to_tun_ip(tun, cfg.local_tun_ip)),
-            _iptables("nat", "-A", _masquerade(ext, cfg.remote_tun_ip)),
-            _iptables("filter", "-A", _forward_back(ext, tun)),
-            _iptables("filter", "-A", _forward_out(tun, ext)),
+def server_plan(
+    cfg: ServerConfig, tun: str, net: NetInfo, firewall: FirewallName = "iptables"
+) -> Plan:
+    rules = [_anti_spoof(tun, cfg.local_tun_ip, 4), *_nat(tun, net.ext_if, cfg.remote_tun_ip, 4)]
+    ext6 = net.ext_if6
+    if ext6:
+        rules += [
+            _anti_spoof(tun, cfg.local_tun_ip6, 6),
+            *_nat(tun, ext6, cfg.remote_tun_ip6, 6),
         ]
-    )
+    steps = [
+        # Restored (or handed to another live server) on exit by the runner.
+        Step(sysctl_write(FORWARDING, "1"), None, sysctl=(FORWARDING, "1")),
+        *_addresses(cfg, tun),
+        Step((*_LINK_UP, tun, "up"), None),
+        *fw.steps(firewall, tun, rules),
+    ]
+    if ext6:
+        # Every server's tun covers all of 64:ff9b::/96 (the peer /96 above): with two
+        # servers the replies to a client would take the first tun. Its own address is
+        # routed to its own tun (the route goes with the device).
+        steps.append(
+            Step(("ip", "-6", "route", "add", f"{cfg.remote_tun_ip6}/128", "dev", tun), None)
+        )
+        if net.ext6_accepts_ra:
+            # Forwarding makes the kernel ignore router advertisements on interfaces with
+            # accept_ra 1, and drop the default route they gave at once: 2 keeps them.
+            key = accept_ra_key(ext6)
+            steps.append(Step(sysctl_write(key, "2"), None, sysctl=(key, "2")))
+        steps.append(Step(sysctl_write(FORWARDING6, "1"), None, sysctl=(FORWARDING6, "1")))
+    return Plan(steps)
 
 
-def client_plan(cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
+def client_plan(
+    cfg: ClientConfig, tun: str, net: NetInfo, firewall: FirewallName = "iptables"
+) -> Plan:
     # The gateway plays no part: the tunnel's socket carries fwmark 42069 and so keeps
     # using the main table, whatever its default route is.
     return Plan(
@@ -197,7 +230,7 @@ def client_plan(cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
                 best_effort=True,
             ),
             Step((*_LINK_UP, tun, "up"), None),
-            _iptables("raw", "-I", _drop_foreign_to_tun_ip(tun, cfg.local_tun_ip)),
+            *fw.steps(firewall, tun, [_anti_spoof(tun, cfg.local_tun_ip, 4)]),
             *_addresses(cfg, tun),
             # The table's routes vanish with the device.
             Step(("ip", "route", "add", "default", "dev", tun, "table", TABLE), None),
@@ -211,24 +244,54 @@ class LinuxBackend(Backend):
     name = "linux"
     # vnet_hdr: lets the loop write merged TCP segments as one GSO packet (see tun_vnet.h).
     framing = TunFraming(header=False, af_inet=socket.AF_INET, af_inet6=10, vnet_hdr=True)
-    tools = (("ip", "iproute2"), ("iptables", "iptables"), ("sysctl", "procps"))
-    sysctl_keys = frozenset({FORWARDING, CONGESTION})
+    # iptables or nft: checked by fw.check_installed, as --firewall asks.
+    tools = (("ip", "iproute2"), ("sysctl", "procps"))
+    sysctl_keys = SYSCTL_KEYS
+    firewalls = fw.FIREWALLS
 
     def __init__(
         self,
         which: Callable[[str], str | None] | None = None,
         clone_dev: str = "/dev/net/tun",
+        proc_sys: str = "/proc/sys",
     ) -> None:
         if which is None:
             super().__init__()
         else:
             super().__init__(which)
         self._clone_dev = clone_dev
+        self._proc_sys = proc_sys
+
+    def prepare(self, cfg: Config) -> Config:
+        cfg = super().prepare(cfg)
+        if cfg.tun_name is not None and self.firewall(cfg) == "nft":
+            fw.table_name(cfg.tun_name)  # the table is named after the tun
+        return cfg
 
     def check_host(self, cfg: Config) -> None:
         if not os.path.exists(self._clone_dev):
             raise PrerequisiteError(f"{self._clone_dev} does not exist (try: modprobe tun)")
         super().check_host(cfg)
+        fw.check_installed(cfg.firewall, self._which)
+
+    def firewall(self, cfg: Config) -> FirewallName:
+        return fw.choose(cfg.firewall, self._which)
+
+    def discover(self, cfg: Config) -> NetInfo:
+        net = discover(cfg)
+        if net.ext_if6 and self._accepts_ra(net.ext_if6):
+            net = net._replace(ext6_accepts_ra=True)
+        return net
+
+    def _accepts_ra(self, ifname: str) -> bool:
+        path = os.path.join(self._proc_sys, "net", "ipv6", "conf", ifname, "accept_ra")
+        try:
+            with open(path) as f:
+                # 2 as well: set by another live server (or the admin), it must be handed
+                # over rather than left to whoever restores it first.
+                return f.read().strip() in ("1", "2")
+        except OSError:
+            return False
 
     def check_tun_name(self, name: str) -> None:
         if not 0 < len(name.encode()) < IFNAMSIZ or not word_ifname(name):
@@ -238,10 +301,20 @@ class LinuxBackend(Backend):
             )
 
     def server_plan(self, cfg: ServerConfig, tun: str, net: NetInfo) -> Plan:
-        return server_plan(cfg, tun, net)
+        return server_plan(cfg, tun, net, self.firewall(cfg))
 
     def client_plan(self, cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
-        return client_plan(cfg, tun, net)
+        return client_plan(cfg, tun, net, self.firewall(cfg))
+
+    def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
+        if not isinstance(cfg, ServerConfig) or net.ext_if6:
+            return []
+        if net.ext_if == PLACEHOLDER_IF:  # a dry run for another host: its routes are unknown
+            return ["with an IPv6 route out, its clients' IPv6 traffic is NATed there too"]
+        return [NO_IPV6_OUT]
+
+    def is_sysctl_key(self, key: str) -> bool:
+        return is_sysctl_key(key)
 
     def sysctl_write(self, key: str, value: str) -> Argv:
         return sysctl_write(key, value)
