@@ -43,6 +43,9 @@ options (anywhere after the mode word):
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
   --firewall NAME      Linux: set the packet filter rules with iptables or nft (one table
                        of its own); auto (the default): iptables when installed, else nft
+  --pfs                client: forward secrecy (an X25519 handshake); needs a dsvpn
+                       server, never falls back to the classic handshake
+  --require-pfs        server: refuse clients without --pfs (C DSVPN clients too)
 
 Trailing "auto" arguments may be left out. Defaults: listen on every address, port 443,
 server tun IP 192.168.192.254, client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>,
@@ -59,6 +62,15 @@ example:
 """
 
 MAX_POSITIONALS = 7
+
+
+@dataclass
+class _Options:
+    verbosity: int = 0
+    dry_run: bool = False
+    platform: str | None = None
+    pfs: bool = False
+    require_pfs: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,28 +130,32 @@ def _tun(value: str | None) -> str | None:
     return value
 
 
-def _split_options(args: Sequence[str]) -> tuple[list[str], int, bool, str | None]:
+def _split_options(args: Sequence[str]) -> tuple[list[str], _Options]:
     positionals: list[str] = []
-    verbosity, dry_run, platform = 0, False, None
+    opts = _Options()
     it = iter(args)
     for arg in it:
         if arg in ("-v", "--verbose"):
-            verbosity = 1
+            opts.verbosity = 1
         elif arg in ("-q", "--quiet"):
-            verbosity = -1
+            opts.verbosity = -1
         elif arg == "--dry-run":
-            dry_run = True
+            opts.dry_run = True
         elif arg == "--platform":
-            platform = next(it, None)
-            if platform is None:
+            opts.platform = next(it, None)
+            if opts.platform is None:
                 raise UsageError("--platform needs a name")
         elif arg.startswith("--platform="):
-            platform = arg.split("=", 1)[1]
+            opts.platform = arg.split("=", 1)[1]
+        elif arg == "--pfs":
+            opts.pfs = True
+        elif arg == "--require-pfs":
+            opts.require_pfs = True
         elif arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
             raise UsageError(f"unknown option {arg!r} (see dsvpn --help)")
         else:
             positionals.append(arg)
-    return positionals, verbosity, dry_run, platform
+    return positionals, opts
 
 
 def _is_number(arg: str) -> bool:
@@ -198,11 +214,18 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             raise UsageError("usage: dsvpn status [--json]")
         return Invocation("status", json=bool(rest))
     rest, firewall = _take_firewall(rest)
-    args, verbosity, dry_run, platform = _split_options(rest)
+    args, opts = _split_options(rest)
+    verbosity, dry_run, platform = opts.verbosity, opts.dry_run, opts.platform
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
     if firewall is not None and command not in ("server", "client"):
         raise UsageError("--firewall only goes with server or client")
+    if opts.pfs and command != "client":
+        hint = " (a server takes both handshakes; --require-pfs refuses the classic one)"
+        raise UsageError("--pfs is a client option" + (hint if command == "server" else ""))
+    if opts.require_pfs and command != "server":
+        hint = " (a client asks for forward secrecy with --pfs)" if command == "client" else ""
+        raise UsageError("--require-pfs is a server option" + hint)
 
     if command == "keygen":
         if len(args) != 1:
@@ -232,6 +255,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_CLIENT_TUN_IP, "remote tun ip"),
             external_ip=_ip(last_ip, "external ip"),
             firewall=_firewall(firewall),
+            require_pfs=opts.require_pfs,
         )
     else:
         server = _auto(address)
@@ -246,6 +270,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_SERVER_TUN_IP, "remote tun ip"),
             gateway_ip=_ip(last_ip, "gateway ip"),
             firewall=_firewall(firewall),
+            pfs=opts.pfs,
         )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")

@@ -63,6 +63,8 @@ class ServerConfig(BaseConfig):
     # The address whose interface carries the clients' NATed traffic; None = the interface of
     # the default route.
     external_ip: str | None = None
+    # Refuse the classic handshake: only clients with --pfs (docs/protocol.md, Extensions).
+    require_pfs: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +76,8 @@ class ClientConfig(BaseConfig):
     # The server's address: `server` resolved once at start, as the reference does.
     server_ip: str | None = None
     gateway_ip: str | None = None  # towards the server; None = the default route's gateway
+    # The forward-secret handshake, never the classic one (docs/protocol.md, Extensions).
+    pfs: bool = False
 
 
 Config = ServerConfig | ClientConfig

@@ -140,15 +140,18 @@ def down_reason(reason: str, mode: str) -> str:
     return reason
 
 
-def session_up(mode: str, endpoint: str, name: str | None = None) -> str:
+def session_up(
+    mode: str, endpoint: str, name: str | None = None, forward_secret: bool = False
+) -> str:
     """The line for a session that came up; `name`: the peer's name where one is known."""
     where = endpoint_text(endpoint)
+    note = " (forward secret)" if forward_secret else ""
     if mode == "server":
-        return f"session up: client {where}"
+        return f"session up: client {where}{note}"
     if name:
         host, _, port = where.partition(" port ")
-        return f"session up: connected to {name} ({host}) port {port}"
-    return f"session up: connected to {where}"
+        return f"session up: connected to {name} ({host}) port {port}{note}"
+    return f"session up: connected to {where}{note}"
 
 
 def session_down(ended: Mapping[str, Any], mode: str) -> str:
@@ -178,7 +181,8 @@ class SessionLog:
         """session: Loop.session() (None if it went down again at once: then the peer's IP
         from the event)."""
         endpoint = str(session["endpoint"]) if session else peer_ip
-        return session_up(self.mode, endpoint, self.peer_name)
+        forward_secret = bool(session.get("pfs")) if session else False
+        return session_up(self.mode, endpoint, self.peer_name, forward_secret)
 
     def ended(self, ended: Mapping[str, Any] | None) -> str | None:
         """The line for Loop.ended_session(), or None if that one was told already."""

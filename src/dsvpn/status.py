@@ -539,6 +539,8 @@ def _render_one(inst: dict[str, Any], now: float) -> str:
         srows: list[tuple[int, str, str]] = [(2, "session", str(s.get("endpoint")))]
         srows.append((4, "connected", _when(s.get("since"), now)))
         srows.append((4, "latest handshake", _when(s.get("latest_handshake"), now)))
+        if "pfs" in s:
+            srows.append((4, "forward secret", "yes" if s["pfs"] else "no"))
         srows.append((4, "received", _traffic(s.get("rx_bytes", 0), s.get("rx_packets", 0))))
         srows.append((4, "sent", _traffic(s.get("tx_bytes", 0), s.get("tx_packets", 0))))
         srows.append((4, "drops", _drops(s.get("drops") or {})))

@@ -41,6 +41,7 @@ TICK_MS = 1000  # how often the loop hands control back to Python when nothing h
 CAP_NET_ADMIN = 12
 LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
 NEEDS_ROOT = "needs root (CAP_NET_ADMIN): run it as root"
+PFS_NOT_ACCEPTED = "the server did not accept the --pfs handshake: is it C DSVPN or an older dsvpn?"
 
 
 def _has_net_admin() -> bool:
@@ -131,19 +132,26 @@ class Signals:
             while self._r.recv(4096):
                 pass
 
-    def wait(self, seconds: float, sock: socket.socket | None = None) -> bool:
-        """Sleep up to `seconds`, waking early on a signal (or when `sock` becomes writable).
-        Returns True if `sock` became writable."""
+    def wait(
+        self, seconds: float, sock: socket.socket | None = None, readable: bool = False
+    ) -> bool:
+        """Sleep up to `seconds`, waking early on a signal (or when `sock` becomes writable, or
+        readable with `readable`). Returns True if `sock` became ready."""
         deadline = time.monotonic() + seconds
         while self.received is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            writable = [sock] if sock is not None else []
-            r, w, _ = select.select([self._r], writable, [], left)
-            if w:
-                return True
-            if r:
+            watched: list[socket.socket] = [sock] if sock is not None else []
+            if readable:
+                r, _, _ = select.select([self._r, *watched], [], [], left)
+                if sock is not None and sock in r:
+                    return True
+            else:
+                r, w, _ = select.select([self._r], watched, [], left)
+                if w:
+                    return True
+            if self._r in r:
                 self.drain()
         return False
 
@@ -300,20 +308,32 @@ class Tunnel:
             client_ip4=self.cfg.remote_tun_ip if self.cfg.is_server else None,
             # As the reference, accepted sockets carry the mark too (ignored if refused).
             mark=ROUTING_TABLE,
+            require_pfs=isinstance(self.cfg, ServerConfig) and self.cfg.require_pfs,
         )
 
     # -- server -----------------------------------------------------------------------------
 
     def _serve(self, loop: Loop, signals: Signals) -> None:
+        from dsvpn import pfs
+        from dsvpn._loop import EV_PFS_HELLO
+
         cfg = self.cfg
         assert isinstance(cfg, ServerConfig) and self.live is not None
         self.live.state = "listening"
-        log.info("listening on %s port %d", cfg.listen_ip or "all addresses", cfg.port)
+        log.info(
+            "listening on %s port %d%s",
+            cfg.listen_ip or "all addresses",
+            cfg.port,
+            " (forward-secret handshakes only)" if cfg.require_pfs else "",
+        )
         # The tun is up, every rule applied, the listener bound: the service works.
         self.notifier.ready(self.live.summary(0))
         while signals.received is None:
             event, message = loop.run(TICK_MS)
-            self._on_event(loop, event, message)
+            if event == EV_PFS_HELLO:
+                pfs.answer_hellos(loop)
+            else:
+                self._on_event(loop, event, message)
             self._tick(loop)
         log.info("stopping (signal %d)", signals.received)
 
@@ -397,7 +417,13 @@ class Tunnel:
             sock, why = self._dial(signals)
             if sock is None:
                 continue
-            loop.connect(sock.detach())
+            if cfg.pfs:
+                key, why = self._pfs_handshake(sock, signals)
+                if key is None:
+                    continue
+                loop.adopt(sock.detach(), key)
+            else:
+                loop.connect(sock.detach())
             while signals.received is None:
                 event, message = loop.run(TICK_MS)
                 if event == EV_SESSION_UP:
@@ -414,6 +440,38 @@ class Tunnel:
                 self._tick(loop)
         log.info("stopping (signal %d)", signals.received)
         return 0
+
+    def _pfs_handshake(
+        self, sock: socket.socket, signals: Signals
+    ) -> tuple[bytes | None, str | None]:
+        """The forward-secret handshake on a fresh connection, in Python (X25519 from
+        libsodium), with fresh ephemeral keys: the session key; else None and why (the caller
+        reconnects; None too when a signal came). A server that closes the connection instead
+        of answering does not know the extension: that ends the client, since it never falls
+        back."""
+        from dsvpn import pfs
+        from dsvpn._loop import Timeout
+
+        cfg = self.cfg
+        assert isinstance(cfg, ClientConfig)
+        try:
+            key = pfs.client_exchange(
+                sock,
+                self.key,
+                lambda seconds, readable: signals.wait(seconds, sock, readable),
+                Timeout.TIMEOUT_MS / 1000,
+            )
+            return key, None
+        except pfs.NotAcceptedError:
+            sock.close()
+            raise NetworkError(PFS_NOT_ACCEPTED) from None
+        except InterruptedError:
+            sock.close()
+            return None, None  # a signal: the caller stops
+        except (pfs.HandshakeError, OSError) as exc:
+            sock.close()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return None, f"forward-secret handshake with {cfg.server_ip} failed: {why}"
 
     def _dial(self, signals: Signals) -> tuple[socket.socket | None, str | None]:
         """A connected TCP socket to the server (options set before connect, so SO_MARK keeps

@@ -123,6 +123,9 @@ def test_session_lines() -> None:
     assert logs.session_up("client", "[2001:db8::7]:443") == (
         "session up: connected to 2001:db8::7 port 443"
     )
+    assert logs.session_up("server", "198.51.100.2:53422", forward_secret=True) == (
+        "session up: client 198.51.100.2 port 53422 (forward secret)"
+    )
     assert logs.session_down(ENDED, "server") == (
         "session down: client 198.51.100.2 port 53422: the client closed the connection "
         "(up 3 minutes, 12 seconds, received 1.21 MiB, sent 341.80 KiB)"
