@@ -251,20 +251,33 @@ def test_exclude_and_no_routes(tb, impl, key):
     assert not tb.changes(before)
 
 
-def test_kill_switch(tb, impl, key):
+def _kill_switches(tb: testbed.Testbed, firewall: str) -> int:
+    """How many kill switches are in place in the client namespace (hooks or tables)."""
+    if firewall == "nft":
+        return testbed.nft_tables(tb.client).count("table inet dsvpn-kill-switch")
+    hooks = [_rule_lines(tb, tool, "-A OUTPUT -j dsvpn-kill-switch") for tool in TOOLS]
+    assert len(hooks[0]) == len(hooks[1]), hooks  # IPv4 and IPv6 alike
+    return len(hooks[0])
+
+
+TOOLS = ("iptables", "ip6tables")
+
+
+@pytest.mark.parametrize("firewall", ["iptables", "nft"])
+def test_kill_switch(tb, impl, key, firewall):
     _skip_reference(impl)
     outside = _outside(tb)
     tb.start_script(tb.server, ACCEPTOR, [PROBE_PORT], "acceptor")
     testbed.wait_until(lambda: _connect(tb, outside, "eth0") is None, 10, "the acceptor")
     before = tb.snapshots()
+    options = ("--kill-switch", "--firewall", firewall)
 
-    server, client = _up(tb, impl, key, "--kill-switch")
+    server, client = _up(tb, impl, key, *options)
     tb.client.wait_ping(tb.inet.ip, 15, procs=(server, client))
     # An application pinned to the LAN interface would go around the tunnel: blocked.
     assert _connect(tb, outside, "eth0") == REJECTED
     assert tb.client.ping_ok(tb.server.ip)  # the LAN is excepted
-    assert len(_rule_lines(tb, "iptables", "-A OUTPUT -j dsvpn-kill-switch")) == 1
-    assert len(_rule_lines(tb, "ip6tables", "-A OUTPUT -j dsvpn-kill-switch")) == 1
+    assert _kill_switches(tb, firewall) == 1
 
     # A crash, then the crash handler's plain cleanup: the kill switch stays, the rest goes.
     client.kill()
@@ -275,19 +288,21 @@ def test_kill_switch(tb, impl, key):
     assert _connect(tb, outside, "eth0") == REJECTED
     assert tb.client.ping_ok(tb.server.ip)
     assert "kept the kill switch" in _cleanup(tb, impl)  # and again
+    assert _kill_switches(tb, firewall) == 1
 
     # The next start takes over: one kill switch, the tunnel works; a clean stop removes it.
-    _, client = _up(tb, impl, key, "--kill-switch", server=server, name="client-2")
+    _, client = _up(tb, impl, key, *options, server=server, name="client-2")
     tb.client.wait_ping(tb.inet.ip, 15, procs=(server, client))
-    assert len(_rule_lines(tb, "iptables", "-A OUTPUT -j dsvpn-kill-switch")) == 1
+    assert _kill_switches(tb, firewall) == 1
     assert client.stop(signal.SIGTERM) == 0
-    assert not _rule_lines(tb, "iptables", "dsvpn-kill-switch")
+    assert _kill_switches(tb, firewall) == 0
     assert _connect(tb, outside, "eth0") is None
 
     # Crash again: `dsvpn cleanup --all` removes the kill switch too.
-    _, client = _up(tb, impl, key, "--kill-switch", server=server, name="client-3")
+    _, client = _up(tb, impl, key, *options, server=server, name="client-3")
     client.kill()
     _cleanup(tb, impl, "--all")
+    assert _kill_switches(tb, firewall) == 0
     assert _connect(tb, outside, "eth0") is None
     said = _cleanup(tb, impl)  # /run/dsvpn is shared: other namespaces' records may be there
     assert said.splitlines()[-1] == "nothing to clean up", said

@@ -199,6 +199,47 @@ def test_linux_kill_switch() -> None:
     assert " ".join(kill[0].undo or ()) == "iptables -t filter -X dsvpn-kill-switch"
 
 
+def test_linux_kill_switch_with_nft_is_one_kept_table() -> None:
+    cfg = dataclasses.replace(
+        client(kill_switch=True, local_nets=LAN, excludes=("10.1.0.0/16",)), firewall="nft"
+    )
+    plan = linux(cfg)
+    (step,) = [s for s in plan.steps if s.keep]
+    assert step is plan.steps[-1]
+    assert step.apply[0] == "nft" and len(step.apply) == 2
+    assert step.undo == ("nft", "delete", "table", "inet", "dsvpn-kill-switch")
+    assert by_name("linux").undo_of(step.apply) == step.undo
+    lines = [ln.strip() for ln in step.apply[1].splitlines()]
+    assert lines[:3] == [
+        "add table inet dsvpn-kill-switch",
+        "delete table inet dsvpn-kill-switch",
+        "table inet dsvpn-kill-switch {",
+    ]
+    assert "type filter hook output priority filter; policy accept;" in lines
+    rules = lines[lines.index("chain output {") + 2 : -2]
+    assert rules == [
+        'meta nfproto ipv4 oifname "lo" accept',
+        'meta nfproto ipv4 oifname "tun0" accept',
+        "meta nfproto ipv4 meta mark 42069 accept",
+        "ip daddr 192.0.2.0/24 accept",
+        "ip daddr 169.254.0.0/16 accept",
+        "ip daddr 224.0.0.0/24 accept",
+        "ip daddr 255.255.255.255/32 accept",
+        "ip daddr 10.1.0.0/16 accept",
+        "ip daddr 0.0.0.0/0 reject with icmpx type no-route",
+        'meta nfproto ipv6 oifname "lo" accept',
+        'meta nfproto ipv6 oifname "tun0" accept',
+        "meta nfproto ipv6 meta mark 42069 accept",
+        "ip6 daddr 2001:db8:1::/64 accept",
+        "ip6 daddr fe80::/10 accept",
+        "ip6 daddr ff02::/16 accept",
+        "ip6 daddr ::/0 reject with icmpx type no-route",
+    ]
+    # The instance's own table (the anti-spoof rule) is another one, not kept.
+    (own,) = [s for s in plan.steps if s.apply[0] == "nft" and not s.keep]
+    assert "table inet dsvpn-tun0 {" in own.apply[1]
+
+
 def test_linux_kill_switch_covers_only_the_routes() -> None:
     plan = linux(client(kill_switch=True, local_nets=LAN, routes=("10.0.0.0/8",)))
     kill = [" ".join(s.apply) for s in plan.steps if s.keep]

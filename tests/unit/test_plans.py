@@ -428,8 +428,12 @@ def client_network_plans(name: str) -> list[Plan]:
             kill_switch=backend.kill_switch, local_nets=("192.0.2.0/24", "2001:db8:1::/64"),
         )  # fmt: skip
         for network in (options, ClientNetwork(excludes=("192.168.0.0/16",), dns_via=method)):
-            cfg = ClientConfig(key_file="k", server="s", server_ip="203.0.113.5", network=network)
-            plans.append(backend.plan(cfg, "tun0", net))
+            for firewall in backend.firewalls or (None,):
+                cfg = ClientConfig(
+                    key_file="k", server="s", server_ip="203.0.113.5", network=network,
+                    firewall=firewall,  # type: ignore[arg-type]
+                )  # fmt: skip
+                plans.append(backend.plan(cfg, "tun0", net))
     return plans
 
 
