@@ -1238,6 +1238,11 @@ class Testbed:
             extra=extra,
             **addrs,
         )
+        if not (client_impl or impl).reference:
+            # The ping alone proves little: until the server's anti-spoofing rule is in, its
+            # tun address answers over the LAN too. Ours says "session up" only once its
+            # whole plan is applied and the tunnel carries traffic.
+            self.wait_log(client, r"^session up", timeout)
         ns.wait_ping(
             f"{net or '192.168.192'}.254",
             timeout,
