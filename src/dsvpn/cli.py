@@ -14,6 +14,7 @@ from dsvpn.config import (
     DEFAULT_PORT,
     DEFAULT_SERVER_TUN_IP,
     ClientConfig,
+    ClientNetwork,
     Config,
     FirewallName,
     ServerConfig,
@@ -27,7 +28,8 @@ usage:
   dsvpn client <key file> <server ip or name> [<port>|auto] [<tun>|auto]
                [<local tun ip>|auto] [<remote tun ip>|auto] [<gateway ip>|auto]
   dsvpn keygen <key file>      write a new random 32-byte key (mode 0600)
-  dsvpn cleanup                remove what crashed dsvpn instances left behind
+  dsvpn cleanup [--all]        remove what crashed dsvpn instances left behind
+                               (--all: their kill switch too)
   dsvpn status [--json]        every dsvpn running in this network namespace, its sessions
   dsvpn service install <name> [--print] -- server|client <arguments>
                                run dsvpn as a system service (see dsvpn service --help)
@@ -46,6 +48,14 @@ options (anywhere after the mode word):
   --pfs                client: forward secrecy (an X25519 handshake); needs a dsvpn
                        server, never falls back to the classic handshake
   --require-pfs        server: refuse clients without --pfs (C DSVPN clients too)
+
+client options:
+  --route CIDR         only this destination goes through the tunnel (repeatable)
+  --exclude CIDR       this destination bypasses the tunnel, e.g. the LAN (repeatable)
+  --no-routes          bring the tunnel up but route nothing through it
+  --dns IP[,IP...]     use these resolvers, through the tunnel, while it is up
+  --kill-switch        block what would leave outside the tunnel (Linux, macOS); it stays
+                       after a crash until a deliberate stop or `dsvpn cleanup --all`
 
 Trailing "auto" arguments may be left out. Defaults: listen on every address, port 443,
 server tun IP 192.168.192.254, client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>,
@@ -82,6 +92,7 @@ class Invocation:
     dry_run: bool = False
     platform: str | None = None
     json: bool = False  # status --json
+    cleanup_all: bool = False  # cleanup --all: kill switches too
 
 
 def _auto(value: str | None) -> str | None:
@@ -214,6 +225,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             raise UsageError("usage: dsvpn status [--json]")
         return Invocation("status", json=bool(rest))
     rest, firewall = _take_firewall(rest)
+    rest, network, client_options = _take_client_options(rest)
+    rest, cleanup_all = _take_flag(rest, "--all") if command == "cleanup" else (rest, False)
     args, opts = _split_options(rest)
     verbosity, dry_run, platform = opts.verbosity, opts.dry_run, opts.platform
     if platform is not None and not dry_run:
@@ -226,6 +239,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     if opts.require_pfs and command != "server":
         hint = " (a client asks for forward secrecy with --pfs)" if command == "client" else ""
         raise UsageError("--require-pfs is a server option" + hint)
+    if client_options and command != "client":
+        raise UsageError(f"{client_options[0]} is a client option")
 
     if command == "keygen":
         if len(args) != 1:
@@ -233,8 +248,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         return Invocation("keygen", path=args[0], verbosity=verbosity)
     if command == "cleanup":
         if args:
-            raise UsageError("usage: dsvpn cleanup (it takes no arguments)")
-        return Invocation("cleanup", verbosity=verbosity)
+            raise UsageError("usage: dsvpn cleanup [--all] (it takes no arguments)")
+        return Invocation("cleanup", verbosity=verbosity, cleanup_all=cleanup_all)
 
     if not args:
         raise UsageError(f"usage: dsvpn {command} <key file> ... (see dsvpn --help)")
@@ -271,10 +286,109 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             gateway_ip=_ip(last_ip, "gateway ip"),
             firewall=_firewall(firewall),
             pfs=opts.pfs,
+            network=network,
         )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")
     return Invocation(command, cfg, None, verbosity, dry_run, platform)
+
+
+# -- the client's network options (--route, --exclude, --no-routes, --dns, --kill-switch) ------
+
+_VALUED = ("--route", "--exclude", "--dns")
+_FLAGS = ("--no-routes", "--kill-switch")
+
+
+def _take_client_options(args: Sequence[str]) -> tuple[list[str], ClientNetwork, list[str]]:
+    """Take the client's network options out of args: (the other args, the options, the names
+    of those given, for a server's error message)."""
+    rest: list[str] = []
+    values: dict[str, list[str]] = {name: [] for name in _VALUED}
+    flags: set[str] = set()
+    given: list[str] = []
+    it = iter(args)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in _VALUED:
+            if not eq:
+                value = next(it, "")
+            if not value:
+                raise UsageError(f"{name} needs a value")
+            values[name].append(value)
+            given.append(name)
+        elif arg in _FLAGS:
+            flags.add(arg)
+            given.append(arg)
+        else:
+            rest.append(arg)
+    routes = _prefixes(values["--route"], "--route")
+    excludes = _prefixes(values["--exclude"], "--exclude")
+    servers = [s for v in values["--dns"] for s in v.split(",")]
+    dns = _unique([_ip(s.strip(), "--dns address") or "" for s in servers])
+    network = ClientNetwork(
+        routes=routes,
+        excludes=excludes,
+        no_routes="--no-routes" in flags,
+        kill_switch="--kill-switch" in flags,
+        dns=dns,
+    )
+    _check_network(network)
+    return rest, network, given
+
+
+def _take_flag(args: list[str], flag: str) -> tuple[list[str], bool]:
+    return [a for a in args if a != flag], flag in args
+
+
+def _prefixes(values: list[str], option: str) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        try:
+            # Host bits are dropped (10.1.2.3/8 is 10.0.0.0/8); a bare address is one host.
+            out.append(str(ipaddress.ip_network(value, strict=False)))
+        except ValueError:
+            raise UsageError(
+                f"invalid {option} {value!r}: expected an address or a CIDR prefix "
+                "(10.0.0.0/8, 2001:db8::/32)"
+            ) from None
+    return _unique(out)
+
+
+def _unique(items: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _check_network(net: ClientNetwork) -> None:
+    if net.no_routes:
+        if net.routes:
+            raise UsageError("--route and --no-routes contradict each other")
+        if net.excludes:
+            raise UsageError("--exclude needs routes through the tunnel (drop --no-routes)")
+        if net.dns:
+            raise UsageError(
+                "--dns needs routes through the tunnel: drop --no-routes "
+                "(--route <resolver> routes just the resolvers)"
+            )
+        if net.kill_switch:
+            raise UsageError("--kill-switch with --no-routes would protect nothing")
+    for server in net.dns:
+        host = ipaddress.ip_address(server)
+        for prefix in net.excludes:
+            if host in ipaddress.ip_network(prefix):
+                raise UsageError(
+                    f"--dns {server} is inside --exclude {prefix}: its queries would bypass "
+                    "the tunnel"
+                )
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("dsvpn")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
 
 
 def _dispatch(inv: Invocation) -> int:
@@ -302,7 +416,7 @@ def _dispatch(inv: Invocation) -> int:
     from dsvpn import tunnel
 
     if inv.command == "cleanup":
-        return tunnel.cleanup()
+        return tunnel.cleanup(everything=inv.cleanup_all)
     assert inv.config is not None
     if inv.dry_run:
         return tunnel.dry_run(inv.config, inv.platform)

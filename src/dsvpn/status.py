@@ -46,7 +46,7 @@ FALLBACK_WAIT = 0.05  # seconds handle() may wait where the selector cannot be p
 LISTEN_BACKLOG = 8
 
 CLEANUP_HINT = "run `dsvpn cleanup` as root to remove them"
-KEPT_HINT = "run `dsvpn cleanup --all` as root to remove them"
+KEPT_HINT = "run `dsvpn cleanup --all` as root to remove it"
 
 
 class StatusError(DsvpnError):
@@ -418,6 +418,9 @@ class Known:
     alive: bool
     applied: int = 0  # steps recorded as applied and not yet undone
     kept: int = 0  # of those, steps that outlive a crash (a client's kill switch)
+    # a client whose routes, once it is dead, keep its traffic from leaving outside the
+    # tunnel (Linux: table 42069 holds unreachable routes until they are undone)
+    fail_closed: bool = False
 
 
 Ask = Callable[[Path, int], dict[str, Any]]
@@ -440,8 +443,9 @@ def collect(known: Iterable[Known], run_dir: Path, ask: Ask | None = None) -> li
         if not k.alive:
             base["state"] = "dead"
             base["leftovers"] = k.applied > 0
+            base["kept"] = k.kept > 0
+            base["fail_closed"] = k.fail_closed and k.applied > 0
             if k.kept:
-                base["kept"] = True
                 base["hint"] = KEPT_HINT
             elif k.applied:
                 base["hint"] = CLEANUP_HINT
@@ -505,7 +509,9 @@ def _render_one(inst: dict[str, Any], now: float) -> str:
     state = inst.get("state")
     if state == "dead":
         if inst.get("kept"):
-            what = "dead; its kill switch still blocks traffic"
+            what = "dead; its kill switch still blocks traffic outside the tunnel"
+        elif inst.get("fail_closed"):
+            what = "dead; its routes still hold back traffic outside the tunnel (fail closed)"
         elif inst.get("leftovers"):
             what = "dead; its rules are still in place"
         else:
@@ -584,6 +590,8 @@ def known_here(run_dir: str | os.PathLike[str] | None = None) -> list[Known]:
             port=r.identity.port,
             alive=r.alive(),
             applied=len(r.applied),
+            kept=sum(1 for a in r.applied if a.step.keep),
+            fail_closed=r.identity.mode == "client" and sys.platform.startswith("linux"),
         )
         for r in records
         if r.identity.netns == netns

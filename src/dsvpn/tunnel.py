@@ -19,14 +19,14 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from dsvpn import instances, logs, platform, status
+from dsvpn import dns, instances, logs, platform, status
 from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
 from dsvpn.keys import load_key
 from dsvpn.notify import Notifier
 from dsvpn.plan import Plan, show
-from dsvpn.platform._common import PLACEHOLDER_SERVER, Backend, NetInfo, is_ipv6
+from dsvpn.platform._common import PLACEHOLDER_SERVER, Backend, NetInfo, is_ipv6, local_networks
 from dsvpn.runner import RunFn, Runner, execute
 
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
@@ -191,6 +191,8 @@ class Tunnel:
         self.runner: Runner | None = None
         self.plan: Plan | None = None
         self.net: NetInfo | None = None
+        self.follow_gateway = True  # whether the plan has routes that follow the gateway
+        self.fully_up = False  # the whole plan is applied
         self.started = int(time.time())
         self.live: status.Live | None = None  # what `dsvpn status` and the logs say of us
         self.loop: Loop | None = None
@@ -205,28 +207,36 @@ class Tunnel:
         # Taken out of the environment: the commands dsvpn runs must not report for it.
         self.notifier = Notifier.from_env(unset=True)
         backend.check_host(cfg)
-        if isinstance(cfg, ClientConfig):
-            cfg = self.cfg = dataclasses.replace(cfg, server_ip=_resolve(cfg.server, cfg.port))
         with contextlib.ExitStack() as stack:
             stack.callback(self.notifier.close)
             identity = Identity.of(cfg, cfg.tun_name)
+            # A kill switch that a crashed client left stays until our routes are in place.
             instance = instances.claim(
-                identity, backend, log.info, run_dir=self._run_dir, run=self._run
+                identity, backend, log.info, run_dir=self._run_dir, run=self._run, keep=True
             )
             stack.callback(instance.release)  # the very last: once everything is undone
+            for pid in instances.kept_by_dead(backend, run_dir=self._run_dir):
+                log.info("the kill switch of dsvpn PID %d stays until our routes are in", pid)
+            if isinstance(cfg, ClientConfig):
+                # After the claim: a crashed client's fail-closed routes (or its resolv.conf)
+                # would have kept the name from resolving.
+                cfg = dataclasses.replace(cfg, server_ip=self._resolve_server(cfg))
+                cfg = self.cfg = host_facts(cfg, backend)
             listener = None
             if isinstance(cfg, ServerConfig):
                 listener = stack.enter_context(_listener(cfg))
             self.runner = Runner(backend, log.info, run=self._run, record=instance)
-            self.net = backend.discover(cfg)
+            # A plan that never names the gateway must not fail for the lack of one.
+            self.follow_gateway = isinstance(cfg, ServerConfig) or backend.needs_gateway(cfg)
+            self.net = backend.discover(cfg) if self.follow_gateway else NetInfo("", "")
             tun_fd, tun = backend.open_tun(cfg.tun_name, cfg.mtu, self.runner.command)
             stack.callback(os.close, tun_fd)
             instance.set_tun(tun)
             log.info("opened tun device %s", tun)
             signals = stack.enter_context(Signals())
-            stack.callback(self.runner.undo)  # runs before the tun is closed (LIFO)
+            stack.callback(self._undo, signals)  # runs before the tun is closed (LIFO)
             self.plan = backend.plan(cfg, tun, self.net)
-            self.runner.apply(self.plan)
+            self._apply(self.plan)
             if signals.received is not None:
                 return 0
             for line in backend.notes(cfg, tun, self.net):
@@ -249,6 +259,38 @@ class Tunnel:
             self._serve(loop, signals)
             return 0
         return 0  # pragma: no cover - the with block always returns
+
+    def _resolve_server(self, cfg: ClientConfig) -> str:
+        try:
+            return _resolve(cfg.server, cfg.port)
+        except NetworkError as exc:
+            kept = instances.kept_by_dead(self.backend, run_dir=self._run_dir)
+            if not kept:
+                raise
+            raise NetworkError(
+                f"{exc}; the kill switch of dsvpn PID {kept[0]} may block the lookup: give the "
+                "server's address instead of its name, or run `dsvpn cleanup --all` first"
+            ) from None
+
+    def _apply(self, plan: Plan) -> None:
+        """Apply the plan: a kill switch a crashed client kept goes only once our routes are
+        in place, just before ours (the same chain or anchor) takes its place."""
+        assert self.runner is not None
+        self.runner.apply(Plan([s for s in plan.steps if not s.keep]))
+        instances.undo_kept(self.backend, log.info, run_dir=self._run_dir, run=self._run)
+        self.runner.apply(Plan([s for s in plan.steps if s.keep]))
+        self.fully_up = True
+
+    def _undo(self, signals: Signals) -> None:
+        """Undo the plan. A kill switch stays when we stop on an error rather than a signal:
+        the user asked for traffic to stop when the tunnel does."""
+        assert self.runner is not None
+        self.runner.undo(keep=self.fully_up and signals.received is None)
+        if self.runner.kept:
+            log.warning(
+                "the kill switch stays: traffic outside the tunnel is blocked until "
+                "`dsvpn cleanup --all` or the next start"
+            )
 
     def _live(self, tun: str) -> status.Live:
         cfg = self.cfg
@@ -509,6 +551,8 @@ class Tunnel:
         """Before each attempt: if the default gateway moved (laptop changed networks), move the
         routes that point at it, so the tunnel's own connection can get out again."""
         assert self.runner is not None and self.plan is not None and self.net is not None
+        if not self.follow_gateway:
+            return
         try:
             net = self.backend.discover(self.cfg)
         except DsvpnError as exc:
@@ -550,15 +594,35 @@ def run(cfg: Config, name: str | None = None) -> int:
     return tunnel.run()
 
 
-def cleanup() -> int:
-    """`dsvpn cleanup`: undo what dead instances of this network namespace left behind."""
+def host_facts(cfg: ClientConfig, backend: Backend) -> ClientConfig:
+    """What the client's options need from this host, looked up once at start: the local
+    subnets (--kill-switch) and who manages DNS (--dns)."""
+    net = cfg.network
+    if net.kill_switch and not net.local_nets:
+        net = dataclasses.replace(net, local_nets=local_networks())
+    if net.dns and not net.dns_via:
+        via, service = dns.detect(backend.name)
+        net = dataclasses.replace(net, dns_via=via, dns_service=service)
+    return dataclasses.replace(cfg, network=net)
+
+
+def cleanup(everything: bool = False) -> int:
+    """`dsvpn cleanup`: undo what dead instances of this network namespace left behind; their
+    kill switch only with `everything` (`--all`)."""
     if not _has_net_admin():
         raise PermissionDenied(NEEDS_ROOT)
-    count = instances.cleanup(platform.current(), log.info)
+    backend = platform.current()
+    count = instances.cleanup(backend, log.info, keep=not everything)
     if count:
         log.info("cleaned up after %d dead instance(s)", count)
     else:
         log.info("nothing to clean up")
+    for pid in instances.kept_by_dead(backend):
+        log.info(
+            "kept the kill switch of dsvpn PID %d: traffic outside the tunnel stays blocked "
+            "until `dsvpn cleanup --all` or the next start",
+            pid,
+        )
     return 0
 
 
@@ -577,9 +641,15 @@ def dry_run(cfg: Config, platform_name: str | None) -> int:
             server_ip = _resolve(cfg.server, cfg.port)
         cfg = dataclasses.replace(cfg, server_ip=server_ip)
     net = backend.placeholder_net()
+    notes = []
     if here:
         with contextlib.suppress(DsvpnError):
             net = backend.discover(cfg)
+        if isinstance(cfg, ClientConfig):
+            try:
+                cfg = host_facts(cfg, backend)
+            except DsvpnError as exc:
+                notes.append(f"warning: {exc}")
     tun = cfg.tun_name or "<tun>"
     plan = backend.plan(cfg, tun, net)
     print(f"# dsvpn {cfg.mode} on {backend.name}: dry run, nothing is changed")
@@ -587,6 +657,6 @@ def dry_run(cfg: Config, platform_name: str | None) -> int:
     print(show(backend.mtu_argv(tun, cfg.mtu)))
     for line in plan.render(backend):
         print(line)
-    for line in backend.notes(cfg, tun, net):
+    for line in [*backend.notes(cfg, tun, net), *notes]:
         print(f"# {line}")
     return 0

@@ -52,16 +52,8 @@ def only(data: dict[str, Any], pid: int) -> dict[str, Any]:
     return inst
 
 
-def up(tb: testbed.Testbed, impl: testbed.Impl, key: Any) -> tuple[testbed.Proc, testbed.Proc]:
-    """A server and a client with its session up (the ping of tunnel_up also passes while
-    the client is still starting: the server's tun address is one hop away without it)."""
-    server, client = tb.tunnel_up(impl, key)
-    tb.wait_log(client, "session up", 20)
-    return server, client
-
-
 def test_status_follows_a_session_under_load(tb, ours, key):
-    server, client = up(tb, ours, key)
+    server, client = tb.tunnel_up(ours, key)  # its client session up
     # Each namespace lists its own instance and nothing of the other's.
     srv = only(status_json(tb, tb.server, ours), server.pid)
     cli = only(status_json(tb, tb.client, ours), client.pid)
@@ -142,15 +134,35 @@ def test_status_follows_a_session_under_load(tb, ours, key):
 
 
 def test_status_shows_a_dead_instance_until_cleanup(tb, ours, key):
-    server, client = up(tb, ours, key)
+    server, client = tb.tunnel_up(ours, key)  # its client session up
     client.kill()  # no chance to undo its rules
     text = tb.run_in(tb.client, [*ours.base, "status"], timeout=30).stdout
-    assert f"client (pid {client.pid}): dead; its rules are still in place" in text
-    assert "dsvpn cleanup" in text
+    assert f"client (pid {client.pid}): dead; its routes still hold back traffic" in text
+    assert "run `dsvpn cleanup` as root" in text
     dead = only(status_json(tb, tb.client, ours), client.pid)
-    assert dead["state"] == "dead" and dead["leftovers"] is True
+    assert dead["state"] == "dead" and dead["leftovers"] is True and dead["fail_closed"] is True
     # The server's namespace never shows the client's record.
     assert [i["pid"] for i in status_json(tb, tb.server, ours)["instances"]] == [server.pid]
     cleaned = tb.run_in(tb.client, ours.cleanup_argv(), check=False, timeout=60)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert status_json(tb, tb.client, ours) == {"instances": []}
+
+
+def test_status_names_a_kill_switch_left_behind(tb, ours, key):
+    tb.start_server(ours, key)
+    client = tb.start_client(ours, key, extra=("-v", "--kill-switch"))
+    tb.wait_log(client, testbed.SESSION_UP, 30)
+    client.kill()
+    # The crash handler's plain cleanup undoes everything but the kill switch.
+    cleaned = tb.run_in(tb.client, ours.cleanup_argv(), check=False, timeout=60)
+    assert cleaned.returncode == 0, cleaned.stderr
+    text = tb.run_in(tb.client, [*ours.base, "status"], timeout=30).stdout
+    assert (
+        f"client (pid {client.pid}): dead; its kill switch still blocks traffic outside the "
+        "tunnel: run `dsvpn cleanup --all` as root to remove it"
+    ) in text
+    dead = only(status_json(tb, tb.client, ours), client.pid)
+    assert dead["kept"] is True and dead["state"] == "dead"
+    cleaned = tb.run_in(tb.client, [*ours.cleanup_argv(), "--all"], check=False, timeout=60)
     assert cleaned.returncode == 0, cleaned.stderr
     assert status_json(tb, tb.client, ours) == {"instances": []}

@@ -206,7 +206,8 @@ def test_cleanup_says_what_it_did(
     from dsvpn import tunnel
 
     monkeypatch.setattr(tunnel, "_has_net_admin", lambda: True)
-    monkeypatch.setattr(instances, "cleanup", lambda dialect, log: count)
+    monkeypatch.setattr(instances, "cleanup", lambda dialect, log, keep: count)
+    monkeypatch.setattr(instances, "kept_by_dead", lambda dialect: [])
     assert cli.main(["cleanup"]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Logging error" not in err

@@ -337,17 +337,21 @@ def test_collect_live_dead_and_silent(run_dir: Path) -> None:
         Known(pid=1, mode="server", tun="tun0", port=443, alive=True),
         Known(pid=7, mode="client", tun="tun2", port=443, alive=False, applied=5),
         Known(pid=8, mode="client", tun="tun3", port=443, alive=False, applied=5, kept=2),
+        Known(
+            pid=10, mode="client", tun="tun4", port=443, alive=False, applied=3, fail_closed=True
+        ),
         Known(pid=9, mode="server", tun=None, port=443, alive=False),
     ]
     out = status.collect(known, run_dir, ask)
-    assert [i["pid"] for i in out] == [1, 3, 7, 8, 9]
-    live, silent, dead, kept, clean = out
+    assert [i["pid"] for i in out] == [1, 3, 7, 8, 9, 10]
+    live, silent, dead, kept, clean, closed = out
     assert live["state"] == "starting" and live["pid"] == 1
     assert "protocol" not in live and live["sessions"] == [SESSION]
     assert silent["state"] == "unknown" and "no answer" in silent["error"]
     assert dead["state"] == "dead" and dead["leftovers"] and "dsvpn cleanup" in dead["hint"]
     assert kept["kept"] and "--all" in kept["hint"]
     assert clean["state"] == "dead" and not clean["leftovers"] and "hint" not in clean
+    assert closed["fail_closed"] and not closed["kept"] and "dsvpn cleanup`" in closed["hint"]
     for inst in out:
         for key in ("name", "pid", "mode", "tun", "listen", "started", "sessions"):
             assert key in inst
@@ -413,8 +417,15 @@ def test_render_dead_instances() -> None:
     known = [
         Known(pid=7, mode="server", tun="tun0", port=443, alive=False, applied=4),
         Known(pid=8, mode="client", tun="tun1", port=443, alive=False, applied=4, kept=1),
+        Known(pid=9, mode="client", tun="tun2", port=443, alive=False, applied=4, fail_closed=True),
     ]
     text = status.render(status.collect(known, Path("/nonexistent")))
     assert "server (pid 7): dead; its rules are still in place: run `dsvpn cleanup`" in text
-    assert "client (pid 8): dead; its kill switch still blocks traffic" in text
-    assert "dsvpn cleanup --all" in text
+    assert (
+        "client (pid 8): dead; its kill switch still blocks traffic outside the tunnel: "
+        "run `dsvpn cleanup --all` as root to remove it"
+    ) in text
+    assert (
+        "client (pid 9): dead; its routes still hold back traffic outside the tunnel (fail "
+        "closed): run `dsvpn cleanup` as root to remove them"
+    ) in text
