@@ -62,6 +62,8 @@ class Backend(ABC):
     sysctl_keys: frozenset[str] = frozenset()
     # The packet filters --firewall may name (Linux only).
     firewalls: tuple[str, ...] = ()
+    # Whether its server plan can serve a pool of clients (a peers file).
+    serves_pools: bool = False
 
     def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
         self._which = which
@@ -70,6 +72,11 @@ class Backend(ABC):
         """The config as this OS runs it, for a real run and a dry run alike: the tun name
         checked as open_tun would (UsageError), and this OS's MTU."""
         self.check_firewall(cfg)
+        if isinstance(cfg, ServerConfig) and cfg.pool is not None and not self.serves_pools:
+            raise UsageError(
+                f"a server of several clients (a peers file) is not available on {self.name} "
+                "yet: give it a key file"
+            )
         if cfg.tun_name is not None:
             self.check_tun_name(cfg.tun_name)
         return dataclasses.replace(cfg, mtu=self.default_mtu)
