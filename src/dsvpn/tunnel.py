@@ -17,9 +17,9 @@ import signal
 import socket
 import time
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from dsvpn import instances, platform
+from dsvpn import instances, peers, peers_server, platform
 from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
@@ -30,6 +30,7 @@ from dsvpn.runner import RunFn, Runner, execute
 
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
     from dsvpn._loop import Loop
+    from dsvpn._multi import MultiLoop
 
 log = logging.getLogger("dsvpn")
 
@@ -108,10 +109,13 @@ def _listener(cfg: ServerConfig) -> socket.socket:
 
 class Signals:
     """SIGINT/SIGTERM/SIGHUP set a flag and wake the loop through a pipe; nothing is raised,
-    so an undo in progress is never cut short by a second signal."""
+    so an undo in progress is never cut short by a second signal. With `reload_on_hup` (a
+    server of a peers file), SIGHUP sets `reload` instead of stopping."""
 
-    def __init__(self) -> None:
+    def __init__(self, reload_on_hup: bool = False) -> None:
         self.received: int | None = None
+        self.reload = False
+        self._reload_on_hup = reload_on_hup
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
@@ -119,7 +123,10 @@ class Signals:
         self._old_fd = -1
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
+        if signum == signal.SIGHUP and self._reload_on_hup:
+            self.reload = True
+        else:
+            self.received = signum
 
     @property
     def fd(self) -> int:
@@ -174,7 +181,9 @@ class Tunnel:
     ) -> None:
         self.backend = backend
         self.cfg = backend.prepare(cfg)  # a bad tun name is refused before the key is read
-        self.key = load_key(cfg.key_file)
+        # A server of several clients reads its peers file (and their keys) instead.
+        self.peers = _load_peers(self.cfg)
+        self.key = load_key(cfg.key_file) if self.peers is None else b""
         self._run_dir = run_dir
         self._run = run  # how commands are run (a fake host in tests)
         self.runner: Runner | None = None
@@ -202,7 +211,7 @@ class Tunnel:
             stack.callback(os.close, tun_fd)
             instance.set_tun(tun)
             log.info("opened tun device %s", tun)
-            signals = stack.enter_context(Signals())
+            signals = stack.enter_context(Signals(reload_on_hup=self.peers is not None))
             stack.callback(self.runner.undo)  # runs before the tun is closed (LIFO)
             self.plan = backend.plan(cfg, tun, self.net)
             self.runner.apply(self.plan)
@@ -213,7 +222,7 @@ class Tunnel:
             loop = self._make_loop(tun_fd, signals, listener)
             stack.callback(loop.close)
             if listener is None:
-                return self._connect_forever(loop, signals, tun)
+                return self._connect_forever(cast("Loop", loop), signals, tun)
             # A stopping server closes its listener first (a second close at the end does
             # nothing): no client gets in while the rules are being removed.
             stack.callback(listener.close)
@@ -221,11 +230,19 @@ class Tunnel:
             return 0
         return 0  # pragma: no cover - the with block always returns
 
-    def _make_loop(self, tun_fd: int, signals: Signals, listener: socket.socket | None) -> Loop:
+    def _make_loop(
+        self, tun_fd: int, signals: Signals, listener: socket.socket | None
+    ) -> Loop | MultiLoop:
         from dsvpn._loop import Loop
         from dsvpn.config import ROUTING_TABLE
 
         framing = self.backend.framing
+        if self.peers is not None:
+            assert isinstance(self.cfg, ServerConfig) and listener is not None
+            return peers_server.make_loop(
+                tun_fd, listener.fileno(), self.cfg, self.peers, signals.fd,
+                vnet_hdr=framing.vnet_hdr,
+            )  # fmt: skip
         return Loop(
             tun_fd,
             self.key,
@@ -245,10 +262,14 @@ class Tunnel:
 
     # -- server -----------------------------------------------------------------------------
 
-    def _serve(self, loop: Loop, signals: Signals) -> None:
+    def _serve(self, loop: Loop | MultiLoop, signals: Signals) -> None:
         cfg = self.cfg
         assert isinstance(cfg, ServerConfig)
         log.info("listening on %s port %d", cfg.listen_ip or "all addresses", cfg.port)
+        if self.peers is not None:
+            multi = cast("MultiLoop", loop)
+            self.peers = peers_server.serve(multi, signals, self.peers, _Ticker(multi).tick)
+            return
         ticker = _Ticker(loop)
         while signals.received is None:
             event, message = loop.run(TICK_MS)
@@ -360,7 +381,7 @@ class Tunnel:
 class _Ticker:
     """With --verbose, a line of counters every STATS_EVERY seconds."""
 
-    def __init__(self, loop: Loop) -> None:
+    def __init__(self, loop: Loop | MultiLoop) -> None:
         self.loop = loop
         self.next = time.monotonic() + STATS_EVERY
 
@@ -383,6 +404,12 @@ def _log_event(event: int, message: str) -> None:
         log.warning("%s", message)
     elif event == EV_TUN_ERROR:
         raise DsvpnError(f"tun device failed: {message}")
+
+
+def _load_peers(cfg: Config) -> peers.Peers | None:
+    if isinstance(cfg, ServerConfig) and cfg.peers_file is not None:
+        return peers.load(cfg.peers_file)
+    return None
 
 
 def run(cfg: Config) -> int:
