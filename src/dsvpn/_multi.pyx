@@ -231,13 +231,6 @@ cdef inline size_t unsent(const Sess* s) noexcept nogil:
     return s.tx_end - s.tx_off
 
 
-cdef inline bint strcmp_eq(const char* a, const char* b) noexcept nogil:
-    cdef int i = 0
-    while a[i] != 0 and a[i] == b[i]:
-        i += 1
-    return a[i] == b[i]
-
-
 cdef str _ipv4_text(const uint8_t* a):
     return f"{a[0]}.{a[1]}.{a[2]}.{a[3]}"
 
@@ -1156,6 +1149,7 @@ cdef class MultiLoop:
             raise MemoryError()
         # old index -> new index (-1: removed or changed)
         remap = [-1] * self.npeers
+        by_name = {self.peers[j].name.decode(): j for j in range(self.npeers)}
         for k, (name_b, raw, host, a6) in enumerate(checked):
             q = &fresh[k]
             key = raw
@@ -1166,17 +1160,15 @@ cdef class MultiLoop:
             memcpy(q.ip6, <const char*> a6, 16)
             snprintf(q.name, NAME_CAP, "%s", <const char*> name_b)
             q.live = q.prob = -1
-            for old in range(self.npeers):
-                if (strcmp_eq(self.peers[old].name, q.name)
-                        and memcmp(&self.peers[old].kx, &q.kx, sizeof(charm_state)) == 0
-                        and self.peers[old].host == host):
-                    # The same peer: its sessions and remembered hellos carry over.
-                    remap[old] = k
-                    q.live, q.prob = self.peers[old].live, self.peers[old].prob
-                    memcpy(q.seen, self.peers[old].seen, sizeof(q.seen))
-                    memcpy(q.seen_ts, self.peers[old].seen_ts, sizeof(q.seen_ts))
-                    q.seen_next = self.peers[old].seen_next
-                    break
+            old = by_name.get(name_b.decode(), -1)
+            if (old >= 0 and memcmp(&self.peers[old].kx, &q.kx, sizeof(charm_state)) == 0
+                    and self.peers[old].host == host):
+                # The same peer: its sessions and remembered hellos carry over.
+                remap[old] = k
+                q.live, q.prob = self.peers[old].live, self.peers[old].prob
+                memcpy(q.seen, self.peers[old].seen, sizeof(q.seen))
+                memcpy(q.seen_ts, self.peers[old].seen_ts, sizeof(q.seen_ts))
+                q.seen_next = self.peers[old].seen_next
         # End the sessions of peers that are gone or changed, under the old table.
         for old in range(self.npeers):
             if remap[old] >= 0:

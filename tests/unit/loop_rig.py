@@ -42,6 +42,10 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return out
 
 
+def _frame_len(buf: bytes) -> int:
+    return int(struct.unpack("<H", buf[:2])[0])
+
+
 def tun_pair() -> tuple[socket.socket, socket.socket]:
     """(the loop's end, the test's end) of a tun stand-in; the test's end times out after 5 s."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -314,6 +318,26 @@ class MultiRig(_Closes):
         pump(self.loop, lambda e: (L.EV_SESSION_UP, f"{name} 127.0.0.1") in e)
         c.finish()
         return c
+
+    def recv(self, c: RawClient, timeout: float = 5.0) -> bytes:
+        """The next packet client c gets (the loop runs meanwhile)."""
+        c.sock.setblocking(False)
+        deadline = time.monotonic() + timeout
+        buf = b""
+        try:
+            while len(buf) < 8 or len(buf) < 8 + struct.unpack("<H", buf[:2])[0]:
+                want = 8 - len(buf) if len(buf) < 8 else 8 + _frame_len(buf) - len(buf)
+                try:
+                    chunk = c.sock.recv(want)
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "no frame for the client"
+                    self.loop.run(2)
+                    continue
+                assert chunk, "the server closed the connection"
+                buf += chunk
+        finally:
+            c.sock.settimeout(5)
+        return c.rx.decrypt(buf[8:], buf[2:8], 6)
 
     def close(self) -> None:
         self.loop.close()

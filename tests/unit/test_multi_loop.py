@@ -56,22 +56,7 @@ def tun_quiet(rig: MultiRig, ms: int = 100) -> None:
 
 
 def recv_on(rig: MultiRig, c: RawClient, timeout: float = 5.0) -> bytes:
-    """The next frame the client gets (running the loop meanwhile)."""
-    c.sock.setblocking(False)
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while True:
-        try:
-            chunk = c.sock.recv(65536 - len(buf) if len(buf) < 8 else 8 + _len(buf) - len(buf))
-            assert chunk, "the server closed the connection"
-            buf += chunk
-        except BlockingIOError:
-            assert time.monotonic() < deadline, "no frame for the client"
-            rig.loop.run(2)
-            continue
-        if len(buf) >= 8 and len(buf) == 8 + _len(buf):
-            c.sock.settimeout(5)
-            return c.rx.decrypt(buf[8:], buf[2:8], 6)
+    return rig.recv(c, timeout)
 
 
 def _len(buf: bytes) -> int:
