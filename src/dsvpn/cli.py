@@ -15,6 +15,7 @@ from dsvpn.config import (
     DEFAULT_PORT,
     DEFAULT_SERVER_TUN_IP,
     ClientConfig,
+    ClientNetwork,
     Config,
     FirewallName,
     ServerConfig,
@@ -32,7 +33,8 @@ usage:
                                a client of its own for a server of several clients: a new
                                key beside the peers file, and the client's command line
   dsvpn peer remove <peers file> <name> | dsvpn peer list <peers file>
-  dsvpn cleanup                remove what crashed dsvpn instances left behind
+  dsvpn cleanup [--all]        remove what crashed dsvpn instances left behind
+                               (--all: their kill switch too)
   dsvpn service install <name> [--print] -- server|client <arguments>
                                run dsvpn as a system service (see dsvpn service --help)
   dsvpn service remove <name>  stop that service and remove what install wrote
@@ -47,6 +49,17 @@ options (anywhere after the mode word):
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
   --firewall NAME      Linux: set the packet filter rules with iptables or nft (one table
                        of its own); auto (the default): iptables when installed, else nft
+  --pfs                client: forward secrecy (an X25519 handshake); needs a dsvpn
+                       server, never falls back to the classic handshake
+  --require-pfs        server: refuse clients without --pfs (C DSVPN clients too)
+
+client options:
+  --route CIDR         only this destination goes through the tunnel (repeatable)
+  --exclude CIDR       this destination bypasses the tunnel, e.g. the LAN (repeatable)
+  --no-routes          bring the tunnel up but route nothing through it
+  --dns IP[,IP...]     use these resolvers, through the tunnel, while it is up
+  --kill-switch        block what would leave outside the tunnel (Linux, macOS); it stays
+                       after a crash until a deliberate stop or `dsvpn cleanup --all`
 
 A server's <key file> may name a peers file (see dsvpn peer --help) instead: it then serves
 several clients, each with a key and a tunnel address of its own; SIGHUP re-reads the file.
@@ -67,6 +80,15 @@ example:
 MAX_POSITIONALS = 7
 
 
+@dataclass
+class _Options:
+    verbosity: int = 0
+    dry_run: bool = False
+    platform: str | None = None
+    pfs: bool = False
+    require_pfs: bool = False
+
+
 @dataclass(frozen=True)
 class Invocation:
     command: str  # server, client, keygen, cleanup, version, help
@@ -75,6 +97,7 @@ class Invocation:
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
     dry_run: bool = False
     platform: str | None = None
+    cleanup_all: bool = False  # cleanup --all: kill switches too
 
 
 def _auto(value: str | None) -> str | None:
@@ -123,28 +146,32 @@ def _tun(value: str | None) -> str | None:
     return value
 
 
-def _split_options(args: Sequence[str]) -> tuple[list[str], int, bool, str | None]:
+def _split_options(args: Sequence[str]) -> tuple[list[str], _Options]:
     positionals: list[str] = []
-    verbosity, dry_run, platform = 0, False, None
+    opts = _Options()
     it = iter(args)
     for arg in it:
         if arg in ("-v", "--verbose"):
-            verbosity = 1
+            opts.verbosity = 1
         elif arg in ("-q", "--quiet"):
-            verbosity = -1
+            opts.verbosity = -1
         elif arg == "--dry-run":
-            dry_run = True
+            opts.dry_run = True
         elif arg == "--platform":
-            platform = next(it, None)
-            if platform is None:
+            opts.platform = next(it, None)
+            if opts.platform is None:
                 raise UsageError("--platform needs a name")
         elif arg.startswith("--platform="):
-            platform = arg.split("=", 1)[1]
+            opts.platform = arg.split("=", 1)[1]
+        elif arg == "--pfs":
+            opts.pfs = True
+        elif arg == "--require-pfs":
+            opts.require_pfs = True
         elif arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
             raise UsageError(f"unknown option {arg!r} (see dsvpn --help)")
         else:
             positionals.append(arg)
-    return positionals, verbosity, dry_run, platform
+    return positionals, opts
 
 
 def _is_number(arg: str) -> bool:
@@ -199,11 +226,22 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     if "-h" in rest or "--help" in rest:
         return Invocation("help")
     rest, firewall = _take_firewall(rest)
-    args, verbosity, dry_run, platform = _split_options(rest)
+    rest, network, client_options = _take_client_options(rest)
+    rest, cleanup_all = _take_flag(rest, "--all") if command == "cleanup" else (rest, False)
+    args, opts = _split_options(rest)
+    verbosity, dry_run, platform = opts.verbosity, opts.dry_run, opts.platform
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
     if firewall is not None and command not in ("server", "client"):
         raise UsageError("--firewall only goes with server or client")
+    if opts.pfs and command != "client":
+        hint = " (a server takes both handshakes; --require-pfs refuses the classic one)"
+        raise UsageError("--pfs is a client option" + (hint if command == "server" else ""))
+    if opts.require_pfs and command != "server":
+        hint = " (a client asks for forward secrecy with --pfs)" if command == "client" else ""
+        raise UsageError("--require-pfs is a server option" + hint)
+    if client_options and command != "client":
+        raise UsageError(f"{client_options[0]} is a client option")
 
     if command == "keygen":
         if len(args) != 1:
@@ -211,8 +249,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         return Invocation("keygen", path=args[0], verbosity=verbosity)
     if command == "cleanup":
         if args:
-            raise UsageError("usage: dsvpn cleanup (it takes no arguments)")
-        return Invocation("cleanup", verbosity=verbosity)
+            raise UsageError("usage: dsvpn cleanup [--all] (it takes no arguments)")
+        return Invocation("cleanup", verbosity=verbosity, cleanup_all=cleanup_all)
 
     if not args:
         raise UsageError(f"usage: dsvpn {command} <key file> ... (see dsvpn --help)")
@@ -233,6 +271,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_CLIENT_TUN_IP, "remote tun ip"),
             external_ip=_ip(last_ip, "external ip"),
             firewall=_firewall(firewall),
+            require_pfs=opts.require_pfs,
         )
     else:
         server = _auto(address)
@@ -247,6 +286,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_SERVER_TUN_IP, "remote tun ip"),
             gateway_ip=_ip(last_ip, "gateway ip"),
             firewall=_firewall(firewall),
+            pfs=opts.pfs,
+            network=network,
         )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")
@@ -264,6 +305,10 @@ def _with_peers(cfg: ServerConfig, local_ip: str | None, remote_ip: str | None) 
     if not peers.looks_like_peers_file(cfg.key_file):
         return cfg
     loaded = peers.load(cfg.key_file)
+    if cfg.require_pfs:
+        raise UsageError(
+            "--require-pfs: a server of a peers file has only the classic handshake (for now)"
+        )
     if local_ip is not None and local_ip != loaded.server:
         raise UsageError(
             f"the peers file {cfg.key_file} gives the server the tunnel address "
@@ -281,6 +326,94 @@ def _with_peers(cfg: ServerConfig, local_ip: str | None, remote_ip: str | None) 
         peers_file=loaded.path,
         pool=str(loaded.pool),
     )
+
+
+# -- the client's network options (--route, --exclude, --no-routes, --dns, --kill-switch) ------
+
+_VALUED = ("--route", "--exclude", "--dns")
+_FLAGS = ("--no-routes", "--kill-switch")
+
+
+def _take_client_options(args: Sequence[str]) -> tuple[list[str], ClientNetwork, list[str]]:
+    """Take the client's network options out of args: (the other args, the options, the names
+    of those given, for a server's error message)."""
+    rest: list[str] = []
+    values: dict[str, list[str]] = {name: [] for name in _VALUED}
+    flags: set[str] = set()
+    given: list[str] = []
+    it = iter(args)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in _VALUED:
+            if not eq:
+                value = next(it, "")
+            if not value:
+                raise UsageError(f"{name} needs a value")
+            values[name].append(value)
+            given.append(name)
+        elif arg in _FLAGS:
+            flags.add(arg)
+            given.append(arg)
+        else:
+            rest.append(arg)
+    routes = _prefixes(values["--route"], "--route")
+    excludes = _prefixes(values["--exclude"], "--exclude")
+    servers = [s for v in values["--dns"] for s in v.split(",")]
+    dns = _unique([_ip(s.strip(), "--dns address") or "" for s in servers])
+    network = ClientNetwork(
+        routes=routes,
+        excludes=excludes,
+        no_routes="--no-routes" in flags,
+        kill_switch="--kill-switch" in flags,
+        dns=dns,
+    )
+    _check_network(network)
+    return rest, network, given
+
+
+def _take_flag(args: list[str], flag: str) -> tuple[list[str], bool]:
+    return [a for a in args if a != flag], flag in args
+
+
+def _prefixes(values: list[str], option: str) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        try:
+            # Host bits are dropped (10.1.2.3/8 is 10.0.0.0/8); a bare address is one host.
+            out.append(str(ipaddress.ip_network(value, strict=False)))
+        except ValueError:
+            raise UsageError(
+                f"invalid {option} {value!r}: expected an address or a CIDR prefix "
+                "(10.0.0.0/8, 2001:db8::/32)"
+            ) from None
+    return _unique(out)
+
+
+def _unique(items: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _check_network(net: ClientNetwork) -> None:
+    if net.no_routes:
+        if net.routes:
+            raise UsageError("--route and --no-routes contradict each other")
+        if net.excludes:
+            raise UsageError("--exclude needs routes through the tunnel (drop --no-routes)")
+        if net.dns:
+            raise UsageError(
+                "--dns needs routes through the tunnel: drop --no-routes "
+                "(--route <resolver> routes just the resolvers)"
+            )
+        if net.kill_switch:
+            raise UsageError("--kill-switch with --no-routes would protect nothing")
+    for server in net.dns:
+        host = ipaddress.ip_address(server)
+        for prefix in net.excludes:
+            if host in ipaddress.ip_network(prefix):
+                raise UsageError(
+                    f"--dns {server} is inside --exclude {prefix}: its queries would bypass "
+                    "the tunnel"
+                )
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -312,7 +445,7 @@ def _dispatch(inv: Invocation) -> int:
     from dsvpn import tunnel
 
     if inv.command == "cleanup":
-        return tunnel.cleanup()
+        return tunnel.cleanup(everything=inv.cleanup_all)
     assert inv.config is not None
     if inv.dry_run:
         return tunnel.dry_run(inv.config, inv.platform)

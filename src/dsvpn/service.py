@@ -49,7 +49,7 @@ PLATFORMS = ("linux", "macos", "openbsd", "freebsd")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 # Words that need no quoting in a shell or a unit.
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_./+:,=@-]+")
-_OPTIONS = ("-v", "--verbose", "-q", "--quiet")
+_OPTIONS = ("-v", "--verbose", "-q", "--quiet", "--pfs", "--require-pfs")
 
 USAGE = """\
 usage:

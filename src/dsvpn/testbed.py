@@ -62,6 +62,11 @@ NS_PREFIX = "dsvt"
 # Where each testbed process records the namespaces it creates (see remove_stale_namespaces).
 RECORD_DIR = Path("/run/dsvpn-testbed")
 NETNS_DIR = Path("/run/netns")  # where `ip netns add` mounts a named namespace
+# `ip netns exec NS` bind-mounts every file of /etc/netns/NS over /etc: each namespace gets a
+# resolv.conf of its own there before anything runs in it, so that nothing run inside (dsvpn
+# --dns included) can ever read or write the host's resolver configuration.
+NETNS_ETC = Path("/etc/netns")
+NS_RESOLV_CONF = "# dsvpn testbed namespace {name}\nnameserver 192.0.2.53\n"
 
 DEFAULT_PORT = 443
 SERVER_TUN_IP = "192.168.192.254"
@@ -159,6 +164,8 @@ class Netns:
         self.name = name
         self.role = role
         self.ip: str | None = None  # the host's main address, set by the testbed
+        # What /etc/resolv.conf is inside this namespace (see NETNS_ETC).
+        self.resolv_conf = NETNS_ETC / name / "resolv.conf"
         self.ip6: str | None = None  # its IPv6 (ULA) address on the same link, canonical form
 
     def __repr__(self) -> str:
@@ -480,6 +487,7 @@ def snapshot(ns: Netns) -> dict[str, str]:
         "ip route": ns.run(["ip", "route", "show", "table", "all"]).stdout.strip(),
         "ip -6 route": ns.run(["ip", "-6", "route", "show", "table", "all"]).stdout.strip(),
         "ip link": _links(ns),
+        "resolv.conf": ns.resolv_conf.read_text(),
     }
     for key in SYSCTLS:
         snap[key] = ns.sysctl(key)
@@ -802,13 +810,16 @@ def remove_stale_namespaces(directory: Path | None = None) -> list[str]:
             if not re.fullmatch(rf"{NS_PREFIX}-{pid}-[0-9a-f]+-\w+", str(name)):
                 continue
             now = netns_inode(name)
-            if now is None or (inode is not None and now != inode):
-                continue  # gone, or a namespace of the same name that is not the recorded one
-            run(["ip", "netns", "del", name], check=False)
-            if netns_inode(name) is None:
+            if now is not None and inode is not None and now != inode:
+                continue  # a namespace of the same name that is not the recorded one
+            if now is not None:
+                run(["ip", "netns", "del", name], check=False)
+                if netns_inode(name) is not None:
+                    left = True  # kept on record for the next sweep
+                    continue
                 removed.append(name)
-            else:
-                left = True  # kept on record for the next sweep
+            # Gone: so is the resolv.conf that `ip netns exec` bind-mounted into it.
+            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
         if not left:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -942,11 +953,19 @@ class Testbed:
         # Recorded first: if this process dies right after `ip netns add`, a later run still
         # knows the namespace was ours.
         self._record.set(ns.name, None)
+        # Its resolv.conf before the namespace: `ip netns exec` must never find the host's
+        # (see NETNS_ETC).
+        etc = ns.resolv_conf.parent
+        created = not etc.exists()
         try:
+            etc.mkdir(parents=True, exist_ok=True)
+            ns.resolv_conf.write_text(NS_RESOLV_CONF.format(name=ns.name))
             run(["ip", "netns", "add", ns.name])
         except BaseException:
             # Not created (or the name was taken): it was never ours to remove.
             self._record.drop(ns.name)
+            if created:
+                shutil.rmtree(etc, ignore_errors=True)
             raise
         self.namespaces.append(ns)
         self._record.set(ns.name, netns_inode(ns.name))
@@ -1219,6 +1238,11 @@ class Testbed:
             extra=extra,
             **addrs,
         )
+        if not (client_impl or impl).reference:
+            # The ping alone proves little: until the server's anti-spoofing rule is in, its
+            # tun address answers over the LAN too. Ours says "session up" only once its
+            # whole plan is applied and the tunnel carries traffic.
+            self.wait_log(client, r"^session up", timeout)
         ns.wait_ping(
             f"{net or '192.168.192'}.254",
             timeout,
@@ -1307,8 +1331,11 @@ class Testbed:
             self._drop_dsvpn_records(ns)
             run(["ip", "netns", "del", ns.name], check=False)
             if netns_inode(ns.name) is None:
+                shutil.rmtree(ns.resolv_conf.parent, ignore_errors=True)
                 self._record.drop(ns.name)  # kept otherwise, for a later sweep to retry
         self.namespaces.clear()
+        with contextlib.suppress(OSError):
+            NETNS_ETC.rmdir()  # only if no other testbed (or the admin) uses it
         if self._own_workdir and not os.environ.get("DSVPN_KEEP_LOGS"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -69,6 +69,19 @@ def test_options_anywhere_after_the_mode_word() -> None:
     assert cli.parse_args(["server", "k", "--dry-run", "--platform=openbsd"]).platform == "openbsd"
 
 
+def test_forward_secrecy_options() -> None:
+    inv = cli.parse_args(["client", "vpn.key", "--pfs", "h"])
+    assert isinstance(inv.config, ClientConfig) and inv.config.pfs
+    assert inv.config.server == "h"
+    inv = cli.parse_args(["client", "vpn.key", "h"])
+    assert isinstance(inv.config, ClientConfig) and not inv.config.pfs
+    inv = cli.parse_args(["server", "vpn.key", "--require-pfs"])
+    assert isinstance(inv.config, ServerConfig) and inv.config.require_pfs
+    inv = cli.parse_args(["server", "vpn.key"])
+    assert isinstance(inv.config, ServerConfig) and not inv.config.require_pfs
+    assert "--pfs" in cli.USAGE and "--require-pfs" in cli.USAGE
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -91,6 +104,9 @@ def test_options_anywhere_after_the_mode_word() -> None:
         (["server", "k", "--platform", "macos"], "only goes with --dry-run"),
         (["keygen"], "usage"),
         (["cleanup", "extra"], "no arguments"),
+        (["server", "k", "--pfs"], "--pfs is a client option .*--require-pfs"),
+        (["client", "k", "h", "--require-pfs"], "--require-pfs is a server option .*--pfs"),
+        (["keygen", "k", "--pfs"], "--pfs is a client option"),
     ],
 )
 def test_bad_input_is_a_usage_error(argv: list[str], message: str) -> None:
@@ -187,7 +203,8 @@ def test_cleanup_says_what_it_did(
     from dsvpn import tunnel
 
     monkeypatch.setattr(tunnel, "_has_net_admin", lambda: True)
-    monkeypatch.setattr(instances, "cleanup", lambda dialect, log: count)
+    monkeypatch.setattr(instances, "cleanup", lambda dialect, log, keep: count)
+    monkeypatch.setattr(instances, "kept_by_dead", lambda dialect: [])
     assert cli.main(["cleanup"]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Logging error" not in err

@@ -9,7 +9,7 @@ import ipaddress
 
 import pytest
 
-from dsvpn.config import ClientConfig, Config, ServerConfig
+from dsvpn.config import ClientConfig, ClientNetwork, Config, ServerConfig
 from dsvpn.errors import UsageError
 from dsvpn.plan import Plan
 from dsvpn.platform import NAMES, by_name
@@ -82,6 +82,9 @@ def test_linux_client_plan() -> None:
         "ip -6 addr add 64:ff9b::192.168.192.1 peer 64:ff9b::192.168.192.254/96 dev tun0",
         "ip route add default dev tun0 table 42069",
         "ip -6 route add default dev tun0 table 42069",
+        # Fail closed: these outlive the tun (kill -9) while the rules send traffic here.
+        "ip route add unreachable default metric 4294967295 table 42069",
+        "ip -6 route add unreachable default metric 4294967295 table 42069",
         "ip rule add not fwmark 42069 table 42069",
         "ip -6 rule add not fwmark 42069 table 42069",
         "ip rule add table main suppress_prefixlength 0",
@@ -92,6 +95,8 @@ def test_linux_client_plan() -> None:
         "ip rule delete table main suppress_prefixlength 0",
         "ip -6 rule delete table 42069",
         "ip rule delete table 42069",
+        "ip -6 route delete unreachable default metric 4294967295 table 42069",
+        "ip route delete unreachable default metric 4294967295 table 42069",
         f"iptables -t raw -D {RAW_C}",
         "restore net.ipv4.tcp_congestion_control",
     ]
@@ -400,6 +405,7 @@ def every_plan(name: str) -> list[Plan]:
         backend.plan(client_cfg("2001:db8::5"), "tun3", IPV6_NET),
         backend.plan(ServerConfig(key_file="k", local_tun_ip="10.8.0.1", remote_tun_ip="10.8.0.2"),
                      "dsvpn-a", NetInfo("wan0", "10.0.0.1")),
+        *client_network_plans(name),
     ]  # fmt: skip
     if name == "linux":
         # IPv6 NAT (ip6tables, accept_ra) and both firewalls.
@@ -410,6 +416,28 @@ def every_plan(name: str) -> list[Plan]:
                 for pool in POOLS:
                     plans.append(linux_plan(pool_cfg(*pool), net, firewall))
             plans.append(linux_plan(pool_cfg(), NET, firewall))
+    return plans
+
+
+def client_network_plans(name: str) -> list[Plan]:
+    """The client's --route/--exclude/--no-routes/--dns/--kill-switch, every DNS method."""
+    backend = by_name(name)
+    net = NetInfo("eth0", "198.51.100.1", other_gateway="fe80::1%eth0")
+    methods = {"linux": ("resolved", "resolvconf", "openresolv", "file"), "macos": ("scutil",)}
+    plans = []
+    for method in methods.get(name, ("resolvconf", "openresolv", "file")):
+        options = ClientNetwork(
+            routes=("10.0.0.0/8", "2001:db8::/32"), excludes=("10.1.0.0/16", "fd00::/8"),
+            dns=("10.0.0.53", "192.0.2.53"), dns_via=method, dns_service="A1-B2",
+            kill_switch=backend.kill_switch, local_nets=("192.0.2.0/24", "2001:db8:1::/64"),
+        )  # fmt: skip
+        for network in (options, ClientNetwork(excludes=("192.168.0.0/16",), dns_via=method)):
+            for firewall in backend.firewalls or (None,):
+                cfg = ClientConfig(
+                    key_file="k", server="s", server_ip="203.0.113.5", network=network,
+                    firewall=firewall,  # type: ignore[arg-type]
+                )  # fmt: skip
+                plans.append(backend.plan(cfg, "tun0", net))
     return plans
 
 

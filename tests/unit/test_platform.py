@@ -424,25 +424,32 @@ def test_discover_no_default_route() -> None:
 
 
 def test_discover_client() -> None:
+    # The other family's default gateway comes along (macOS/BSD route --exclude through it).
     ni = FakeNetifaces(DEFAULTS)
-    assert discover(make_cfg("client", server_ip="203.0.113.5"), ni) == NetInfo("eth0", "192.0.2.1")
+    assert discover(make_cfg("client", server_ip="203.0.113.5"), ni) == NetInfo(
+        "eth0", "192.0.2.1", other_gateway="2001:db8::1"
+    )
     assert discover(make_cfg("client", server_ip="2001:db8:5::5"), ni) == NetInfo(
-        "eth0", "2001:db8::1"
+        "eth0", "2001:db8::1", other_gateway="192.0.2.1"
     )
     # An explicit gateway: the interface whose subnet holds it.
     assert discover(make_cfg("client", "10.0.200.1", "203.0.113.5"), ni) == NetInfo(
-        "eth1", "10.0.200.1"
+        "eth1", "10.0.200.1", other_gateway="2001:db8::1"
     )
+    only4 = FakeNetifaces({2: DEFAULTS[2]})
+    assert discover(make_cfg("client", server_ip="203.0.113.5"), only4).other_gateway == ""
 
 
 def test_discover_via_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_common, "_netifaces", lambda: FakeNetifaces(DEFAULTS))
     backend = platform.by_name("linux")
     assert backend.discover(make_cfg("server")) == NetInfo("eth0", "192.0.2.1", "eth0")
-    assert backend.placeholder_net() == NetInfo("<ext-if>", "<gateway>")
-    # The client has no use for the IPv6 route out.
+    assert backend.placeholder_net() == NetInfo(
+        "<ext-if>", "<gateway>", other_gateway="<other-gateway>"
+    )
+    # The client has no use for the IPv6 route out (its other family's gateway it has).
     assert backend.discover(make_cfg("client", server_ip="203.0.113.5")) == NetInfo(
-        "eth0", "192.0.2.1"
+        "eth0", "192.0.2.1", other_gateway="2001:db8::1"
     )
 
 
@@ -459,6 +466,15 @@ def test_linux_discover_reads_accept_ra(
     # An interface without the file (IPv6 off on it) counts as not taking advertisements.
     (conf / "accept_ra").unlink()
     assert not backend.discover(make_cfg("server")).ext6_accepts_ra
+
+
+def test_local_networks() -> None:
+    # Loopback is left out; IPv4 sorted before IPv6.
+    assert _common.local_networks(FakeNetifaces()) == (
+        "10.0.0.0/16",
+        "192.0.2.0/24",
+        "2001:db8::/64",
+    )
 
 
 # -- the config as each OS runs it ---------------------------------------------------------------

@@ -284,6 +284,19 @@ def test_print_makes_the_key_path_absolute(root: Path, monkeypatch: pytest.Monke
     assert args == ["client", "-v", "/etc/dsvpn/vpn.key", "vpn.example.com"]
 
 
+def test_print_keeps_the_forward_secrecy_options(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir("/etc")
+    host = make_host(root)
+    service.install("home", ["client", "--pfs", "dsvpn/vpn.key", "vpn.example.com"],
+                    platform="linux", print_only=True, host=host)  # fmt: skip
+    assert isinstance(host.out, io.StringIO)
+    body = sections(host.out.getvalue())["/etc/dsvpn/home.args (mode 0600)"]
+    args = [x for x in body.splitlines() if not x.startswith("#")]
+    assert args == ["client", "--pfs", "/etc/dsvpn/vpn.key", "vpn.example.com"]
+
+
 def test_print_macos_plist(root: Path) -> None:
     host = make_host(root)
     service.install("home", SERVER_ARGS, platform="macos", print_only=True, host=host)

@@ -23,6 +23,7 @@ from dsvpn.plan import Argv, Plan, Run
 PLACEHOLDER_IF = "<ext-if>"
 PLACEHOLDER_GW = "<gateway>"
 PLACEHOLDER_SERVER = "<server-ip>"
+PLACEHOLDER_OTHER_GW = "<other-gateway>"
 
 
 class NetInfo(NamedTuple):
@@ -36,6 +37,9 @@ class NetInfo(NamedTuple):
     # forwarding on would stop unless accept_ra is 2.
     ext_if6: str | None = None
     ext6_accepts_ra: bool = False
+    # client: the default gateway of the other IP family ("" if none): macOS and the BSDs
+    # route --exclude prefixes of that family through it.
+    other_gateway: str = ""
 
 
 class TunFraming(NamedTuple):
@@ -64,6 +68,8 @@ class Backend(ABC):
     firewalls: tuple[str, ...] = ()
     # Whether its server plan can serve a pool of clients (a peers file).
     serves_pools: bool = False
+    # Whether its client plans have a --kill-switch.
+    kill_switch = False
 
     def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
         self._which = which
@@ -79,6 +85,8 @@ class Backend(ABC):
             )
         if cfg.tun_name is not None:
             self.check_tun_name(cfg.tun_name)
+        if isinstance(cfg, ClientConfig) and cfg.network.kill_switch and not self.kill_switch:
+            raise UsageError(f"--kill-switch is available on Linux and macOS, not on {self.name}")
         return dataclasses.replace(cfg, mtu=self.default_mtu)
 
     @abstractmethod
@@ -95,7 +103,14 @@ class Backend(ABC):
         return discover(cfg)
 
     def placeholder_net(self) -> NetInfo:
-        return NetInfo(PLACEHOLDER_IF, PLACEHOLDER_GW)
+        return NetInfo(PLACEHOLDER_IF, PLACEHOLDER_GW, other_gateway=PLACEHOLDER_OTHER_GW)
+
+    def needs_gateway(self, cfg: Config) -> bool:
+        """Whether the plan uses the default gateway (or interface): only then must discovery
+        succeed, and only then is it repeated when the client reconnects."""
+        if isinstance(cfg, ServerConfig):
+            return True
+        return bool(self.client_plan(cfg, "<tun>", self.placeholder_net()).gateway_steps())
 
     @abstractmethod
     def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
@@ -139,6 +154,10 @@ class Backend(ABC):
     @abstractmethod
     def undo_of(self, apply: Sequence[str]) -> Argv | None:
         """The undo this backend plans for `apply`, or None if it plans no such step."""
+
+    def undo_input_fits(self, undo: Sequence[str], text: str) -> bool:
+        """Whether `text` is stdin this backend feeds to `undo` (none, unless it says so)."""
+        return False
 
 
 def server_address(cfg: ClientConfig) -> str:
@@ -246,12 +265,14 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
 
     server = server_address(cfg)
     family = ni.AF_INET6 if is_ipv6(server) else ni.AF_INET
+    other = _default_route(ni, ni.AF_INET if family == ni.AF_INET6 else ni.AF_INET6)
+    other_gateway = other[0] if other else ""
     if cfg.gateway_ip:
         ext_if = interface_reaching(ni, cfg.gateway_ip)
         if ext_if is None:
             default = _default_route(ni, family)
             ext_if = default[1] if default else ""
-        return NetInfo(ext_if, cfg.gateway_ip)
+        return NetInfo(ext_if, cfg.gateway_ip, other_gateway=other_gateway)
     default = _default_route(ni, family)
     if default is None:
         kind = "IPv6" if family == ni.AF_INET6 else "IPv4"
@@ -259,7 +280,7 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
             f"no default {kind} route towards the server {server}; give the gateway IP explicitly"
         )
     gateway, ext_if = default
-    return NetInfo(ext_if, gateway)
+    return NetInfo(ext_if, gateway, other_gateway=other_gateway)
 
 
 def _route_out6(ni: Any) -> str | None:
@@ -300,21 +321,46 @@ def interface_with_address(ni: Any, address: str) -> str | None:
     return None
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(ni: Any, family: int) -> Iterable[tuple[str, Network]]:
+    """(interface, on-link subnet) of every address of one family."""
+    for name, a in _addresses(ni, family):
+        try:
+            host = a["addr"].split("%", 1)[0]
+            mask = a.get("netmask", "")
+            # netifaces gives IPv6 masks as "ffff:ffff::/64": only the prefix length counts.
+            prefix = mask.rsplit("/", 1)[1] if "/" in mask else mask
+            yield name, ipaddress.ip_network(f"{host}/{prefix}" if prefix else host, strict=False)
+        except (KeyError, ValueError):
+            continue
+
+
 def interface_reaching(ni: Any, address: str) -> str | None:
     """The interface whose on-link subnet contains `address` (the gateway)."""
     try:
         wanted = ipaddress.ip_address(address)
     except ValueError:
         return None
-    for name, a in _addresses(ni, _family(ni, address)):
-        try:
-            host = a["addr"].split("%", 1)[0]
-            mask = a.get("netmask", "")
-            # netifaces gives IPv6 masks as "ffff:ffff::/64": only the prefix length counts.
-            prefix = mask.rsplit("/", 1)[1] if "/" in mask else mask
-            net = ipaddress.ip_network(f"{host}/{prefix}" if prefix else host, strict=False)
-        except (KeyError, ValueError):
-            continue
+    for name, net in _networks(ni, _family(ni, address)):
         if wanted in net and net.num_addresses > 1:
             return name
     return None
+
+
+def local_networks(ni: Any = None) -> tuple[str, ...]:
+    """The subnets of this host's interfaces, sorted: what the kill switch lets through
+    besides the tunnel. Loopback, link-local (passed anyway) and single addresses (a
+    point-to-point link's own end) are left out."""
+    ni = ni if ni is not None else _netifaces()
+    found: set[Network] = set()
+    for family in (ni.AF_INET, ni.AF_INET6):
+        for _, net in _networks(ni, family):
+            if net.is_loopback or net.is_link_local or net.num_addresses == 1:
+                continue
+            found.add(net)
+    return tuple(
+        str(n)
+        for n in sorted(found, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
+    )

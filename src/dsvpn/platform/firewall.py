@@ -84,6 +84,8 @@ class Rule:
     established: bool = False  # replies only (conntrack RELATED,ESTABLISHED)
     # iptables: insert at the head of the chain (-I) rather than append (-A).
     first: bool = False
+    # reject: answer "network unreachable" (the client's kill switch), not "port unreachable".
+    no_route: bool = False
 
 
 # -- choosing the tool ------------------------------------------------------------------------
@@ -147,6 +149,8 @@ def _iptables_matches(rule: Rule) -> Argv:
     if rule.established:
         out += ["-m", "state", "--state", "RELATED,ESTABLISHED"]
     out += ["-j", rule.action.upper()]
+    if rule.no_route:
+        out += ["--reject-with", "icmp-net-unreachable" if rule.family == 4 else "icmp6-no-route"]
     return tuple(out)
 
 
@@ -204,6 +208,8 @@ def _nft_rule(rule: Rule) -> str:
     if rule.established:
         out.append("ct state related,established")
     out.append(rule.action)
+    if rule.no_route:
+        out.append("with icmpx type no-route")
     return " ".join(out)
 
 
@@ -219,6 +225,8 @@ def _quoted(ifname: str) -> str:
 
 
 def _address(value: str, family: int) -> str:
+    if value.startswith("<"):
+        return value  # --dry-run: what only the host could tell (its local subnets)
     # nft reads IPv6 only in hexadecimal groups (not 64:ff9b::192.0.2.1).
     net = ipaddress.ip_network(value, strict=False)
     if net.version != family:

@@ -12,6 +12,8 @@ import struct
 from collections.abc import Callable, Sequence
 
 from dsvpn.config import (
+    ALL_IPV4,
+    ALL_IPV6,
     NAT64_PREFIX,
     POOL_PREFIXES,
     ROUTING_TABLE,
@@ -23,13 +25,16 @@ from dsvpn.config import (
 )
 from dsvpn.errors import DsvpnError, PrerequisiteError, UsageError
 from dsvpn.plan import Argv, Plan, Run, Step
+from dsvpn.platform import _dns, _killswitch
 from dsvpn.platform import firewall as fw
 from dsvpn.platform._common import (
     PLACEHOLDER_IF,
     Backend,
     NetInfo,
+    Shape,
     TunFraming,
     discover,
+    fits,
     tun_open_error,
     word_ifname,
     word_ipv4,
@@ -48,6 +53,8 @@ TUN_OFFLOADS = 0x01 | 0x02 | 0x04 | 0x08
 IFNAMSIZ = 16
 
 TABLE = str(ROUTING_TABLE)
+# The lowest route priority: the unreachable routes lose to every real route of the table.
+LAST_METRIC = "4294967295"
 FORWARDING = "net.ipv4.ip_forward"
 FORWARDING6 = "net.ipv6.conf.all.forwarding"
 CONGESTION = "net.ipv4.tcp_congestion_control"
@@ -188,11 +195,66 @@ def _ip_rules() -> list[Step]:
 _IP_RULE_UNDO: dict[Argv, Argv | None] = {s.apply: s.undo for s in _ip_rules()}
 
 
+def _ip(prefix: str) -> Argv:
+    return ("ip", "-6") if ":" in prefix else ("ip",)
+
+
+def _dst(prefix: str) -> str:
+    return "default" if prefix in (ALL_IPV4, ALL_IPV6) else prefix
+
+
+def _unreachable(prefix: str) -> Step:
+    # Fail closed: stays when the tun dies with the process (kill -9, OOM), as do the policy
+    # rules, so what the tunnel carried finds "unreachable" instead of the bare network.
+    spec = ("unreachable", _dst(prefix), "metric", LAST_METRIC, "table", TABLE)
+    return Step((*_ip(prefix), "route", "add", *spec), (*_ip(prefix), "route", "delete", *spec))
+
+
+def _throw(prefix: str) -> Step:
+    # An --exclude prefix: the lookup goes on to the main table.
+    spec = ("throw", prefix, "table", TABLE)
+    return Step((*_ip(prefix), "route", "add", *spec), (*_ip(prefix), "route", "delete", *spec))
+
+
+def _prefix_word(version: int, *, default: bool) -> Callable[[str], bool]:
+    """A CIDR prefix of one family (or "default", where allowed) as the plans write it."""
+
+    def check(word: str) -> bool:
+        if default and word == "default":
+            return True
+        try:
+            return "/" in word and ipaddress.ip_network(word).version == version
+        except ValueError:
+            return False
+
+    return check
+
+
+# The shapes of the table-42069 routes that have an undo (the unreachable and throw routes);
+# their undo is the same command with "delete" for "add", as the builders above make it.
+_TABLE_SHAPES: tuple[Shape, ...] = tuple(
+    shape
+    for ip, version in ((("ip",), 4), (("ip", "-6"), 6))
+    for shape in (
+        (*ip, "route", "add", "unreachable", _prefix_word(version, default=True), "metric",
+         LAST_METRIC, "table", TABLE),
+        (*ip, "route", "add", "throw", _prefix_word(version, default=False), "table", TABLE),
+    )
+)  # fmt: skip
+
+
 def undo_of(apply: Sequence[str]) -> Argv | None:
     apply = tuple(apply)
     if apply in _IP_RULE_UNDO:
         return _IP_RULE_UNDO[apply]
-    return fw.undo_of(apply, _IPTABLES_SHAPES)
+    if any(fits(apply, shape) for shape in _TABLE_SHAPES):
+        add = apply.index("add")
+        return (*apply[:add], "delete", *apply[add + 1 :])
+    return (
+        fw.undo_of(apply, _IPTABLES_SHAPES)
+        or _killswitch.iptables_undo_of(apply)
+        or _dns.undo_of(apply, resolved=True)
+    )
 
 
 def _addresses(cfg: Config, tun: str) -> list[Step]:
@@ -298,24 +360,50 @@ def client_plan(
 ) -> Plan:
     # The gateway plays no part: the tunnel's socket carries fwmark 42069 and so keeps
     # using the main table, whatever its default route is.
-    return Plan(
-        [
-            Step(
-                sysctl_write(CONGESTION, "bbr"),
-                None,
-                sysctl=(CONGESTION, "bbr"),
-                # Only a speed-up; a kernel without bbr still runs the tunnel.
-                best_effort=True,
-            ),
-            Step((*_LINK_UP, tun, "up"), None),
-            *fw.steps(firewall, tun, [_anti_spoof(tun, cfg.local_tun_ip, 4)]),
-            *_addresses(cfg, tun),
-            # The table's routes vanish with the device.
+    opts = cfg.network
+    steps = [
+        Step(
+            sysctl_write(CONGESTION, "bbr"),
+            None,
+            sysctl=(CONGESTION, "bbr"),
+            # Only a speed-up; a kernel without bbr still runs the tunnel.
+            best_effort=True,
+        ),
+        Step((*_LINK_UP, tun, "up"), None),
+        *fw.steps(firewall, tun, [_anti_spoof(tun, cfg.local_tun_ip, 4)]),
+        *_addresses(cfg, tun),
+    ]
+    if not opts.no_routes:
+        steps += _table(cfg, tun)
+        steps += _ip_rules()
+    if opts.dns:
+        method = opts.dns_via or _dns.default_method("linux")
+        steps += _dns.steps(method, tun, opts.dns)
+    if opts.kill_switch:
+        # Last: applied once the routes are in, undone first (see Tunnel).
+        steps += _killswitch.linux_steps(cfg, tun, firewall)
+    return Plan(steps)
+
+
+def _table(cfg: ClientConfig, tun: str) -> list[Step]:
+    """Table 42069: what the tunnel carries (through the tun; these routes vanish with it),
+    unreachable behind it, and the --exclude holes."""
+    opts = cfg.network
+    if opts.full:
+        steps = [
             Step(("ip", "route", "add", "default", "dev", tun, "table", TABLE), None),
             Step(("ip", "-6", "route", "add", "default", "dev", tun, "table", TABLE), None),
-            *_ip_rules(),
         ]
-    )
+    else:
+        steps = [
+            Step((*_ip(p), "route", "add", p, "dev", tun, "table", TABLE), None)
+            for p in opts.carried()
+        ]
+    # Local subnets keep working after a crash (the suppress_prefixlength rule lets the main
+    # table's more specific routes win), and so does the tunnel's own connection (fwmark).
+    steps += [_unreachable(p) for p in opts.carried()]
+    steps += [_throw(p) for p in opts.excludes]
+    return steps
 
 
 class LinuxBackend(Backend):
@@ -327,6 +415,7 @@ class LinuxBackend(Backend):
     sysctl_keys = SYSCTL_KEYS
     firewalls = fw.FIREWALLS
     serves_pools = True
+    kill_switch = True
 
     def __init__(
         self,
@@ -352,6 +441,9 @@ class LinuxBackend(Backend):
             raise PrerequisiteError(f"{self._clone_dev} does not exist (try: modprobe tun)")
         super().check_host(cfg)
         fw.check_installed(cfg.firewall, self._which)
+        kill_switch = isinstance(cfg, ClientConfig) and cfg.network.kill_switch
+        if kill_switch and self.firewall(cfg) == "iptables" and self._which("ip6tables") is None:
+            raise PrerequisiteError("`ip6tables` not found (install iptables)")
 
     def firewall(self, cfg: Config) -> FirewallName:
         return fw.choose(cfg.firewall, self._which)
@@ -371,6 +463,10 @@ class LinuxBackend(Backend):
                 return f.read().strip() in ("1", "2")
         except OSError:
             return False
+
+    def needs_gateway(self, cfg: Config) -> bool:
+        # The client's plan never names the gateway (see client_plan).
+        return isinstance(cfg, ServerConfig)
 
     def check_tun_name(self, name: str) -> None:
         if not 0 < len(name.encode()) < IFNAMSIZ or not word_ifname(name):
