@@ -15,7 +15,7 @@ import pytest
 
 from dsvpn import cli, instances, peer_command
 from dsvpn.config import ServerConfig
-from dsvpn.errors import UsageError
+from dsvpn.errors import DsvpnError, UsageError
 from dsvpn.instances import Identity, Record, RunDir, process_start
 from dsvpn.peers import PeersError
 
@@ -234,3 +234,16 @@ def test_dry_run_of_a_pool(peers_file: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "ip addr add 192.168.192.254/24 dev dsv0" in out
     assert "ip saddr 192.168.192.0/24" in out
+
+
+def test_a_service_checks_every_key_of_a_peers_file(peers_file: Path) -> None:
+    from dsvpn import service
+
+    assert service._secret_files(str(peers_file)) == [
+        str(peers_file),
+        str(peers_file.parent / "alice.key"),
+    ]
+    key = peers_file.parent / "alice.key"
+    assert service._secret_files(str(key)) == [str(key)]
+    with pytest.raises(DsvpnError, match=r"cannot see the key file /tmp/.*/peers"):
+        service.install("office", ["server", str(peers_file)], print_only=True)
