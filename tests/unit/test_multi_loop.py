@@ -474,3 +474,35 @@ def test_hello_split_in_pieces(rig: MultiRig) -> None:
     assert seen[-1] == (L.EV_SESSION_UP, "carol 127.0.0.1")
     assert len(recv_exact(c, 64)) == 64
     c.close()
+
+
+# -- a Linux IFF_VNET_HDR tun (tun_vnet.h) ---------------------------------------------------------
+
+
+def test_vnet_hdr_tso_to_its_peer_and_gso_from_a_peer() -> None:
+    from test_loop_vnet import NO_VH, VH, tcp4, valid
+
+    # tcp4() builds 10.0.0.1 -> 10.0.0.2 segments: alice and bob of this pool.
+    peers = [("alice", KEYS["alice"], "10.0.0.1"), ("bob", KEYS["bob"], "10.0.0.2")]
+    with MultiRig(peers, pool="10.0.0.0/24", vnet_hdr=True) as rig:
+        alice = rig.client("alice")
+        bob = rig.client("bob")
+        # A TSO packet for bob from the tun: cut into ordinary packets, all for bob.
+        payload = bytes(range(256)) * 23  # 5888 bytes: 4 x 1448 + 96
+        rig.peer_tun.send(VH.pack(1, 1, 52, 1448, 20, 16) + tcp4(5, payload, flags=0x18, ident=7))
+        segs = [rig.recv(bob) for _ in range(5)]
+        assert all(valid(s) for s in segs)
+        assert b"".join(s[52:] for s in segs) == payload
+        nothing_for(rig, alice, 50)
+        # alice's segments of one flow, in one write: one GSO write to the tun.
+        pay = [bytes([i]) * 1448 for i in range(3)]
+        pkts = [tcp4(1000 + 1448 * i, pay[i], ident=i + 1) for i in range(3)]
+        alice.sock.sendall(b"".join(alice.frame(p) for p in pkts))
+        big = tun_recv(rig)
+        assert VH.unpack(big[:10])[1] == 1 and big[10 + 52 :] == b"".join(pay)
+        assert rig.loop.stats()["tun_merged"] == 3
+        # bob may not send as alice, merged or not
+        bob.send(pkts[0])
+        alice.send(tcp4(99, b"x", sport=7))
+        assert tun_recv(rig) == NO_VH + tcp4(99, b"x", sport=7)
+        assert rig.loop.sessions()["bob"]["drops"]["spoofed"] == 1
