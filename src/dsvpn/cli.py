@@ -69,7 +69,8 @@ MTU 9000 (1500 on NetBSD). A tun name has at most 15 characters (macOS: utunN, B
 
 exit status:
   0 success, 1 other error, 2 usage error, 69 missing prerequisite (tool, tun device),
-  75 conflict with a running dsvpn, 77 permission denied (not root), 130 interrupted
+  75 conflict with a running dsvpn, 77 permission denied (not root),
+  78 bad service arguments file, 130 interrupted
 
 example:
   dsvpn keygen vpn.key                 (copy vpn.key to the other host, e.g. with scp)
