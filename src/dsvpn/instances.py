@@ -678,15 +678,20 @@ def servers_using(
     *,
     run_dir: str | os.PathLike[str] = RUN_DIR,
 ) -> list[tuple[int, int]]:
-    """(PID, port) of each live server whose record names `peers_file` (absolute path)."""
+    """(PID, port) of each live server whose record names `peers_file` (the same file by
+    another path too: both are resolved)."""
     directory = RunDir(run_dir)
     if not directory.exists():
         return []
+    wanted = os.path.realpath(peers_file)
     with directory.lock():
         return [
             (r.pid, r.identity.port)
             for r in directory.records(dialect)
-            if r.identity.mode == "server" and r.identity.peers == peers_file and r.alive()
+            if r.identity.mode == "server"
+            and r.identity.peers is not None
+            and os.path.realpath(r.identity.peers) == wanted
+            and r.alive()
         ]
 
 

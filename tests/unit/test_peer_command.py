@@ -157,6 +157,34 @@ def test_servers_using_skips_dead_servers(tmp_path: Path) -> None:
     assert instances.servers_using("/y/peers", by_name("linux"), run_dir=run_dir) == []
 
 
+def test_servers_using_resolves_links(tmp_path: Path) -> None:
+    from dsvpn.platform import by_name
+
+    real = tmp_path / "etc" / "peers"
+    real.parent.mkdir()
+    real.write_text("")
+    (tmp_path / "link").symlink_to(real.parent)
+    run_dir = tmp_path / "run"
+    _record(run_dir, os.getppid(), str(tmp_path / "link" / "peers"))
+    assert instances.servers_using(str(real), by_name("linux"), run_dir=run_dir) == [
+        (os.getppid(), 443)
+    ]
+
+
+def test_a_tunnel_of_a_peers_file_reads_the_peers_not_a_key(peers_file: Path) -> None:
+    from dsvpn import tunnel
+    from dsvpn.platform import by_name
+
+    cfg = cli.parse_args(["server", str(peers_file)]).config
+    assert cfg is not None
+    t = tunnel.Tunnel(cfg, by_name("linux"))
+    assert t.peers is not None and [p.name for p in t.peers.peers] == ["alice"]
+    assert t.key == b""
+    identity = Identity.of(t.cfg, "tun3")
+    assert identity.peers == str(peers_file) and identity.pool == "192.168.192.0/24"
+    assert identity.remote_tun_ip == "192.168.192.0"
+
+
 # -- dsvpn server <peers file> ------------------------------------------------------------------
 
 
