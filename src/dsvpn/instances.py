@@ -164,6 +164,14 @@ class Identity:
             pool=cfg.pool if isinstance(cfg, ServerConfig) else None,
         )
 
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.peers is None and self.pool is None:
+            # A server of one client (or a client) writes the record it always wrote.
+            for name in _POOL_FIELDS:
+                del data[name]
+        return data
+
     @classmethod
     def from_json(cls, data: Any) -> Identity:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -212,7 +220,7 @@ class Record:
             "version": FORMAT_VERSION,
             "pid": self.pid,
             "start": self.start,
-            "identity": dataclasses.asdict(self.identity),
+            "identity": self.identity.to_json(),
             "steps": [
                 {
                     "apply": list(a.step.apply),

@@ -586,7 +586,7 @@ def test_a_pool_record_reads_back_and_a_record_without_its_fields_too(run_dir: P
         directory.write(Record(11, "1", POOL, []))
         assert directory.load(11, LINUX).identity == POOL
     old = record_json(12, [])
-    del old["identity"]["peers"], old["identity"]["pool"]
+    assert "peers" not in old["identity"] and "pool" not in old["identity"]
     put_raw(run_dir, 12, [], identity=old["identity"])
     with directory.lock():
         assert directory.load(12, LINUX).identity == ident()
@@ -656,3 +656,10 @@ def test_pools_apart_do_not_conflict(run_dir: Path) -> None:
     mine = dataclasses.replace(POOL, tun="tun1", port=2, local_tun_ip="10.8.0.254",
                                remote_tun_ip="10.8.0.0", pool="10.8.0.0/24")  # fmt: skip
     instances.claim(mine, DIALECT, lambda _: None, run_dir=run_dir, run=FakeHost()).release()
+
+
+def test_a_record_without_a_pool_keeps_its_former_shape() -> None:
+    assert set(Record(1, "1", ident(), []).to_json()["identity"]) == {
+        "mode", "tun", "port", "local_tun_ip", "remote_tun_ip", "table", "netns",
+    }  # fmt: skip
+    assert Record(1, "1", POOL, []).to_json()["identity"]["pool"] == "192.168.192.0/24"
