@@ -1030,12 +1030,16 @@ cdef class MultiLoop:
                 self._soon(s.tx_since + self.send_timeout_ms)
 
     cdef void _tun_interest(self) noexcept nogil:
-        """Watch the tun unless every session is full (then its queue holds the packets)."""
+        """Watch the tun unless every session is full (then its queue holds the packets). Not
+        watched at all meanwhile: an error report would otherwise wake every wait."""
         cdef bint want = not (self.nlive > 0 and self.nblocked == self.nlive)
-        if want != self.tun_on:
-            self.tun_on = want
-            dsvpn_poller_mod(self.poller, self.tun_fd, DSVPN_PIN if want else 0,
-                             tag_of(K_TUN, 0, 0))
+        if want == self.tun_on:
+            return
+        if want:
+            self.tun_on = dsvpn_poller_add(self.poller, self.tun_fd, DSVPN_PIN,
+                                           tag_of(K_TUN, 0, 0)) == 0
+        elif dsvpn_poller_del(self.poller, self.tun_fd) == 0:
+            self.tun_on = False
 
     cdef void _drain_wake(self) noexcept nogil:
         cdef uint8_t drain[256]
