@@ -150,6 +150,7 @@ cdef const char* CLIENT_EOF_MSG = (
     b"wrong key, or the server is busy with another client")
 cdef const char* REFUSED_FMT = b"connection from %s refused: a session from %s is already active"
 cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
+cdef const char* CLOCK_FMT = b"clock difference too large from %s: %s"
 cdef const char* NO_RANDOM = b"the system's random source failed"
 cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage"
 cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs)"
@@ -711,6 +712,7 @@ cdef class Loop:
         cdef Pending* p = &self.pend[i]
         cdef const char* why
         cdef char ip[DSVPN_IP_TEXT]
+        cdef char arg[MSG_LEN]
         cdef int fd
         if p.stage == PEND_CLASSIC:
             if not self._pending_read(i, PKT1_LEN):
@@ -719,9 +721,9 @@ cdef class Loop:
                 if self.require_pfs:
                     self._pending_fail(i, CLASSIC_REFUSED_FMT, b"")
                     return
-                why = self._check_ts(p.buf)
+                why = self._check_ts(p.buf, arg)
                 if why != NULL:
-                    self._pending_fail(i, why, b"")
+                    self._pending_fail(i, why, arg)
                     return
                 if self._busy_for(&p.addr):
                     # Another client's session came up while this one was shaking hands.
@@ -737,9 +739,9 @@ cdef class Loop:
             p.stage = PEND_EXTENDED
         if p.stage != PEND_EXTENDED or not self._pending_read(i, PFS_HELLO_LEN):
             return
-        why = self._verify_pfs_hello(p)
+        why = self._verify_pfs_hello(p, arg)
         if why != NULL:
-            self._pending_fail(i, why, b"")
+            self._pending_fail(i, why, arg)
             return
         if self._busy_for(&p.addr):
             self._pending_fail(i, REFUSED_FMT, self.peer_addr.ip)
@@ -783,29 +785,36 @@ cdef class Loop:
         charm_hash(&p.st, p.buf, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
         return ct_eq(h, p.buf + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN)
 
-    cdef const char* _verify_pfs_hello(self, Pending* p) noexcept nogil:
+    cdef const char* _verify_pfs_hello(self, Pending* p, char* arg) noexcept nogil:
         """NULL if p.buf holds an authentic, fresh extended hello, else the log format (%s:
-        the peer's IP). p.st becomes the transcript state after H1."""
+        the peer's IP, then arg: see _check_ts). p.st becomes the transcript state after H1."""
         cdef uint8_t h[CHARM_HASH_LEN]
+        arg[0] = 0
         p.st = self.pkx
         charm_hash(&p.st, p.buf, PKT1_LEN, h)
         if not ct_eq(h, p.buf + PKT1_LEN, CHARM_HASH_LEN):
             return BAD_HELLO_FMT
-        return self._check_ts(p.buf)
+        return self._check_ts(p.buf, arg)
 
-    cdef const char* _check_ts(self, const uint8_t* hello) noexcept nogil:
+    cdef const char* _check_ts(self, const uint8_t* hello, char* arg) noexcept nogil:
         """NULL if the (authenticated) timestamp of a hello is within the window, else the
-        log format."""
+        log format (%s: the peer's IP, then arg, MSG_LEN bytes, filled in here: by how much
+        the clocks differ, so the operator knows which one to fix)."""
         cdef uint64_t ts = 0
         cdef int64_t diff
         cdef int j
+        arg[0] = 0
         for j in range(HS_TIMESTAMP_LEN):
             ts |= (<uint64_t> hello[HS_RANDOM_LEN + j]) << (8 * j)
         if ts > <uint64_t> 0x7fffffffffffffff:
-            return b"clock difference too large from %s"
+            snprintf(arg, MSG_LEN, "its timestamp is out of range")
+            return CLOCK_FMT
         diff = <int64_t> ts - self._wall()
         if diff > TS_TOLERANCE_S or diff < -TS_TOLERANCE_S:
-            return b"clock difference too large from %s"
+            snprintf(arg, MSG_LEN, "its clock is %lld s %s ours (at most %d s)",
+                     <long long> (diff if diff > 0 else -diff),
+                     <const char*> (b"ahead of" if diff > 0 else b"behind"), <int> TS_TOLERANCE_S)
+            return CLOCK_FMT
         return NULL
 
     cdef bint _send_pkt2(self, int i) noexcept nogil:

@@ -35,6 +35,7 @@ usage:
   dsvpn peer remove <peers file> <name> | dsvpn peer list <peers file>
   dsvpn cleanup [--all]        remove what crashed dsvpn instances left behind
                                (--all: their kill switch too)
+  dsvpn status [--json]        every dsvpn running in this network namespace, its sessions
   dsvpn service install <name> [--print] -- server|client <arguments>
                                run dsvpn as a system service (see dsvpn service --help)
   dsvpn service remove <name>  stop that service and remove what install wrote
@@ -92,12 +93,13 @@ class _Options:
 
 @dataclass(frozen=True)
 class Invocation:
-    command: str  # server, client, keygen, cleanup, version, help
+    command: str  # server, client, keygen, cleanup, status, version, help
     config: Config | None = None
     path: str | None = None  # keygen's file
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
     dry_run: bool = False
     platform: str | None = None
+    json: bool = False  # status --json
     cleanup_all: bool = False  # cleanup --all: kill switches too
 
 
@@ -220,12 +222,16 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     if argv[0] in ("-V", "--version", "version"):
         return Invocation("version")
     command, rest = argv[0], argv[1:]
-    if command not in ("server", "client", "keygen", "cleanup"):
+    if command not in ("server", "client", "keygen", "cleanup", "status"):
         raise UsageError(
-            f"unknown mode {command!r}: expected server, client, keygen, peer or cleanup"
+            f"unknown mode {command!r}: expected server, client, keygen, peer, cleanup or status"
         )
     if "-h" in rest or "--help" in rest:
         return Invocation("help")
+    if command == "status":
+        if any(arg != "--json" for arg in rest):
+            raise UsageError("usage: dsvpn status [--json]")
+        return Invocation("status", json=bool(rest))
     rest, firewall = _take_firewall(rest)
     rest, network, client_options = _take_client_options(rest)
     rest, cleanup_all = _take_flag(rest, "--all") if command == "cleanup" else (rest, False)
@@ -435,7 +441,9 @@ def _dispatch(inv: Invocation) -> int:
     if inv.command == "version":
         print(f"dsvpn {__version__} (wire protocol of DSVPN {PROTOCOL_VERSION})")
         return 0
-    _setup_logging(inv.verbosity)
+    from dsvpn import logs
+
+    logs.setup(inv.verbosity)
     if inv.command == "keygen":
         from dsvpn.keys import generate_key_file
 
@@ -443,6 +451,10 @@ def _dispatch(inv: Invocation) -> int:
         generate_key_file(inv.path)
         logging.getLogger("dsvpn").info("wrote a new key to %s (mode 0600)", inv.path)
         return 0
+    if inv.command == "status":
+        from dsvpn import status
+
+        return status.command(inv.json)
     from dsvpn import tunnel
 
     if inv.command == "cleanup":

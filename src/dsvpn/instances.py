@@ -67,6 +67,14 @@ LOCK_NAME = ".lock"
 MAX_RECORD_BYTES = 1 << 20
 _RECORD_NAME = re.compile(r"([1-9][0-9]{0,9})\.json")
 _TMP_NAME = re.compile(r"\.[0-9]+\.[0-9]+\.tmp")  # .<record pid>.<writer pid>.tmp
+# Beside each record, the instance's `dsvpn status` socket (dsvpn.status), removed with it.
+_SOCKET_NAME = re.compile(r"[1-9][0-9]{0,9}\.sock")
+
+
+def socket_name(pid: int) -> str:
+    return f"{pid}.sock"
+
+
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux >= 5.14
 
 LogFn = Callable[[str], None]
@@ -446,7 +454,7 @@ class RunDir:
         fd = self._held()
         found = []
         for name in sorted(os.listdir(fd)):
-            if name == LOCK_NAME:
+            if name == LOCK_NAME or _SOCKET_NAME.fullmatch(name):
                 continue
             if _TMP_NAME.fullmatch(name):
                 # Writes happen only under the lock we hold: this one's writer died mid-way.
@@ -518,8 +526,9 @@ class RunDir:
             raise DsvpnError(f"cannot write {self.path / record.name}: {exc.strerror}") from exc
 
     def remove(self, pid: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{pid}.json", dir_fd=self._held())
+        for name in (f"{pid}.json", socket_name(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self._held())
 
 
 # -- one instance ------------------------------------------------------------------------------

@@ -574,6 +574,9 @@ print(json.dumps({"sent": count, "received": len(rtts), "rtts_ms": rtts}), flush
 
 # Receiver: accept one TCP connection, read to EOF, print peer, byte count and sha256 as JSON.
 # Listens on 0.0.0.0, or on the address given after the port ("::" for IPv6).
+# Our "session up" log line (a log file's lines start with a timestamp).
+SESSION_UP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?session up"
+
 RECEIVER = r"""
 import hashlib, json, socket, sys
 port = int(sys.argv[1])
@@ -1242,7 +1245,7 @@ class Testbed:
             # The ping alone proves little: until the server's anti-spoofing rule is in, its
             # tun address answers over the LAN too. Ours says "session up" only once its
             # whole plan is applied and the tunnel carries traffic.
-            self.wait_log(client, r"^session up", timeout)
+            self.wait_log(client, SESSION_UP, timeout)
         ns.wait_ping(
             f"{net or '192.168.192'}.254",
             timeout,

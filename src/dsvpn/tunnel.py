@@ -17,13 +17,14 @@ import signal
 import socket
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from dsvpn import dns, instances, peers, peers_server, platform
+from dsvpn import dns, instances, logs, peers, peers_server, platform, status
 from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
 from dsvpn.keys import load_key
+from dsvpn.notify import Notifier
 from dsvpn.plan import Plan, show
 from dsvpn.platform._common import PLACEHOLDER_SERVER, Backend, NetInfo, is_ipv6, local_networks
 from dsvpn.runner import RunFn, Runner, execute
@@ -31,13 +32,13 @@ from dsvpn.runner import RunFn, Runner, execute
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
     from dsvpn._loop import Loop
     from dsvpn._multi import MultiLoop
+    from dsvpn.status import StatusServer
 
 log = logging.getLogger("dsvpn")
 
 RECONNECT_ATTEMPTS = 100  # as the reference: then the client gives up
 CONNECT_TIMEOUT = 60.0  # TIMEOUT in the reference
 TICK_MS = 1000  # how often the loop hands control back to Python when nothing happens
-STATS_EVERY = 10.0  # seconds between counter lines with --verbose
 CAP_NET_ADMIN = 12
 LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
 NEEDS_ROOT = "needs root (CAP_NET_ADMIN): run it as root"
@@ -184,9 +185,11 @@ class Tunnel:
         cfg: Config,
         backend: Backend,
         *,
+        name: str | None = None,
         run_dir: str | os.PathLike[str] = instances.RUN_DIR,
         run: RunFn = execute,
     ) -> None:
+        self.name = name  # the service's instance name, shown by `dsvpn status`
         self.backend = backend
         self.cfg = backend.prepare(cfg)  # a bad tun name is refused before the key is read
         # A server of several clients reads its peers file (and their keys) instead.
@@ -199,12 +202,22 @@ class Tunnel:
         self.net: NetInfo | None = None
         self.follow_gateway = True  # whether the plan has routes that follow the gateway
         self.fully_up = False  # the whole plan is applied
+        self.started = int(time.time())
+        self.live: status.Live | None = None  # what `dsvpn status` and the logs say of us
+        self.loop: Loop | MultiLoop | None = None
+        self.status_server: StatusServer | None = None
+        self.sessions = logs.SessionLog(self.cfg.mode)
+        self.stats = logs.SessionStats()
+        self.notifier = Notifier(None)  # the service manager's, once run() starts
 
     def run(self) -> int:
         """claim, apply, loop, release."""
         cfg, backend = self.cfg, self.backend
+        # Taken out of the environment: the commands dsvpn runs must not report for it.
+        self.notifier = Notifier.from_env(unset=True)
         backend.check_host(cfg)
         with contextlib.ExitStack() as stack:
+            stack.callback(self.notifier.close)
             identity = Identity.of(cfg, cfg.tun_name)
             # A kill switch that a crashed client left stays until our routes are in place.
             instance = instances.claim(
@@ -237,8 +250,16 @@ class Tunnel:
                 return 0
             for line in backend.notes(cfg, tun, self.net):
                 log.warning("%s", line)
-            loop = self._make_loop(tun_fd, signals, listener)
+            self.live = self._live(tun)
+            self.status_server = self._status_server(instance)
+            control_fd = self.status_server.fileno() if self.status_server else -1
+            loop = self.loop = self._make_loop(tun_fd, signals, listener, control_fd)
+            stack.callback(self._log_ended, loop)  # the session the stop ended, once closed
             stack.callback(loop.close)
+            if self.status_server is not None:
+                # Gone first when stopping: `dsvpn status` then says so rather than waiting.
+                stack.callback(self.status_server.close)
+            stack.callback(self.notifier.stopping, "stopping")
             if listener is None:
                 return self._connect_forever(cast("Loop", loop), signals, tun)
             # A stopping server closes its listener first (a second close at the end does
@@ -280,8 +301,43 @@ class Tunnel:
                 "`dsvpn cleanup --all` or the next start"
             )
 
+    def _live(self, tun: str) -> status.Live:
+        cfg = self.cfg
+        common: dict[str, Any] = {
+            "tun": tun,
+            "mtu": cfg.mtu,
+            "name": self.name,
+            "started": self.started,
+            "netns": instances.current_netns(),
+        }
+        if isinstance(cfg, ServerConfig):
+            return status.Live(mode="server", listen=_endpoint(cfg.listen_ip, cfg.port), **common)
+        assert cfg.server_ip is not None
+        name = cfg.server if cfg.server != cfg.server_ip else None
+        self.sessions.peer_name = name
+        return status.Live(
+            mode="client",
+            server=_endpoint(cfg.server_ip, cfg.port),
+            server_name=name,
+            max_attempts=RECONNECT_ATTEMPTS,
+            **common,
+        )
+
+    def _status_server(self, instance: instances.Instance) -> StatusServer | None:
+        """The socket `dsvpn status` asks; without it (an error) the tunnel runs all the same."""
+        path = status.socket_path(instance.run_dir.path, instance.pid)
+        try:
+            return status.StatusServer(path, self._answer)
+        except OSError as exc:
+            log.warning("`dsvpn status` cannot ask this instance: %s: %s", path, exc.strerror)
+            return None
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.live is not None
+        return self.live.answer(self.loop)
+
     def _make_loop(
-        self, tun_fd: int, signals: Signals, listener: socket.socket | None
+        self, tun_fd: int, signals: Signals, listener: socket.socket | None, control_fd: int = -1
     ) -> Loop | MultiLoop:
         from dsvpn._loop import Loop
         from dsvpn.config import ROUTING_TABLE
@@ -291,7 +347,7 @@ class Tunnel:
             assert isinstance(self.cfg, ServerConfig) and listener is not None
             return peers_server.make_loop(
                 tun_fd, listener.fileno(), self.cfg, self.peers, signals.fd,
-                vnet_hdr=framing.vnet_hdr,
+                vnet_hdr=framing.vnet_hdr, control_fd=control_fd,
             )  # fmt: skip
         return Loop(
             tun_fd,
@@ -299,6 +355,7 @@ class Tunnel:
             is_server=self.cfg.is_server,
             wake_fd=signals.fd,
             listen_fd=listener.fileno() if listener is not None else -1,
+            control_fd=control_fd,
             tun_header=framing.header,
             af_inet=framing.af_inet,
             af_inet6=framing.af_inet6,
@@ -315,32 +372,97 @@ class Tunnel:
 
     def _serve(self, loop: Loop | MultiLoop, signals: Signals) -> None:
         from dsvpn import pfs
-        from dsvpn._loop import EV_PFS_HELLO, EV_SESSION_UP
+        from dsvpn._loop import EV_PFS_HELLO
 
         cfg = self.cfg
-        assert isinstance(cfg, ServerConfig)
+        assert isinstance(cfg, ServerConfig) and self.live is not None
+        self.live.state = "listening"
         log.info(
             "listening on %s port %d%s",
             cfg.listen_ip or "all addresses",
             cfg.port,
             " (forward-secret handshakes only)" if cfg.require_pfs else "",
         )
+        # The tun is up, every rule applied, the listener bound: the service works.
+        self.notifier.ready(self.live.summary(0))
         if self.peers is not None:
-            multi = cast("MultiLoop", loop)
-            self.peers = peers_server.serve(multi, signals, self.peers, _Ticker(multi).tick)
+            self._serve_peers(cast("MultiLoop", loop), signals)
             return
         loop = cast("Loop", loop)
-        ticker = _Ticker(loop)
         while signals.received is None:
             event, message = loop.run(TICK_MS)
             if event == EV_PFS_HELLO:
                 pfs.answer_hellos(loop)
-            elif event == EV_SESSION_UP:
-                log.info("session up: client %s%s", message, _fs_note(loop))
             else:
-                _log_event(event, message)
-            ticker.tick()
+                self._on_event(loop, event, message)
+            self._tick(loop)
         log.info("stopping (signal %d)", signals.received)
+
+    def _serve_peers(self, loop: MultiLoop, signals: Signals) -> None:
+        """A server of a peers file: its events, and a reload of the file on SIGHUP."""
+        from dsvpn._loop import EV_CONTROL, EV_SESSION_UP
+
+        assert self.live is not None and self.peers is not None
+        while signals.received is None:
+            event, message = loop.run(TICK_MS)
+            if event == EV_CONTROL:
+                if self.status_server is not None:
+                    self.status_server.handle()
+            else:
+                if event == EV_SESSION_UP:
+                    self.live.session_up()
+                peers_server.log_event(event, message)
+            # (set by the signal handler, which runs once the loop has returned on the wake-up)
+            if signals.reload:
+                signals.reload = False
+                self.peers = peers_server.reload(loop, self.peers)
+            self._tick(loop)
+        log.info("stopping (signal %d)", signals.received)
+
+    # -- both ends --------------------------------------------------------------------------
+
+    def _on_event(self, loop: Loop, event: int, message: str) -> None:
+        """What the loop reported, but a client's session down and failed handshakes (see
+        _connect_forever)."""
+        from dsvpn._loop import EV_CONTROL, EV_LOG, EV_SESSION_DOWN, EV_SESSION_UP, EV_TUN_ERROR
+
+        assert self.live is not None
+        if event == EV_CONTROL:
+            if self.status_server is not None:
+                self.status_server.handle()
+        elif event == EV_SESSION_UP:
+            self._log_ended(loop)  # one the new session replaced, without an event of its own
+            self.live.session_up()
+            log.info("%s", self.sessions.up(loop.session(), message))
+            # A client works once its first session is up (a server is ready before).
+            self.notifier.ready(self._summary(loop))
+        elif event == EV_SESSION_DOWN:
+            self._log_ended(loop)
+        elif event == EV_LOG:
+            log.warning("%s", message)
+        elif event == EV_TUN_ERROR:
+            raise DsvpnError(f"tun device failed: {message}")
+
+    def _log_ended(self, loop: Loop | MultiLoop) -> None:
+        if self.peers is not None:
+            return  # a server of a peers file logs each session's end as it happens
+        line = self.sessions.ended(cast("Loop", loop).ended_session())
+        if line is not None:
+            log.info("%s", line)
+
+    def _summary(self, loop: Loop | MultiLoop | None) -> str:
+        assert self.live is not None
+        return self.live.summary(len(status.sessions_of(loop)))
+
+    def _tick(self, loop: Loop | MultiLoop) -> None:
+        """After every turn of the loop (at least every TICK_MS): never per packet."""
+        self.notifier.status(self._summary(loop))  # sent only when it changed
+        self.notifier.tick()  # WATCHDOG=1: the loop is alive
+        if self.status_server is not None:
+            self.status_server.expire()
+        if self.stats.due():
+            for line in self.stats.lines(status.sessions_of(loop)):
+                log.debug("%s", line)
 
     # -- client -----------------------------------------------------------------------------
 
@@ -348,27 +470,38 @@ class Tunnel:
         from dsvpn._loop import EV_HANDSHAKE_FAILED, EV_SESSION_DOWN, EV_SESSION_UP
 
         cfg = self.cfg
-        assert isinstance(cfg, ClientConfig)
+        assert isinstance(cfg, ClientConfig) and self.live is not None
+        live = self.live
         attempt = 0
-        ticker = _Ticker(loop)
+        why: str | None = None  # what ended the last attempt or session
+        live.state = "connecting"
+        where = f"{cfg.server_ip} port {cfg.port}"
+        log.info("connecting to %s", f"{live.server_name} ({where})" if live.server_name else where)
         while signals.received is None:
             if attempt >= RECONNECT_ATTEMPTS:
                 raise NetworkError(
                     f"gave up after {RECONNECT_ATTEMPTS} attempts to reach "
-                    f"{cfg.server_ip} port {cfg.port}"
+                    f"{cfg.server_ip} port {cfg.port} (the last: {why})"
                 )
             # Sleeps of 0, 1, 2, 3, 3, ... s as the reference; the routes stay in place
             # meanwhile, so traffic waits in the tunnel instead of leaking around it.
-            signals.wait(min(attempt, 3))
+            delay = min(attempt, 3)
+            live.attempt = attempt + 1
+            if why is not None:
+                live.state = "reconnecting"
+                log.warning("%s; %s", why, logs.retry(attempt + 1, RECONNECT_ATTEMPTS, delay))
+            self.notifier.status(self._summary(None))
+            self.notifier.tick()
+            signals.wait(delay)
             if signals.received is not None:
                 break
             attempt += 1
             self._follow_gateway(tun)
-            sock = self._dial(signals)
+            sock, why = self._dial(signals)
             if sock is None:
                 continue
             if cfg.pfs:
-                key = self._pfs_handshake(sock, signals)
+                key, why = self._pfs_handshake(sock, signals)
                 if key is None:
                     continue
                 loop.adopt(sock.detach(), key)
@@ -376,58 +509,57 @@ class Tunnel:
                 loop.connect(sock.detach())
             while signals.received is None:
                 event, message = loop.run(TICK_MS)
-                ticker.tick()
                 if event == EV_SESSION_UP:
-                    log.info(
-                        "session up with %s port %d%s",
-                        message or cfg.server_ip,
-                        cfg.port,
-                        _fs_note(loop),
-                    )
-                    attempt = 0
+                    attempt, why = 0, None
+                    self._on_event(loop, event, message)
                 elif event == EV_HANDSHAKE_FAILED:
-                    log.warning("handshake with %s failed: %s", cfg.server_ip, message)
+                    why = logs.handshake_failed(message)
                     break
                 elif event == EV_SESSION_DOWN:
-                    log.warning("session down: %s; reconnecting", message)
+                    why = self.sessions.ended(loop.ended_session()) or f"session down: {message}"
                     break
                 else:
-                    _log_event(event, message)
+                    self._on_event(loop, event, message)
+                self._tick(loop)
         log.info("stopping (signal %d)", signals.received)
         return 0
 
-    def _pfs_handshake(self, sock: socket.socket, signals: Signals) -> bytes | None:
+    def _pfs_handshake(
+        self, sock: socket.socket, signals: Signals
+    ) -> tuple[bytes | None, str | None]:
         """The forward-secret handshake on a fresh connection, in Python (X25519 from
-        libsodium), with fresh ephemeral keys: the session key, or None after a logged failure
-        (the caller reconnects). A server that closes the connection instead of answering does
-        not know the extension: that ends the client, since it never falls back."""
+        libsodium), with fresh ephemeral keys: the session key; else None and why (the caller
+        reconnects; None too when a signal came). A server that closes the connection instead
+        of answering does not know the extension: that ends the client, since it never falls
+        back."""
         from dsvpn import pfs
         from dsvpn._loop import Timeout
 
         cfg = self.cfg
         assert isinstance(cfg, ClientConfig)
         try:
-            return pfs.client_exchange(
+            key = pfs.client_exchange(
                 sock,
                 self.key,
                 lambda seconds, readable: signals.wait(seconds, sock, readable),
                 Timeout.TIMEOUT_MS / 1000,
             )
+            return key, None
         except pfs.NotAcceptedError:
             sock.close()
             raise NetworkError(PFS_NOT_ACCEPTED) from None
         except InterruptedError:
             sock.close()
-            return None  # a signal: the caller stops
+            return None, None  # a signal: the caller stops
         except (pfs.HandshakeError, OSError) as exc:
             sock.close()
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            log.warning("handshake with %s failed: %s", cfg.server_ip, why)
-            return None
+            return None, f"forward-secret handshake with {cfg.server_ip} failed: {why}"
 
-    def _dial(self, signals: Signals) -> socket.socket | None:
+    def _dial(self, signals: Signals) -> tuple[socket.socket | None, str | None]:
         """A connected TCP socket to the server (options set before connect, so SO_MARK keeps
-        the tunnel's own connection out of the tunnel), or None after a logged failure."""
+        the tunnel's own connection out of the tunnel); else None and why (None too when a
+        signal came)."""
         from dsvpn._loop import Timeout, tcp_options
         from dsvpn.config import ROUTING_TABLE
 
@@ -447,17 +579,14 @@ class Tunnel:
                     if signals.received is None:
                         raise OSError(errno.ETIMEDOUT, "connection timed out")
                     sock.close()
-                    return None
+                    return None, None
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, os.strerror(err))
-            return sock
+            return sock, None
         except OSError as exc:
             sock.close()
-            log.warning(
-                "cannot connect to %s port %d: %s", cfg.server_ip, cfg.port, exc.strerror or exc
-            )
-            return None
+            return None, f"cannot connect to {cfg.server_ip} port {cfg.port}: {exc.strerror or exc}"
 
     def _follow_gateway(self, tun: str) -> None:
         """Before each attempt: if the default gateway moved (laptop changed networks), move the
@@ -485,37 +614,11 @@ class Tunnel:
             self.plan, self.net = plan, net
 
 
-class _Ticker:
-    """With --verbose, a line of counters every STATS_EVERY seconds."""
-
-    def __init__(self, loop: Loop | MultiLoop) -> None:
-        self.loop = loop
-        self.next = time.monotonic() + STATS_EVERY
-
-    def tick(self) -> None:
-        if not log.isEnabledFor(logging.DEBUG) or time.monotonic() < self.next:
-            return
-        self.next = time.monotonic() + STATS_EVERY
-        stats = self.loop.stats()
-        log.debug("stats: " + " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-
-
-def _fs_note(loop: Loop) -> str:
-    session = loop.session()
-    return " (forward secret)" if session is not None and session["pfs"] else ""
-
-
-def _log_event(event: int, message: str) -> None:
-    from dsvpn._loop import EV_LOG, EV_SESSION_DOWN, EV_SESSION_UP, EV_TUN_ERROR
-
-    if event == EV_SESSION_UP:
-        log.info("session up: client %s", message)
-    elif event == EV_SESSION_DOWN:
-        log.info("session down: %s", message)
-    elif event == EV_LOG:
-        log.warning("%s", message)
-    elif event == EV_TUN_ERROR:
-        raise DsvpnError(f"tun device failed: {message}")
+def _endpoint(host: str | None, port: int) -> str:
+    """ "*:443", "192.0.2.1:443", "[2001:db8::1]:443"."""
+    if host is None:
+        return f"*:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _load_peers(cfg: Config) -> peers.Peers | None:
@@ -524,9 +627,14 @@ def _load_peers(cfg: Config) -> peers.Peers | None:
     return None
 
 
-def run(cfg: Config) -> int:
-    """`dsvpn server|client`: needs root; returns the exit status."""
-    tunnel = Tunnel(cfg, platform.current())  # checks the config and reads the key first
+def run(cfg: Config, name: str | None = None) -> int:
+    """`dsvpn server|client`: needs root; returns the exit status. `name`: the service
+    instance's name, for `dsvpn status` (default: that of `dsvpn service run NAME`)."""
+    if name is None:
+        from dsvpn.service import current_instance
+
+        name = current_instance()
+    tunnel = Tunnel(cfg, platform.current(), name=name)  # checks the config, reads the key
 
     if not _has_net_admin():
         raise PermissionDenied(NEEDS_ROOT)

@@ -28,8 +28,8 @@ def test_pfs_client_to_dsvpn_server_then_reconnect_with_new_keys(tb, impl, key):
     server = tb.start_server(impl, key)
     client = tb.start_client(impl, key, extra=("-v", "--pfs"))
     tb.client.wait_ping("192.168.192.254", 30, procs=(server, client))
-    tb.wait_log(server, r"session up: client \S+ \(forward secret\)")
-    tb.wait_log(client, r"session up with \S+ port \d+ \(forward secret\)")
+    tb.wait_log(server, r"session up: client \S+ port \d+ \(forward secret\)")
+    tb.wait_log(client, r"session up: connected to \S+ port \d+ \(forward secret\)")
     assert len(client_keys(server)) == 1
     stats = tb.client.ping(tb.inet.ip, count=10, interval=0.1, size=1400)
     assert stats["received"] >= 9, stats
@@ -58,7 +58,7 @@ def test_pfs_client_to_dsvpn_server_then_reconnect_with_new_keys(tb, impl, key):
     keys = client_keys(server)
     assert keys[0] != keys[1], keys
     assert client.alive() and server.alive()
-    assert len(re.findall(r"session up with .*\(forward secret\)", client.log())) == 2
+    assert len(re.findall(r"session up: connected to .*\(forward secret\)", client.log())) == 2
     tb.check_transfer_through_vpn(tb.client, 2_000_000)
     assert client.stop(signal.SIGTERM) == 0
     assert server.stop(signal.SIGTERM) == 0

@@ -1,9 +1,5 @@
-"""sd_notify from a running dsvpn: READY=1 only once it works, STATUS as clients come and go.
-
-Strict xfail until dsvpn.notify is wired into the tunnel (READY=1 after the rules and the
-listener or the first session, STATUS= changes, WATCHDOG=1 from the event tick): the day it
-is, this test passes and the marker must go.
-"""
+"""sd_notify from a running dsvpn: READY=1 only once it works (after the rules and the
+listener, or the first session), STATUS= as clients come and go, STOPPING=1 at the stop."""
 
 from __future__ import annotations
 
@@ -13,10 +9,7 @@ import pytest
 
 from dsvpn import testbed
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.xfail(strict=True, reason="the tunnel does not send sd_notify messages yet"),
-]
+pytestmark = pytest.mark.e2e
 
 
 def test_ready_after_rules_and_status_follows_the_client(tb, impl, key):
@@ -30,18 +23,19 @@ def test_ready_after_rules_and_status_follows_the_client(tb, impl, key):
     assert testbed.count_rules(tb.server, r"-j DROP") == 1
     assert tb.server.run(["ss", "-Hltn", "sport = :443"]).stdout.strip()
     idle = server_socket.last("STATUS")
-    assert idle
+    assert idle == "listening on *:443, no client"
 
     client_socket = tb.notify_listener("client")
     client = tb.start_client(impl, key, env=client_socket.env())
     client_socket.wait_for("READY", "1", timeout=20, procs=(server, client))
     # A client is ready once its first session is up: the tunnel carries traffic at once.
     assert tb.client.ping_ok(testbed.SERVER_TUN_IP, wait=2)
-    assert client_socket.last("STATUS")
+    assert client_socket.last("STATUS") == f"connected to {tb.server.ip}:443"
     busy = server_socket.wait_for("STATUS", lambda s: s != idle, procs=(server,))["STATUS"]
+    assert busy == "listening on *:443, 1 client"
 
     assert client.stop(signal.SIGTERM) == 0
-    server_socket.wait_for("STATUS", lambda s: s != busy, procs=(server,))
+    server_socket.wait_for("STATUS", lambda s: s == idle, procs=(server,))
     assert client_socket.wait_for("STOPPING", "1", timeout=1)
     assert server.stop(signal.SIGTERM) == 0
     assert server_socket.wait_for("STOPPING", "1", timeout=1)

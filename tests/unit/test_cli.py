@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -209,7 +212,8 @@ def test_cleanup_says_what_it_did(
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Logging error" not in err
     want = "nothing to clean up" if count == 0 else "cleaned up after 2 dead instance(s)"
-    assert err == want + "\n"
+    # stderr is captured here, neither a terminal nor the journal: the line is timestamped
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d " + re.escape(want) + "\n", err), err
 
 
 @pytest.mark.parametrize(
@@ -236,6 +240,24 @@ def test_keygen_from_the_command_line(
     assert len(path.read_bytes()) == 32
     assert cli.main(["keygen", str(path)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_status_arguments() -> None:
+    assert cli.parse_args(["status"]) == cli.Invocation("status")
+    assert cli.parse_args(["status", "--json"]).json is True
+    for bad in (["status", "-x"], ["status", "--json", "extra"]):
+        with pytest.raises(UsageError, match=r"usage: dsvpn status \[--json\]"):
+            cli.parse_args(bad)
+
+
+def test_status_with_nothing_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(instances, "RUN_DIR", tmp_path / "absent")
+    assert cli.main(["status"]) == 0
+    assert capsys.readouterr().out == "no dsvpn running in this network namespace\n"
+    assert cli.main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"instances": []}
 
 
 # -- --firewall ----------------------------------------------------------------------------------

@@ -382,6 +382,18 @@ def test_cleanup_undoes_a_dead_instance(run_dir: Path) -> None:
     assert instances.cleanup(DIALECT, log.append, run_dir=run_dir, run=host) == 0
 
 
+def test_status_sockets_are_no_records_and_go_with_theirs(run_dir: Path) -> None:
+    """<pid>.sock beside a record is the instance's `dsvpn status` socket: not reported as a
+    stray file, and removed with a dead instance's record."""
+    pid = dead_pid()
+    put(run_dir, pid, [Applied(A)])
+    (run_dir / instances.socket_name(pid)).write_text("")
+    log: list[str] = []
+    assert instances.cleanup(DIALECT, log.append, run_dir=run_dir, run=FakeHost()) == 1
+    assert not [line for line in log if "ignoring" in line], log
+    assert os.listdir(run_dir) == [".lock"]
+
+
 def test_live_instances_are_kept_and_reused_pids_cleaned(run_dir: Path) -> None:
     host = FakeHost()
     live_peer(run_dir, [Applied(A)])

@@ -164,3 +164,31 @@ def test_sighup_reloads_a_server_of_peers_and_stops_the_others() -> None:
         os.kill(os.getpid(), signal.SIGHUP)
         plain.wait(5)
         assert plain.received == signal.SIGHUP and not plain.reload
+
+
+def test_status_shows_each_peer_by_name(tmp_path: Path) -> None:
+    from dsvpn import status
+
+    path = make(tmp_path, ["alice", "bob", "carol"])
+    current = peers.load(path)
+    with rig_for(current) as rig:
+        rig.client("bob")
+        rig.client("alice")
+        replacement = rig.connect("alice")
+        pump(rig.loop, lambda e: any("new connection" in m for _, m in e))
+        replacement.finish()
+        live = status.Live(mode="server", tun="tun0", mtu=9000, listen="*:443", pid=7)
+        answer = live.answer(rig.loop)
+        assert [s["peer"] for s in answer["sessions"]] == ["alice", "bob"]
+        assert answer["summary"] == "listening on *:443, 2 clients"
+        assert answer["stats"]["peers"] == 3
+        text = status.render([answer], now=time.time())
+        assert "  peer:" in text
+        assert "alice (192.168.192.1)" in text and "bob (192.168.192.2)" in text
+        assert "    endpoint:" in text and "127.0.0.1:" in text
+        assert "(on probation)" in text
+        assert "listening, 2 clients" in text
+        # one column for every value of the instance
+        columns = {len(ln) - len(ln.split(": ", 1)[1].lstrip()) for ln in text.splitlines()
+                   if ": " in ln}  # fmt: skip
+        assert len(columns) == 1, text

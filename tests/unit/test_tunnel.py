@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -20,6 +21,7 @@ from host_rig import CmdDialect, FakeHost
 from dsvpn import tunnel
 from dsvpn.config import ClientConfig, ServerConfig
 from dsvpn.errors import NetworkError
+from dsvpn.notify import Notifier
 from dsvpn.plan import Plan, Step
 from dsvpn.platform._common import NetInfo
 from dsvpn.runner import Runner
@@ -93,6 +95,8 @@ def test_signals_restores_previous_handlers() -> None:
 class FakeLoop:
     """Every connection attempt ends in a failed handshake."""
 
+    session_active = False
+
     def __init__(self) -> None:
         self.connected: list[int] = []
 
@@ -107,6 +111,30 @@ class FakeLoop:
 
     def stats(self) -> dict[str, int]:
         return {}
+
+    def session(self) -> None:
+        return None
+
+    def ended_session(self) -> None:
+        return None
+
+
+def notify_socket(tmp_path: Path) -> socket.socket:
+    """The service manager's end of $NOTIFY_SOCKET (tmp_path/notify)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.setblocking(False)
+    return sock
+
+
+def received(sock: socket.socket) -> list[str]:
+    """The datagrams queued so far (the kernel queues only a few: read often)."""
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
 
 
 class FakeRunner:
@@ -126,7 +154,7 @@ def client_cfg(tmp_path: Path) -> ClientConfig:
 
 
 def test_client_retries_like_the_reference_and_follows_the_gateway(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = client_cfg(tmp_path)
     nets = iter([NetInfo("eth0", "10.1.0.1")] * 3 + [NetInfo("wlan0", "10.2.0.1")] * 200)
@@ -149,14 +177,35 @@ def test_client_retries_like_the_reference_and_follows_the_gateway(
     class NoSleep(tunnel.Signals):
         def wait(self, seconds: float, sock: socket.socket | None = None) -> bool:
             waits.append(seconds)
+            statuses.extend(received(manager))
             return False
 
-    monkeypatch.setattr(t, "_dial", lambda signals: socket.socket())
+    monkeypatch.setattr(t, "_dial", lambda signals: (socket.socket(), None))
+    t.live = t._live("tun0")
+    manager = notify_socket(tmp_path)
+    t.notifier = Notifier(str(tmp_path / "notify"))
+    statuses: list[str] = []
     loop = FakeLoop()
+    caplog.set_level(logging.INFO, logger="dsvpn")
     with NoSleep() as signals, pytest.raises(NetworkError, match="gave up after 100 attempts"):
         t._connect_forever(loop, signals, "tun0")  # type: ignore[arg-type]
     assert len(loop.connected) == 100
     assert waits == [0, 1, 2] + [3] * 97
+    # Each failure in one line with what comes next; the key is not blamed for a closed
+    # connection, and `dsvpn status` shows the attempt.
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "connecting to 192.0.2.1 port 443"
+    assert lines[1] == (
+        "the server closed the connection during the handshake (wrong key, server busy, or "
+        "server restarting); reconnecting in 1 s (attempt 2 of 100)"
+    )
+    assert lines[-1].endswith("reconnecting in 3 s (attempt 100 of 100)")
+    assert (t.live.state, t.live.attempt) == ("reconnecting", 100)
+    # Never READY without a session; STATUS says which attempt it is.
+    manager.close()
+    assert statuses == ["STATUS=connecting to 192.0.2.1:443"] + [
+        f"STATUS=reconnecting, attempt {n} of 100" for n in range(2, 101)
+    ]
     # The gateway moved before the fourth attempt: its routes moved once, and only then.
     assert t.runner.reapplied == [("plan via 10.1.0.1", "plan via 10.2.0.1")]  # type: ignore[attr-defined]
 
@@ -259,14 +308,28 @@ class FakeServerBackend(CmdDialect):
 class StopAtOnce:
     """The loop: its first run() ends in a SIGTERM, as if the operator stopped the server."""
 
-    def __init__(self) -> None:
+    session_active = False
+
+    def __init__(self, run_dir: Path) -> None:
         self.closed = False
+        self.socket = run_dir / f"{os.getpid()}.sock"  # where `dsvpn status` asks
+        self.socket_mode: int | None = None
 
     def run(self, timeout_ms: int) -> tuple[int, str]:
         from dsvpn._loop import EV_TIMEOUT
 
+        self.socket_mode = stat.S_IMODE(os.lstat(self.socket).st_mode)
         os.kill(os.getpid(), signal.SIGTERM)
         return EV_TIMEOUT, ""
+
+    def session(self) -> None:
+        return None
+
+    def ended_session(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {}
 
     def close(self) -> None:
         self.closed = True
@@ -295,7 +358,8 @@ def test_server_lifecycle_claim_apply_loop_release(
         sockets.append(real_listener(cfg))
         return sockets[-1]
 
-    loop = StopAtOnce()
+    run_dir = tmp_path / "run"
+    loop = StopAtOnce(run_dir)
     monkeypatch.setattr(tunnel, "_listener", listener)
     monkeypatch.setattr(tunnel.Tunnel, "_make_loop", lambda *a: loop)
     host = FakeHost()
@@ -305,9 +369,9 @@ def test_server_lifecycle_claim_apply_loop_release(
         if argv == ["uncmd", "a"]:
             listening_at_undo.append(sockets[0].fileno() != -1)
             assert loop.closed
+            assert not loop.socket.exists()  # status says "stopping", not waits for an answer
 
     host.on_call = at_undo
-    run_dir = tmp_path / "run"
     lines = Lines()
     logger = logging.getLogger("dsvpn")
     logger.addHandler(lines)
@@ -322,12 +386,128 @@ def test_server_lifecycle_claim_apply_loop_release(
     assert host.calls == ["ip link set dev tun9 mtu 9000", "cmd a", "uncmd a"]
     # The listener was closed before the rules were undone.
     assert listening_at_undo == [False]
+    assert loop.socket_mode == 0o600
     assert lines.lines[:3] == [
         "[#] ip link set dev tun9 mtu 9000",
         "opened tun device tun9",
         "[#] cmd a",
     ]
     assert os.listdir(run_dir) == [".lock"]  # the record is gone
+
+
+def session_record(port: int, **kw: object) -> dict[str, object]:
+    return {
+        "endpoint": f"198.51.100.2:{port}",
+        "since": 1000,
+        "latest_handshake": 1000,
+        "rx_bytes": 2048,
+        "tx_bytes": 100,
+        "rx_packets": 2,
+        "tx_packets": 1,
+        "drops": {},
+        **kw,
+    }
+
+
+class ScriptedLoop:
+    """Returns the given events in turn, with the session records they imply; then stops."""
+
+    def __init__(self, signals: tunnel.Signals, script: list[tuple[int, str, object, object]]):
+        self.signals = signals
+        self.script = script
+        self.current: object = None
+        self.ended: object = None
+
+    def run(self, timeout_ms: int) -> tuple[int, str]:
+        from dsvpn._loop import EV_TIMEOUT
+
+        if not self.script:
+            self.signals.received = signal.SIGTERM
+            return EV_TIMEOUT, ""
+        event, message, self.current, self.ended = self.script.pop(0)
+        return event, message
+
+    def session(self) -> object:
+        return self.current
+
+    @property
+    def session_active(self) -> bool:
+        return self.current is not None
+
+    def ended_session(self) -> object:
+        return self.ended
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+def test_server_says_what_happened_to_each_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dsvpn._loop import EV_CONTROL, EV_LOG, EV_SESSION_DOWN, EV_SESSION_UP
+
+    key = tmp_path / "k"
+    key.write_bytes(bytes(32))
+    key.chmod(0o600)
+    cfg = ServerConfig(key_file=str(key), port=443)
+    t = tunnel.Tunnel(cfg, FakeServerBackend())  # type: ignore[arg-type]
+    t.live = t._live("tun0")
+    handled: list[int] = []
+
+    class Status:
+        def handle(self) -> None:
+            handled.append(1)
+
+        def expire(self) -> None:
+            pass
+
+    t.status_server = Status()  # type: ignore[assignment]
+    manager = notify_socket(tmp_path)
+    t.notifier = Notifier(str(tmp_path / "notify"))
+    first, second = session_record(1000), session_record(1001)
+    replaced = {**first, "ended": 1060, "reason": "replaced by a new session from the same address"}
+    closed = {**second, "ended": 1200, "reason": "connection closed by peer"}
+    caplog.set_level(logging.INFO, logger="dsvpn")
+    with tunnel.Signals() as signals:
+        loop = ScriptedLoop(
+            signals,
+            [
+                (EV_SESSION_UP, "198.51.100.2", first, None),
+                (EV_CONTROL, "", first, None),
+                # a reconnect from the same address replaces the session without a down event
+                (EV_SESSION_UP, "198.51.100.2", second, replaced),
+                (EV_SESSION_DOWN, "connection closed by peer", None, closed),
+                (
+                    EV_LOG,
+                    "authentication failed from 203.0.113.9: wrong key or garbage",
+                    None,
+                    closed,
+                ),
+            ],
+        )
+        t._serve(loop, signals)  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "listening on all addresses port 443",
+        "session up: client 198.51.100.2 port 1000",
+        "session down: client 198.51.100.2 port 1000: replaced by a reconnect from the same "
+        "address (up 1 minute, received 2.00 KiB, sent 100 B)",
+        "session up: client 198.51.100.2 port 1001",
+        "session down: client 198.51.100.2 port 1001: the client closed the connection "
+        "(up 3 minutes, 20 seconds, received 2.00 KiB, sent 100 B)",
+        "authentication failed from 203.0.113.9: wrong key or garbage",
+        "stopping (signal 15)",
+    ]
+    assert handled == [1]
+    assert t.live.sessions_up == 2 and t.live.state == "listening"
+    # READY once listening; STATUS as the client comes and goes, each change once.
+    with manager:
+        statuses = received(manager)
+    assert statuses == [
+        "READY=1\nSTATUS=listening on *:443, no client",
+        "STATUS=listening on *:443, 1 client",
+        "STATUS=listening on *:443, no client",
+    ]
 
 
 class AdoptLoop(FakeLoop):
@@ -363,15 +543,16 @@ def pfs_client(
     lst = socket.create_server(("127.0.0.1", 0))
     dials: list[socket.socket] = []
 
-    def dial(signals: tunnel.Signals) -> socket.socket:
+    def dial(signals: tunnel.Signals) -> tuple[socket.socket, None]:
         c = socket.create_connection(lst.getsockname(), timeout=5)
         s, _ = lst.accept()
         threading.Thread(target=serve, args=(s,), daemon=True).start()
         c.setblocking(False)
         dials.append(c)
-        return c
+        return c, None
 
     monkeypatch.setattr(t, "_dial", dial)
+    t.live = t._live("tun0")
     return t, dials
 
 
