@@ -100,6 +100,11 @@ def test_three_clients_at_once(tb3: testbed.Testbed, ours: testbed.Impl) -> None
         assert r["received"]["peer"] == tb.server_ext_ip
     # Clients reach each other through the server, each at its own address.
     assert tb.clients[0].ping(f"{POOL}.2", count=3, interval=0.1)["received"] == 3
+    # `dsvpn status` shows each peer by name, with its address.
+    shown = tb.run_in(tb.server, [sys.executable, "-m", "dsvpn", "status"], timeout=30).stdout
+    assert "listening, 3 clients" in shown, shown
+    for i, name in enumerate(names):
+        assert "peer:" in shown and f"{name} ({POOL}.{i + 1})" in shown, shown
 
     assert server.stop(signal.SIGTERM) == 0
     for client in clients:
