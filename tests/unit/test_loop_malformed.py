@@ -108,6 +108,25 @@ def test_valid_ipv4_and_ipv6_are_delivered(rig: ServerRig) -> None:
     assert session is not None and sum(session["drops"].values()) == 0
 
 
+def test_destinations_are_left_to_the_kernel(rig: ServerRig) -> None:
+    """The loop judges sources, not destinations: a packet from the client to the server's own
+    tunnel address (a ping of the server) or to a loopback address goes to the tun as it is.
+    The kernel then answers the first and drops the second as a martian (a loopback destination
+    never arrives on another interface), exactly as for any other interface."""
+    rc = connect(rig)
+    pkts = [
+        ip4_packet(CLIENT4, dst="10.9.0.1"),
+        ip4_packet(CLIENT4, dst="127.0.0.1"),
+        ip6_packet(CLIENT6, dst="::1"),
+        ip4_packet(CLIENT4, dst="255.255.255.255"),
+    ]
+    assert feed(rig, rc, b"".join(rc.frame(p) for p in pkts)) == []
+    assert tun_packets(rig) == pkts
+    st = rig.loop.stats()
+    assert sum(v for k, v in st.items() if k.endswith("_drops")) == 0
+    assert rig.loop.session_active
+
+
 def test_empty_frame_is_accepted_and_writes_nothing(rig: ServerRig) -> None:
     """As the reference: LEN 0 works as a keepalive; its tag is checked and it advances the
     receiving state like any frame, so the frame after it still decrypts."""
