@@ -1,5 +1,5 @@
 """A server of several clients (a peers file): its loop (dsvpn._multi), its log lines, and the
-reload of the peers file on SIGHUP.
+reload of the peers file on SIGHUP (the tunnel's Tunnel._serve_peers runs them).
 
 A reload that finds an error in the file logs it (one line, naming the file and the line) and
 keeps serving the peers it had; one that succeeds changes only what changed: added peers can
@@ -10,8 +10,7 @@ session carries on untouched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from dsvpn import peers
 from dsvpn.config import ROUTING_TABLE, ServerConfig
@@ -21,18 +20,6 @@ if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never nee
     from dsvpn._multi import MultiLoop
 
 log = logging.getLogger("dsvpn")
-
-TICK_MS = 1000  # how often the loop hands control back to Python when nothing happens
-
-
-class Signals(Protocol):
-    """What the tunnel's signal handling offers: a stop, and a reload request."""
-
-    received: int | None
-    reload: bool
-
-    @property
-    def fd(self) -> int: ...
 
 
 def make_loop(
@@ -66,23 +53,6 @@ def make_loop(
 
 def _entries(current: peers.Peers) -> list[tuple[str, bytes, str]]:
     return [(p.name, p.key, p.address) for p in current.peers]
-
-
-def serve(
-    loop: MultiLoop, signals: Signals, current: peers.Peers, tick: Callable[[], None]
-) -> peers.Peers:
-    """Run the loop until a stop signal (tick after every turn); SIGHUP re-reads the peers
-    file. Returns the peers served last."""
-    while signals.received is None:
-        event, message = loop.run(TICK_MS)
-        log_event(event, message)
-        # (set by the signal handler, which runs once the loop has returned on the wake-up)
-        if signals.reload:
-            signals.reload = False
-            current = reload(loop, current)
-        tick()
-    log.info("stopping (signal %d)", signals.received)
-    return current
 
 
 def reload(loop: MultiLoop, current: peers.Peers) -> peers.Peers:

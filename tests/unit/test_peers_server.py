@@ -86,55 +86,6 @@ def test_a_reload_with_an_error_keeps_the_previous_peers(
         assert rig.recv(alice) == pkt
 
 
-class ScriptedSignals:
-    """A reload request on the second turn, a stop on the fourth."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.reload = False
-        self.turns = 0
-
-    @property
-    def fd(self) -> int:
-        return -1
-
-
-class ScriptedLoop:
-    def __init__(self, signals: ScriptedSignals) -> None:
-        self.signals = signals
-        self.peer_sets: list[list[str]] = []
-
-    def run(self, timeout_ms: int) -> tuple[int, str]:
-        self.signals.turns += 1
-        if self.signals.turns == 2:
-            self.signals.reload = True
-        if self.signals.turns == 4:
-            self.signals.received = signal.SIGTERM
-        return L.EV_SESSION_UP, "alice 10.1.2.3"
-
-    def set_peers(self, entries: list[tuple[str, bytes, str]]) -> list[str]:
-        self.peer_sets.append([e[0] for e in entries])
-        return []
-
-
-def test_serve_reloads_on_request_and_stops_on_a_signal(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, "dsvpn")
-    path = make(tmp_path, ["alice"])
-    current = peers.load(path)
-    peers.add(path, "bob")
-    signals = ScriptedSignals()
-    loop = ScriptedLoop(signals)
-    ticks: list[int] = []
-    last = peers_server.serve(loop, signals, current, lambda: ticks.append(1))  # type: ignore[arg-type]
-    assert [p.name for p in last.peers] == ["alice", "bob"]
-    assert loop.peer_sets == [["alice", "bob"]]
-    assert len(ticks) == 4 and signals.reload is False
-    assert "session up: peer alice from 10.1.2.3" in caplog.text
-    assert "stopping (signal 15)" in caplog.text
-
-
 def test_log_lines(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "dsvpn")
     peers_server.log_event(L.EV_SESSION_DOWN, "bob replaced by a new connection from 10.0.0.7")
