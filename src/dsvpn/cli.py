@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import sys
@@ -28,6 +29,10 @@ usage:
   dsvpn client <key file> <server ip or name> [<port>|auto] [<tun>|auto]
                [<local tun ip>|auto] [<remote tun ip>|auto] [<gateway ip>|auto]
   dsvpn keygen <key file>      write a new random 32-byte key (mode 0600)
+  dsvpn peer add <peers file> <name> [<tun ip>]
+                               a client of its own for a server of several clients: a new
+                               key beside the peers file, and the client's command line
+  dsvpn peer remove <peers file> <name> | dsvpn peer list <peers file>
   dsvpn cleanup [--all]        remove what crashed dsvpn instances left behind
                                (--all: their kill switch too)
   dsvpn status [--json]        every dsvpn running in this network namespace, its sessions
@@ -57,6 +62,8 @@ client options:
   --kill-switch        block what would leave outside the tunnel (Linux, macOS); it stays
                        after a crash until a deliberate stop or `dsvpn cleanup --all`
 
+A server's <key file> may name a peers file (see dsvpn peer --help) instead: it then serves
+several clients, each with a key and a tunnel address of its own; SIGHUP re-reads the file.
 Trailing "auto" arguments may be left out. Defaults: listen on every address, port 443,
 server tun IP 192.168.192.254, client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>,
 MTU 9000 (1500 on NetBSD). A tun name has at most 15 characters (macOS: utunN, BSD: tunN).
@@ -217,7 +224,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     command, rest = argv[0], argv[1:]
     if command not in ("server", "client", "keygen", "cleanup", "status"):
         raise UsageError(
-            f"unknown mode {command!r}: expected server, client, keygen, cleanup or status"
+            f"unknown mode {command!r}: expected server, client, keygen, peer, cleanup or status"
         )
     if "-h" in rest or "--help" in rest:
         return Invocation("help")
@@ -291,7 +298,41 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")
+    if isinstance(cfg, ServerConfig):
+        given_local = cfg.local_tun_ip if _auto(local_ip) is not None else None
+        cfg = _with_peers(cfg, given_local, _auto(remote_ip))
     return Invocation(command, cfg, None, verbosity, dry_run, platform)
+
+
+def _with_peers(cfg: ServerConfig, local_ip: str | None, remote_ip: str | None) -> ServerConfig:
+    """A server whose key file is a peers file (dsvpn.peers) serves its pool: the file gives
+    the server's tunnel address and the clients'. A plain key file leaves cfg as it is."""
+    from dsvpn import peers
+
+    if not peers.looks_like_peers_file(cfg.key_file):
+        return cfg
+    loaded = peers.load(cfg.key_file)
+    if cfg.require_pfs:
+        raise UsageError(
+            "--require-pfs: a server of a peers file has only the classic handshake (for now)"
+        )
+    if local_ip is not None and local_ip != loaded.server:
+        raise UsageError(
+            f"the peers file {cfg.key_file} gives the server the tunnel address "
+            f"{loaded.server}, not {local_ip}: leave <local tun ip> auto, or change its pool line"
+        )
+    if remote_ip is not None:
+        raise UsageError(
+            f"the clients' tunnel addresses come from the peers file {cfg.key_file}: "
+            "leave <remote tun ip> auto"
+        )
+    return dataclasses.replace(
+        cfg,
+        local_tun_ip=loaded.server,
+        remote_tun_ip=str(loaded.pool.network_address),
+        peers_file=loaded.path,
+        pool=str(loaded.pool),
+    )
 
 
 # -- the client's network options (--route, --exclude, --no-routes, --dns, --kill-switch) ------
@@ -425,11 +466,15 @@ def _dispatch(inv: Invocation) -> int:
 
 
 def _operate(args: Sequence[str]) -> int:
-    """`dsvpn service ...` and `dsvpn selftest ...`: each module parses its own arguments."""
+    """`dsvpn service|selftest|peer ...`: each module parses its own arguments."""
     if args[0] == "service":
         from dsvpn import service
 
         return service.main(args[1:])
+    if args[0] == "peer":
+        from dsvpn import peer_command
+
+        return peer_command.main(args[1:])
     from dsvpn import selftest
 
     return selftest.main(args[1:])
@@ -438,7 +483,7 @@ def _operate(args: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args and args[0] in ("service", "selftest"):
+        if args and args[0] in ("service", "selftest", "peer"):
             return _operate(args)
         return _dispatch(parse_args(args))
     except DsvpnError as exc:

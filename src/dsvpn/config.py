@@ -21,6 +21,8 @@ ROUTING_TABLE = 42069  # also the SO_MARK of the tunnel's own TCP socket
 ALL_IPV4 = "0.0.0.0/0"
 ALL_IPV6 = "::/0"
 NAT64_PREFIX = "64:ff9b::"  # IPv6 tunnel address = prefix + the IPv4 tunnel address
+# The prefix lengths of a pool of clients (dsvpn.peers): a /16 holds 65534, a /30 two.
+POOL_PREFIXES = range(16, 31)
 
 
 def tun_ip6(ipv4: str) -> str:
@@ -66,6 +68,11 @@ class ServerConfig(BaseConfig):
     # The address whose interface carries the clients' NATed traffic; None = the interface of
     # the default route.
     external_ip: str | None = None
+    # Several clients (dsvpn.peers): key_file names a peers file, whose absolute path this is,
+    # and pool is the clients' address range ("192.168.192.0/24"); remote_tun_ip is then the
+    # pool's network address. None: one client at remote_tun_ip, as the reference.
+    peers_file: str | None = None
+    pool: str | None = None
     # Refuse the classic handshake: only clients with --pfs (docs/protocol.md, Extensions).
     require_pfs: bool = False
 

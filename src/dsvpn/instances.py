@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsvpn.config import ROUTING_TABLE, Config
+from dsvpn.config import ROUTING_TABLE, Config, ServerConfig
 from dsvpn.errors import ConflictError, DsvpnError, PermissionDenied
 from dsvpn.plan import WRITABLE_FILES, Dialect, Step, is_sysctl_value
 from dsvpn.runner import Applied, RunFn, Runner, execute
@@ -57,6 +57,7 @@ __all__ = [
     "claim",
     "cleanup",
     "kept_by_dead",
+    "servers_using",
     "undo_kept",
 ]
 
@@ -153,6 +154,10 @@ class Identity:
     table: int | None = None
     # Instances in other namespaces neither conflict nor share.
     netns: str | None = dataclasses.field(default_factory=current_netns)
+    # A server of several clients: its peers file (absolute path; `dsvpn peer` signals the
+    # servers whose record names the file it changed) and their pool ("10.8.0.0/24").
+    peers: str | None = None
+    pool: str | None = None
 
     @classmethod
     def of(cls, cfg: Config, tun: str | None) -> Identity:
@@ -163,11 +168,23 @@ class Identity:
             local_tun_ip=cfg.local_tun_ip,
             remote_tun_ip=cfg.remote_tun_ip,
             table=None if cfg.is_server else ROUTING_TABLE,
+            peers=cfg.peers_file if isinstance(cfg, ServerConfig) else None,
+            pool=cfg.pool if isinstance(cfg, ServerConfig) else None,
         )
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.peers is None and self.pool is None:
+            # A server of one client (or a client) writes the record it always wrote.
+            for name in _POOL_FIELDS:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> Identity:
-        if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(cls)}:
+        names = {f.name for f in dataclasses.fields(cls)}
+        # Records written before peers files existed have neither of their fields.
+        if not isinstance(data, dict) or set(data) not in (names, names - _POOL_FIELDS):
             raise Untrusted("malformed identity")
         if data["mode"] not in ("server", "client"):
             raise Untrusted("unknown mode")
@@ -178,10 +195,16 @@ class Identity:
             raise Untrusted("malformed port")
         if data["table"] is not None and not _is_int(data["table"]):
             raise Untrusted("malformed table")
-        for name in ("tun", "netns"):
-            if data[name] is not None and not isinstance(data[name], str):
+        for name in ("tun", "netns", "peers"):
+            if data.get(name) is not None and not isinstance(data[name], str):
                 raise Untrusted(f"malformed {name}")
+        pool = data.get("pool")
+        if pool is not None and not (isinstance(pool, str) and _is_ipv4_network(pool)):
+            raise Untrusted("malformed pool")
         return cls(**data)
+
+
+_POOL_FIELDS = frozenset({"peers", "pool"})
 
 
 @dataclass
@@ -205,7 +228,7 @@ class Record:
             "version": FORMAT_VERSION,
             "pid": self.pid,
             "start": self.start,
-            "identity": dataclasses.asdict(self.identity),
+            "identity": self.identity.to_json(),
             "steps": [
                 {
                     "apply": list(a.step.apply),
@@ -314,6 +337,14 @@ def _is_argv(value: object) -> bool:
         and 0 < len(value) <= 64
         and all(isinstance(a, str) and a for a in value)
     )
+
+
+def _is_ipv4_network(value: str) -> bool:
+    try:
+        ipaddress.IPv4Network(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_ipv4(value: str) -> bool:
@@ -636,9 +667,49 @@ def _collision(me: Identity, them: Identity) -> str | None:
     for mine in (me.local_tun_ip, me.remote_tun_ip):
         if mine in (them.local_tun_ip, them.remote_tun_ip):
             return f"tunnel address {mine} is"
+    # A pool of clients takes every address in it.
+    overlap = _pool_overlap(me, them) or _pool_overlap(them, me)
+    if overlap:
+        return overlap
     if me.table is not None and me.table == them.table:
         return f"routing table {me.table} (all traffic through the tunnel) is"
     return None
+
+
+def _pool_overlap(a: Identity, b: Identity) -> str | None:
+    """How a's pool collides with b's addresses or pool, if it does."""
+    if a.pool is None:
+        return None
+    pool = ipaddress.IPv4Network(a.pool)
+    if b.pool is not None and pool.overlaps(ipaddress.IPv4Network(b.pool)):
+        return f"tunnel addresses {a.pool} and {b.pool} overlap: {a.pool} is"
+    for address in (b.local_tun_ip, b.remote_tun_ip):
+        if b.pool is None and ipaddress.IPv4Address(address) in pool:
+            return f"tunnel address {address} (in the pool {a.pool}) is"
+    return None
+
+
+def servers_using(
+    peers_file: str,
+    dialect: Dialect,
+    *,
+    run_dir: str | os.PathLike[str] = RUN_DIR,
+) -> list[tuple[int, int]]:
+    """(PID, port) of each live server whose record names `peers_file` (the same file by
+    another path too: both are resolved)."""
+    directory = RunDir(run_dir)
+    if not directory.exists():
+        return []
+    wanted = os.path.realpath(peers_file)
+    with directory.lock():
+        return [
+            (r.pid, r.identity.port)
+            for r in directory.records(dialect)
+            if r.identity.mode == "server"
+            and r.identity.peers is not None
+            and os.path.realpath(r.identity.peers) == wanted
+            and r.alive()
+        ]
 
 
 def cleanup(

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from dsvpn import human
@@ -239,7 +239,7 @@ class SessionStats:
         self._next = now + self.every
         return True
 
-    def lines(self, sessions: list[Mapping[str, Any]]) -> list[str]:
+    def lines(self, sessions: Sequence[Mapping[str, Any]]) -> list[str]:
         """The lines for these sessions (Loop.session() records), only those that moved."""
         out = []
         seen: dict[tuple[str, int], tuple[int, ...]] = {}
@@ -258,8 +258,11 @@ class SessionStats:
             if before == now:
                 continue
             rx0, tx0 = (before[0], before[1]) if before else (0, 0)
+            who = endpoint_text(key[0])
+            if s.get("peer"):
+                who = f"peer {s['peer']} ({who})"
             line = (
-                f"{endpoint_text(key[0])}: received {human.size(now[0])} "
+                f"{who}: received {human.size(now[0])} "
                 f"(+{human.size(now[0] - rx0)}), sent {human.size(now[1])} "
                 f"(+{human.size(now[1] - tx0)})"
             )

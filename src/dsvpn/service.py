@@ -186,6 +186,17 @@ def _key_file(args: Sequence[str]) -> str:
     return inv.config.key_file
 
 
+def _secret_files(key: str) -> list[str]:
+    """The key file, or a server's peers file and every key it names (checked as the server
+    checks them: parse_args has loaded it already)."""
+    from dsvpn import peers
+
+    if not peers.looks_like_peers_file(key):
+        return [key]
+    loaded = peers.load(key, keys=False)
+    return [key, *(loaded.key_path(p) for p in loaded.peers)]
+
+
 def _under(path: str | PurePosixPath, dirs: Sequence[PurePosixPath]) -> bool:
     p = PurePosixPath(os.path.abspath(path))
     return any(p == d or d in p.parents for d in dirs)
@@ -472,11 +483,12 @@ def install(
     check_name(name, plat)
     args = _absolute_key(args, check_args(args))
     key = _key_file(args)
-    if plat == "linux" and _under(key, HOME_DIRS + TMP_DIRS):
-        raise DsvpnError(
-            f"the service cannot see the key file {key} (its home and temporary directories"
-            " are its own): move the key to /etc/dsvpn/"
-        )
+    for secret in _secret_files(key):
+        if plat == "linux" and _under(secret, HOME_DIRS + TMP_DIRS):
+            raise DsvpnError(
+                f"the service cannot see the key file {secret} (its home and temporary"
+                " directories are its own): move the key to /etc/dsvpn/"
+            )
     command = dsvpn_command()
     plan = install_plan(plat, name, args, command, protect_home())
     if print_only:

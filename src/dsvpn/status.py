@@ -67,11 +67,21 @@ def socket_path(run_dir: str | os.PathLike[str], pid: int) -> Path:
 
 
 class LoopView(Protocol):
-    """What the answer reads from the compiled loop (dsvpn._loop.Loop)."""
-
-    def session(self) -> Any: ...
+    """What the answer reads from the compiled loop (dsvpn._loop.Loop; a server of a peers
+    file's dsvpn._multi.MultiLoop has sessions() instead of session())."""
 
     def stats(self) -> dict[str, int]: ...
+
+
+def sessions_of(loop: Any) -> list[dict[str, Any]]:
+    """The loop's live sessions as `dsvpn status` shows them: a server of a peers file's one
+    per peer, each with its "peer" name; the one session of the others, if it is up."""
+    if loop is None:
+        return []
+    if hasattr(loop, "sessions"):
+        return [{"peer": name, **s} for name, s in sorted(loop.sessions().items())]
+    session = loop.session()
+    return [dict(session)] if session else []
 
 
 @dataclass
@@ -117,8 +127,7 @@ class Live:
 
     def answer(self, loop: LoopView | None) -> dict[str, Any]:
         """The JSON document `dsvpn status` receives."""
-        session = loop.session() if loop is not None else None
-        sessions = [dict(session)] if session else []
+        sessions = sessions_of(loop)
         out: dict[str, Any] = {
             "protocol": PROTOCOL,
             "name": self.name,
@@ -543,6 +552,12 @@ def _render_one(inst: dict[str, Any], now: float) -> str:
     blocks = [rows]
     for s in inst.get("sessions") or []:
         srows: list[tuple[int, str, str]] = [(2, "session", str(s.get("endpoint")))]
+        if s.get("peer"):
+            # A server of a peers file: the session of a named peer, at its tunnel address.
+            srows = [(2, "peer", f"{s['peer']} ({s.get('address')})"),
+                     (4, "endpoint", str(s.get("endpoint")))]  # fmt: skip
+            if s.get("replacement"):
+                srows.append((4, "replacement", f"{s['replacement']} (on probation)"))
         srows.append((4, "connected", _when(s.get("since"), now)))
         srows.append((4, "latest handshake", _when(s.get("latest_handshake"), now)))
         if "pfs" in s:

@@ -17,9 +17,9 @@ import signal
 import socket
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from dsvpn import dns, instances, logs, platform, status
+from dsvpn import dns, instances, logs, peers, peers_server, platform, status
 from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
@@ -31,6 +31,7 @@ from dsvpn.runner import RunFn, Runner, execute
 
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
     from dsvpn._loop import Loop
+    from dsvpn._multi import MultiLoop
     from dsvpn.status import StatusServer
 
 log = logging.getLogger("dsvpn")
@@ -110,10 +111,13 @@ def _listener(cfg: ServerConfig) -> socket.socket:
 
 class Signals:
     """SIGINT/SIGTERM/SIGHUP set a flag and wake the loop through a pipe; nothing is raised,
-    so an undo in progress is never cut short by a second signal."""
+    so an undo in progress is never cut short by a second signal. With `reload_on_hup` (a
+    server of a peers file), SIGHUP sets `reload` instead of stopping."""
 
-    def __init__(self) -> None:
+    def __init__(self, reload_on_hup: bool = False) -> None:
         self.received: int | None = None
+        self.reload = False
+        self._reload_on_hup = reload_on_hup
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
@@ -121,7 +125,10 @@ class Signals:
         self._old_fd = -1
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
+        if signum == signal.SIGHUP and self._reload_on_hup:
+            self.reload = True
+        else:
+            self.received = signum
 
     @property
     def fd(self) -> int:
@@ -185,7 +192,9 @@ class Tunnel:
         self.name = name  # the service's instance name, shown by `dsvpn status`
         self.backend = backend
         self.cfg = backend.prepare(cfg)  # a bad tun name is refused before the key is read
-        self.key = load_key(cfg.key_file)
+        # A server of several clients reads its peers file (and their keys) instead.
+        self.peers = _load_peers(self.cfg)
+        self.key = load_key(cfg.key_file) if self.peers is None else b""
         self._run_dir = run_dir
         self._run = run  # how commands are run (a fake host in tests)
         self.runner: Runner | None = None
@@ -195,7 +204,7 @@ class Tunnel:
         self.fully_up = False  # the whole plan is applied
         self.started = int(time.time())
         self.live: status.Live | None = None  # what `dsvpn status` and the logs say of us
-        self.loop: Loop | None = None
+        self.loop: Loop | MultiLoop | None = None
         self.status_server: StatusServer | None = None
         self.sessions = logs.SessionLog(self.cfg.mode)
         self.stats = logs.SessionStats()
@@ -233,7 +242,7 @@ class Tunnel:
             stack.callback(os.close, tun_fd)
             instance.set_tun(tun)
             log.info("opened tun device %s", tun)
-            signals = stack.enter_context(Signals())
+            signals = stack.enter_context(Signals(reload_on_hup=self.peers is not None))
             stack.callback(self._undo, signals)  # runs before the tun is closed (LIFO)
             self.plan = backend.plan(cfg, tun, self.net)
             self._apply(self.plan)
@@ -252,7 +261,7 @@ class Tunnel:
                 stack.callback(self.status_server.close)
             stack.callback(self.notifier.stopping, "stopping")
             if listener is None:
-                return self._connect_forever(loop, signals, tun)
+                return self._connect_forever(cast("Loop", loop), signals, tun)
             # A stopping server closes its listener first (a second close at the end does
             # nothing): no client gets in while the rules are being removed.
             stack.callback(listener.close)
@@ -329,11 +338,17 @@ class Tunnel:
 
     def _make_loop(
         self, tun_fd: int, signals: Signals, listener: socket.socket | None, control_fd: int = -1
-    ) -> Loop:
+    ) -> Loop | MultiLoop:
         from dsvpn._loop import Loop
         from dsvpn.config import ROUTING_TABLE
 
         framing = self.backend.framing
+        if self.peers is not None:
+            assert isinstance(self.cfg, ServerConfig) and listener is not None
+            return peers_server.make_loop(
+                tun_fd, listener.fileno(), self.cfg, self.peers, signals.fd,
+                vnet_hdr=framing.vnet_hdr, control_fd=control_fd,
+            )  # fmt: skip
         return Loop(
             tun_fd,
             self.key,
@@ -355,7 +370,7 @@ class Tunnel:
 
     # -- server -----------------------------------------------------------------------------
 
-    def _serve(self, loop: Loop, signals: Signals) -> None:
+    def _serve(self, loop: Loop | MultiLoop, signals: Signals) -> None:
         from dsvpn import pfs
         from dsvpn._loop import EV_PFS_HELLO
 
@@ -370,12 +385,37 @@ class Tunnel:
         )
         # The tun is up, every rule applied, the listener bound: the service works.
         self.notifier.ready(self.live.summary(0))
+        if self.peers is not None:
+            self._serve_peers(cast("MultiLoop", loop), signals)
+            return
+        loop = cast("Loop", loop)
         while signals.received is None:
             event, message = loop.run(TICK_MS)
             if event == EV_PFS_HELLO:
                 pfs.answer_hellos(loop)
             else:
                 self._on_event(loop, event, message)
+            self._tick(loop)
+        log.info("stopping (signal %d)", signals.received)
+
+    def _serve_peers(self, loop: MultiLoop, signals: Signals) -> None:
+        """A server of a peers file: its events, and a reload of the file on SIGHUP."""
+        from dsvpn._loop import EV_CONTROL, EV_SESSION_UP
+
+        assert self.live is not None and self.peers is not None
+        while signals.received is None:
+            event, message = loop.run(TICK_MS)
+            if event == EV_CONTROL:
+                if self.status_server is not None:
+                    self.status_server.handle()
+            else:
+                if event == EV_SESSION_UP:
+                    self.live.session_up()
+                peers_server.log_event(event, message)
+            # (set by the signal handler, which runs once the loop has returned on the wake-up)
+            if signals.reload:
+                signals.reload = False
+                self.peers = peers_server.reload(loop, self.peers)
             self._tick(loop)
         log.info("stopping (signal %d)", signals.received)
 
@@ -403,24 +443,25 @@ class Tunnel:
         elif event == EV_TUN_ERROR:
             raise DsvpnError(f"tun device failed: {message}")
 
-    def _log_ended(self, loop: Loop) -> None:
-        line = self.sessions.ended(loop.ended_session())
+    def _log_ended(self, loop: Loop | MultiLoop) -> None:
+        if self.peers is not None:
+            return  # a server of a peers file logs each session's end as it happens
+        line = self.sessions.ended(cast("Loop", loop).ended_session())
         if line is not None:
             log.info("%s", line)
 
-    def _summary(self, loop: Loop | None) -> str:
+    def _summary(self, loop: Loop | MultiLoop | None) -> str:
         assert self.live is not None
-        return self.live.summary(1 if loop is not None and loop.session_active else 0)
+        return self.live.summary(len(status.sessions_of(loop)))
 
-    def _tick(self, loop: Loop) -> None:
+    def _tick(self, loop: Loop | MultiLoop) -> None:
         """After every turn of the loop (at least every TICK_MS): never per packet."""
         self.notifier.status(self._summary(loop))  # sent only when it changed
         self.notifier.tick()  # WATCHDOG=1: the loop is alive
         if self.status_server is not None:
             self.status_server.expire()
         if self.stats.due():
-            session = loop.session()
-            for line in self.stats.lines([session] if session else []):
+            for line in self.stats.lines(status.sessions_of(loop)):
                 log.debug("%s", line)
 
     # -- client -----------------------------------------------------------------------------
@@ -578,6 +619,12 @@ def _endpoint(host: str | None, port: int) -> str:
     if host is None:
         return f"*:{port}"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _load_peers(cfg: Config) -> peers.Peers | None:
+    if isinstance(cfg, ServerConfig) and cfg.peers_file is not None:
+        return peers.load(cfg.peers_file)
+    return None
 
 
 def run(cfg: Config, name: str | None = None) -> int:

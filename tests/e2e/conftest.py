@@ -88,5 +88,11 @@ def tb2(request: pytest.FixtureRequest) -> Iterator[testbed.Testbed]:
 
 
 @pytest.fixture
+def tb3(request: pytest.FixtureRequest) -> Iterator[testbed.Testbed]:
+    """Three client hosts (10.X.1.2 to 10.X.1.4), server and far host."""
+    yield from _testbed(request, clients=3)
+
+
+@pytest.fixture
 def key(tb: testbed.Testbed) -> Path:
     return tb.write_key()

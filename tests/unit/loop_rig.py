@@ -8,6 +8,7 @@ sys.path).
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -39,6 +40,10 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
         assert chunk, f"EOF after {len(out)} of {n} bytes"
         out += chunk
     return out
+
+
+def _frame_len(buf: bytes) -> int:
+    return int(struct.unpack("<H", buf[:2])[0])
 
 
 def tun_pair() -> tuple[socket.socket, socket.socket]:
@@ -75,14 +80,14 @@ def dial(lst: socket.socket, src: str = "127.0.0.1") -> socket.socket:
 
 
 def pump(
-    loops: L.Loop | Sequence[L.Loop],
+    loops: L.Loop | Sequence[L.Loop] | Any,
     cond: Callable[[list[Event]], object],
     timeout: float = 5.0,
     step: int = 2,
 ) -> list[Event]:
     """Run the loop (or each of the loops in turn) until cond(events) holds; events other than
     timeouts are collected and returned."""
-    if isinstance(loops, L.Loop):
+    if not isinstance(loops, Sequence):
         loops = (loops,)
     events: list[Event] = []
     deadline = time.monotonic() + timeout
@@ -276,6 +281,69 @@ class Pair(_Closes):
         self.srv.close()
         self.cli.close()
         for s in (self.stun, self.speer, self.ctun, self.cpeer, self.lst):
+            s.close()
+
+
+class MultiRig(_Closes):
+    """A MultiLoop (a server of several clients) with its tun stand-in and listener, serving
+    `peers` ((name, key, address) in the pool); `client(name)` connects that peer's
+    RawClient and waits for its session."""
+
+    def __init__(
+        self,
+        peers: Sequence[tuple[str, bytes, str]],
+        pool: str = "10.8.0.0/24",
+        **kw: Any,
+    ) -> None:
+        from dsvpn._multi import MultiLoop
+
+        self.tun, self.peer_tun = tun_pair()
+        self.lst = listener()
+        self.loop = MultiLoop(self.tun.fileno(), listen_fd=self.lst.fileno(), pool=pool, **kw)
+        self.peers = {name: (key, address) for name, key, address in peers}
+        self.loop.set_peers(peers)
+        self.clients: list[RawClient] = []
+
+    def connect(self, name: str, rnd: bytes | None = None, **kw: Any) -> RawClient:
+        """A RawClient of peer `name` that has sent its hello (not yet answered)."""
+        key = self.peers[name][0] if name in self.peers else name.encode().ljust(32, b"\0")
+        c = RawClient(self.lst, key, rnd=rnd if rnd is not None else os.urandom(32), **kw)
+        self.clients.append(c)
+        c.hello()
+        return c
+
+    def client(self, name: str, rnd: bytes | None = None, **kw: Any) -> RawClient:
+        """Peer `name` connected, answered and up (its EV_SESSION_UP seen)."""
+        c = self.connect(name, rnd, **kw)
+        pump(self.loop, lambda e: (L.EV_SESSION_UP, f"{name} 127.0.0.1") in e)
+        c.finish()
+        return c
+
+    def recv(self, c: RawClient, timeout: float = 5.0) -> bytes:
+        """The next packet client c gets (the loop runs meanwhile)."""
+        c.sock.setblocking(False)
+        deadline = time.monotonic() + timeout
+        buf = b""
+        try:
+            while len(buf) < 8 or len(buf) < 8 + struct.unpack("<H", buf[:2])[0]:
+                want = 8 - len(buf) if len(buf) < 8 else 8 + _frame_len(buf) - len(buf)
+                try:
+                    chunk = c.sock.recv(want)
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "no frame for the client"
+                    self.loop.run(2)
+                    continue
+                assert chunk, "the server closed the connection"
+                buf += chunk
+        finally:
+            c.sock.settimeout(5)
+        return c.rx.decrypt(buf[8:], buf[2:8], 6)
+
+    def close(self) -> None:
+        self.loop.close()
+        for c in self.clients:
+            c.sock.close()
+        for s in (self.tun, self.peer_tun, self.lst):
             s.close()
 
 

@@ -3,9 +3,11 @@ one lock, stale cleanup, conflicts and the sysctl hand-over between live instanc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -582,3 +584,94 @@ def test_netns_carries_a_cookie_on_linux() -> None:
         pytest.skip("no network namespaces on this OS")
     assert netns.startswith("net:[")
     assert ident().netns == netns
+
+
+# -- servers of several clients (a peers file) ---------------------------------------------------
+
+POOL = Identity("server", "tun0", 443, "192.168.192.254", "192.168.192.0", None,
+                peers="/etc/dsvpn/peers", pool="192.168.192.0/24")  # fmt: skip
+
+
+def test_a_pool_record_reads_back_and_a_record_without_its_fields_too(run_dir: Path) -> None:
+    directory = RunDir(run_dir)
+    with directory.lock(create=True):
+        directory.write(Record(11, "1", POOL, []))
+        assert directory.load(11, LINUX).identity == POOL
+    old = record_json(12, [])
+    assert "peers" not in old["identity"] and "pool" not in old["identity"]
+    put_raw(run_dir, 12, [], identity=old["identity"])
+    with directory.lock():
+        assert directory.load(12, LINUX).identity == ident()
+
+
+@pytest.mark.parametrize(
+    "bad", [{"pool": "10.0.0.1/24"}, {"pool": 5}, {"peers": 1}, {"pool": "x"}, {"extra": None}]
+)
+def test_malformed_pool_fields_are_refused(run_dir: Path, bad: dict[str, Any]) -> None:
+    identity = {**dataclasses.asdict(POOL), **bad}
+    put_raw(run_dir, pid := dead_pid(), good_record_steps(), identity=identity)
+    host = FakeHost()
+    log: list[str] = []
+    assert instances.cleanup(LINUX, log.append, run_dir=run_dir, run=host) == 0
+    assert host.calls == [] and "malformed" in log[0]
+    assert (run_dir / f"{pid}.json").exists()
+
+
+@pytest.mark.parametrize("firewall", ["iptables", "nft"])
+def test_a_dead_pool_server_is_undone(run_dir: Path, firewall: str) -> None:
+    cfg = ServerConfig(key_file="p", remote_tun_ip="192.168.192.0", peers_file="/p",
+                       pool="192.168.192.0/24")  # fmt: skip
+    plan = server_plan(cfg, "tun0", NET_RA, firewall)  # type: ignore[arg-type]
+    before = {"net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0", ACCEPT_RA: "1"}
+    put_raw(run_dir, dead_pid(), plan_record_steps(plan, before),
+            identity=dataclasses.asdict(POOL))  # fmt: skip
+    host = FakeHost({"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1",
+                     ACCEPT_RA: "2"})  # fmt: skip
+    assert instances.cleanup(LINUX, lambda _: None, run_dir=run_dir, run=host) == 1
+    rules = [" ".join(s.undo) for s in reversed(plan.steps) if s.undo]
+    assert len(rules) == (1 if firewall == "nft" else 8)
+    if firewall == "iptables":
+        assert "ip6tables -t nat -D POSTROUTING -o eth0.7 -s 64:ff9b::c0a8:c000/120 -j " \
+            "MASQUERADE" in rules  # fmt: skip
+    assert host.calls[2:-1] == rules
+    assert host.sysctls == before
+
+
+@pytest.mark.parametrize(
+    ("live", "mine", "message"),
+    [
+        (POOL, ident(tun="tun9", port=1, local="10.1.0.1", remote="192.168.192.77"),
+         "tunnel address 192.168.192.77 (in the pool 192.168.192.0/24) is"),
+        (ident(tun="tun9", port=1, local="10.1.0.1", remote="10.8.0.9"),
+         dataclasses.replace(POOL, tun="tun1", port=2, local_tun_ip="10.8.0.254",
+                             remote_tun_ip="10.8.0.0", pool="10.8.0.0/24"),
+         "tunnel address 10.8.0.9 (in the pool 10.8.0.0/24) is"),
+        (POOL, dataclasses.replace(POOL, tun="tun1", port=2, local_tun_ip="192.168.0.1",
+                                   remote_tun_ip="192.168.0.0", pool="192.168.0.0/16"),
+         "overlap: 192.168.0.0/16 is"),
+    ],
+)  # fmt: skip
+def test_pools_conflict(run_dir: Path, live: Identity, mine: Identity, message: str) -> None:
+    record = put(run_dir, os.getppid(), [], start=process_start(os.getppid()) or "")
+    directory = RunDir(run_dir)
+    with directory.lock():
+        directory.write(Record(record.pid, record.start, live, []))
+    with pytest.raises(ConflictError, match=re.escape(message)):
+        instances.claim(mine, DIALECT, lambda _: None, run_dir=run_dir)
+
+
+def test_pools_apart_do_not_conflict(run_dir: Path) -> None:
+    put(run_dir, os.getppid(), [], start=process_start(os.getppid()) or "")
+    directory = RunDir(run_dir)
+    with directory.lock():
+        directory.write(Record(os.getppid(), process_start(os.getppid()) or "", POOL, []))
+    mine = dataclasses.replace(POOL, tun="tun1", port=2, local_tun_ip="10.8.0.254",
+                               remote_tun_ip="10.8.0.0", pool="10.8.0.0/24")  # fmt: skip
+    instances.claim(mine, DIALECT, lambda _: None, run_dir=run_dir, run=FakeHost()).release()
+
+
+def test_a_record_without_a_pool_keeps_its_former_shape() -> None:
+    assert set(Record(1, "1", ident(), []).to_json()["identity"]) == {
+        "mode", "tun", "port", "local_tun_ip", "remote_tun_ip", "table", "netns",
+    }  # fmt: skip
+    assert Record(1, "1", POOL, []).to_json()["identity"]["pool"] == "192.168.192.0/24"

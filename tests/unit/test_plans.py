@@ -5,6 +5,7 @@ nothing else is."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 import pytest
 
@@ -412,6 +413,9 @@ def every_plan(name: str) -> list[Plan]:
             for net in (NET6, *RA_NETS):
                 plans.append(linux_plan(server_cfg(), net, firewall))
                 plans.append(linux_plan(client_cfg(), net, firewall))
+                for pool in POOLS:
+                    plans.append(linux_plan(pool_cfg(*pool), net, firewall))
+            plans.append(linux_plan(pool_cfg(), NET, firewall))
     return plans
 
 
@@ -455,6 +459,28 @@ def test_every_planned_undo_is_recognised(name: str) -> None:
 @pytest.mark.parametrize(
     "apply",
     [
+        # A pool only as a server plans one: a prefix of 16 to 30, in 64:ff9b::/96 for IPv6,
+        # in its one spelling.
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.0/15", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.0/31", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.1/24", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", "010.0.0.0/24", "-j",
+         "MASQUERADE"),
+        ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", "64:ff9b::/120",
+         "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth6", "-s", "2001:db8::/120",
+         "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth6", "-s",
+         "64:ff9b::c0a8:c000/104", "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth6", "-s",
+         "64:ff9b:0::c0a8:c000/120", "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth6", "-s", "10.0.0.0/24",
+         "-j", "MASQUERADE"),
+        ("iptables", "-t", "filter", "-A", "FORWARD", "-i", "tun0", "-o", "eth0", "-s",
+         "10.0.0.0/24", "-j", "ACCEPT"),
         ("/bin/sh", "-c", "id"),
         ("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"),
         ("iptables", "-t", "nat", "-I", "POSTROUTING", "-o", "eth0", "-s", "10.0.0.1", "-j",
@@ -581,3 +607,75 @@ def test_accept_ra_key_refuses_what_it_could_not_read_back() -> None:
     for ifname in ("all", "default", "-x", "a/b", "x" * 16, ""):
         with pytest.raises(DsvpnError, match="cannot be used in a sysctl key"):
             accept_ra_key(ifname)
+
+
+# -- a server of several clients (a peers file) -------------------------------------------------
+
+POOLS = (
+    ("10.8.0.0/24", "10.8.0.1"),
+    ("172.16.0.0/16", "172.16.255.254"),
+    ("10.9.9.8/30", "10.9.9.9"),
+)
+
+
+def pool_cfg(pool: str = "192.168.192.0/24", server: str = "192.168.192.254") -> ServerConfig:
+    network = pool.split("/")[0]
+    return ServerConfig(key_file="peers", local_tun_ip=server, remote_tun_ip=network,
+                        peers_file="/etc/dsvpn/peers", pool=pool)  # fmt: skip
+
+
+def test_linux_pool_server_plan() -> None:
+    plan = linux_plan(pool_cfg(), NET6, "iptables")
+    single = cmds(linux_plan(server_cfg(), NET6, "iptables"))
+    assert (
+        cmds(plan)
+        == [
+            "sysctl net.ipv4.ip_forward=1",
+            "ip addr add 192.168.192.254/24 dev tun0",
+            "ip -6 addr add 64:ff9b::192.168.192.254/120 dev tun0",
+            "ip link set dev tun0 up",
+            f"iptables -t raw -I {RAW_S}",
+            "iptables -t nat -A POSTROUTING -o eth0 -s 192.168.192.0/24 -j MASQUERADE",
+            *single[6:8],  # FORWARD both ways: the same rules as for one client
+            single[8],  # the IPv6 anti-spoof rule
+            "ip6tables -t nat -A POSTROUTING -o eth6 -s 64:ff9b::c0a8:c000/120 -j MASQUERADE",
+            *single[10:12],
+            # no /128 route: the pool's /120 beats the /96 of servers of one client
+            "sysctl net.ipv6.conf.all.forwarding=1",
+        ]
+    )
+    assert undos(plan)[1:5] == [
+        "ip6tables -t filter -D FORWARD -i tun0 -o eth6 -j ACCEPT",
+        "ip6tables -t filter -D FORWARD -i eth6 -o tun0 -m state --state RELATED,ESTABLISHED"
+        " -j ACCEPT",
+        "ip6tables -t nat -D POSTROUTING -o eth6 -s 64:ff9b::c0a8:c000/120 -j MASQUERADE",
+        "ip6tables -t raw -D PREROUTING ! -i tun0 -d 64:ff9b::192.168.192.254 -m addrtype !"
+        " --src-type LOCAL -j DROP",
+    ]
+
+
+@pytest.mark.parametrize(("pool", "server"), POOLS)
+def test_linux_pool_server_plan_nft(pool: str, server: str) -> None:
+    plan = linux_plan(pool_cfg(pool, server), NET6, "nft")
+    prefix = int(pool.split("/")[1])
+    assert cmds(plan)[1:3] == [
+        f"ip addr add {server}/{prefix} dev tun0",
+        f"ip -6 addr add 64:ff9b::{server}/{96 + prefix} dev tun0",
+    ]
+    (nft,) = [s for s in plan.steps if s.apply[0] == "nft"]
+    twin = ipaddress.IPv6Network(f"64:ff9b::{pool.split('/')[0]}/{96 + prefix}")
+    assert f'oifname "eth0" ip saddr {pool} masquerade' in nft.apply[1]
+    assert f'oifname "eth6" ip6 saddr {twin} masquerade' in nft.apply[1]
+    assert f"ip daddr {server} fib saddr type != local drop" in nft.apply[1]
+    assert undos(plan) == [
+        "restore net.ipv6.conf.all.forwarding",
+        "nft delete table inet dsvpn-tun0",
+        "restore net.ipv4.ip_forward",
+    ]
+    assert by_name("linux").undo_of(nft.apply) == nft.undo
+
+
+@pytest.mark.parametrize("name", BSDS)
+def test_a_pool_is_linux_only(name: str) -> None:
+    with pytest.raises(UsageError, match=f"several clients .* not available on {name}"):
+        by_name(name).prepare(pool_cfg())

@@ -66,6 +66,8 @@ class Backend(ABC):
     sysctl_keys: frozenset[str] = frozenset()
     # The packet filters --firewall may name (Linux only).
     firewalls: tuple[str, ...] = ()
+    # Whether its server plan can serve a pool of clients (a peers file).
+    serves_pools: bool = False
     # Whether its client plans have a --kill-switch.
     kill_switch = False
 
@@ -76,6 +78,11 @@ class Backend(ABC):
         """The config as this OS runs it, for a real run and a dry run alike: the tun name
         checked as open_tun would (UsageError), and this OS's MTU."""
         self.check_firewall(cfg)
+        if isinstance(cfg, ServerConfig) and cfg.pool is not None and not self.serves_pools:
+            raise UsageError(
+                f"a server of several clients (a peers file) is not available on {self.name} "
+                "yet: give it a key file"
+            )
         if cfg.tun_name is not None:
             self.check_tun_name(cfg.tun_name)
         if isinstance(cfg, ClientConfig) and cfg.network.kill_switch and not self.kill_switch:

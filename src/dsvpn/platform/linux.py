@@ -14,11 +14,14 @@ from collections.abc import Callable, Sequence
 from dsvpn.config import (
     ALL_IPV4,
     ALL_IPV6,
+    NAT64_PREFIX,
+    POOL_PREFIXES,
     ROUTING_TABLE,
     ClientConfig,
     Config,
     FirewallName,
     ServerConfig,
+    tun_ip6,
 )
 from dsvpn.errors import DsvpnError, PrerequisiteError, UsageError
 from dsvpn.plan import Argv, Plan, Run, Step
@@ -124,10 +127,40 @@ def _nat(tun: str, ext: str, client: str, family: fw.Family) -> list[fw.Rule]:
     ]
 
 
+def _pool_word(word: str) -> bool:
+    """A pool of clients as server_plan writes it: an IPv4 network of a pool's prefix
+    length, or its twin inside 64:ff9b::/96, in the one spelling ipaddress gives it."""
+    try:
+        net = ipaddress.ip_network(word)
+    except ValueError:
+        return False
+    if str(net) != word:
+        return False
+    if net.version == 4:
+        return net.prefixlen in POOL_PREFIXES
+    nat64 = ipaddress.IPv6Network(f"{NAT64_PREFIX}/96")
+    return net.prefixlen - 96 in POOL_PREFIXES and net.subnet_of(nat64)
+
+
+def _word_pool4(word: str) -> bool:
+    return "." in word and _pool_word(word)
+
+
+def _word_pool6(word: str) -> bool:
+    return ":" in word and _pool_word(word)
+
+
 # The same builders called with markers give the shapes: a record's iptables or ip6tables
 # undo is accepted only as the -D twin of an apply of one of these shapes.
 _IF, _V4, _V6 = "\0ifname", "\0ipv4", "\0ipv6"
-_WORDS = {_IF: word_ifname, _V4: word_ipv4, _V6: word_ipv6}
+_NET4, _NET6 = "\0ipv4 network", "\0ipv6 network"  # a server's pool of clients
+_WORDS = {
+    _IF: word_ifname,
+    _V4: word_ipv4,
+    _V6: word_ipv6,
+    _NET4: _word_pool4,
+    _NET6: _word_pool6,
+}
 _IPTABLES_SHAPES = tuple(
     fw.iptables_shape(rule, _WORDS)
     for rule in (
@@ -135,6 +168,9 @@ _IPTABLES_SHAPES = tuple(
         *_nat(_IF, _IF, _V4, 4),
         _anti_spoof(_IF, _V6, 6),
         *_nat(_IF, _IF, _V6, 6),
+        # only the MASQUERADE rule carries the clients' addresses
+        _nat(_IF, _IF, _NET4, 4)[0],
+        _nat(_IF, _IF, _NET6, 6)[0],
     )
 )
 
@@ -251,30 +287,65 @@ _LINK_UP = ("ip", "link", "set", "dev")
 # replaces its namesake in the same transaction, see firewall.nft_ruleset).
 
 
+def _pool_addresses(cfg: ServerConfig, pool: ipaddress.IPv4Network, tun: str) -> list[Step]:
+    """A server of several clients (a peers file): its address with the pool's prefix, so
+    that the whole pool (and its IPv6 twin) is routed to the tun. Each client configures
+    `ip addr add CLIENT peer SERVER` on its own side, which this does not constrain."""
+    return [
+        Step(("ip", "addr", "add", f"{cfg.local_tun_ip}/{pool.prefixlen}", "dev", tun), None),
+        Step(
+            (
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                f"{cfg.local_tun_ip6}/{96 + pool.prefixlen}",
+                "dev",
+                tun,
+            ),
+            None,
+        ),
+    ]
+
+
+def _server_pool(cfg: ServerConfig) -> ipaddress.IPv4Network | None:
+    return ipaddress.IPv4Network(cfg.pool) if cfg.pool is not None else None
+
+
+def _v6_twin(pool: ipaddress.IPv4Network) -> str:
+    base = ipaddress.IPv6Address(tun_ip6(str(pool.network_address)))
+    return str(ipaddress.IPv6Network((base, 96 + pool.prefixlen)))
+
+
 def server_plan(
     cfg: ServerConfig, tun: str, net: NetInfo, firewall: FirewallName = "iptables"
 ) -> Plan:
-    rules = [_anti_spoof(tun, cfg.local_tun_ip, 4), *_nat(tun, net.ext_if, cfg.remote_tun_ip, 4)]
+    pool = _server_pool(cfg)
+    # The clients' addresses: the one client's, or the whole pool's.
+    clients = str(pool) if pool else cfg.remote_tun_ip
+    clients6 = _v6_twin(pool) if pool else cfg.remote_tun_ip6
+    rules = [_anti_spoof(tun, cfg.local_tun_ip, 4), *_nat(tun, net.ext_if, clients, 4)]
     ext6 = net.ext_if6
     if ext6:
         rules += [
             _anti_spoof(tun, cfg.local_tun_ip6, 6),
-            *_nat(tun, ext6, cfg.remote_tun_ip6, 6),
+            *_nat(tun, ext6, clients6, 6),
         ]
     steps = [
         # Restored (or handed to another live server) on exit by the runner.
         Step(sysctl_write(FORWARDING, "1"), None, sysctl=(FORWARDING, "1")),
-        *_addresses(cfg, tun),
+        *(_pool_addresses(cfg, pool, tun) if pool else _addresses(cfg, tun)),
         Step((*_LINK_UP, tun, "up"), None),
         *fw.steps(firewall, tun, rules),
     ]
-    if ext6:
+    if ext6 and pool is None:
         # Every server's tun covers all of 64:ff9b::/96 (the peer /96 above): with two
         # servers the replies to a client would take the first tun. Its own address is
         # routed to its own tun (the route goes with the device).
         steps.append(
             Step(("ip", "-6", "route", "add", f"{cfg.remote_tun_ip6}/128", "dev", tun), None)
         )
+    if ext6:
         if net.ext6_accepts_ra:
             # Forwarding makes the kernel ignore router advertisements on interfaces with
             # accept_ra 1, and drop the default route they gave at once: 2 keeps them.
@@ -343,6 +414,7 @@ class LinuxBackend(Backend):
     tools = (("ip", "iproute2"), ("sysctl", "procps"))
     sysctl_keys = SYSCTL_KEYS
     firewalls = fw.FIREWALLS
+    serves_pools = True
     kill_switch = True
 
     def __init__(

@@ -1,0 +1,89 @@
+"""The compiled data plane of a server of several clients (src/dsvpn/_multi.pyx).
+
+Events returned by ``MultiLoop.run`` as ``(code, message)`` (the Event enum of dsvpn._loop):
+
+EV_TIMEOUT       timeout_ms elapsed with no event (message "").
+EV_WAKE          wake_fd became readable (drained), or a signal interrupted the wait without
+                 a wake_fd: run Python's signal handlers.
+EV_SESSION_UP    a peer's session came up: "<name> <client ip>" (a new connection, or one on
+                 probation that replaced the old session).
+EV_SESSION_DOWN  a peer's session ended: "<name> <why>", why one of "connection closed by
+                 peer", "corrupted stream", "send timeout", "read error: ...", "write error:
+                 ...", "replaced by a new connection from <ip>", "removed from the peers file".
+EV_LOG           one log line: refused or failed handshakes (wrong key, clock, replay,
+                 timeout, too many pending), a connection on probation and how it ended.
+EV_TUN_ERROR     fatal tun read error (strerror, or "end of file on the tun device").
+EV_CONTROL       control_fd is readable (not read by the loop; returned until Python does).
+"""
+
+from collections.abc import Iterable
+from typing import TypedDict
+
+from dsvpn._loop import Drops, Event
+
+class PeerSession(TypedDict):
+    """A peer's live session. Times are wall-clock Unix seconds; bytes are those of its
+    socket (framing included, the handshake not); packets are frames."""
+
+    endpoint: str  # the client's "ip:port", or "[ip6]:port"
+    address: str  # the peer's tunnel IPv4 address
+    since: int
+    latest_handshake: int
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+    drops: Drops
+    replacement: str | None  # the endpoint of a new connection on probation, if any
+
+class MultiLoop:
+    """One tun, one listener, one session per peer (see the module docstring of _multi.pyx).
+
+    The loop never closes tun_fd, listen_fd, wake_fd or control_fd, but sets O_NONBLOCK on
+    tun_fd and listen_fd. It owns every accepted socket. At most 64 handshakes are pending
+    at once (the oldest is dropped), each with Timeout.ACCEPT_TIMEOUT_MS. Linux tun only
+    (no address-family header); vnet_hdr as for _loop.Loop.
+    Not thread-safe: call every method from one thread (run() releases the GIL inside).
+    """
+
+    def __init__(
+        self,
+        tun_fd: int,
+        *,
+        listen_fd: int,
+        pool: str,
+        wake_fd: int = -1,
+        control_fd: int = -1,
+        mtu: int = 9000,
+        vnet_hdr: bool = False,
+        mark: int = 0,
+    ) -> None:
+        """pool: the peers' addresses, "192.168.192.0/24" (a /16 to a /30); mark: SO_MARK of
+        accepted sockets (0: none; errors ignored). No peer is served until set_peers()."""
+    def set_peers(self, peers: Iterable[tuple[str, bytes, str]]) -> list[str]:
+        """Serve exactly these (name, 32-byte key, IPv4 address in the pool) from now on.
+        A peer whose name, key and address are unchanged keeps its session; the sessions of
+        the others end (EV_SESSION_DOWN "<name> removed from the peers file"): their names
+        are returned. ValueError (nothing changed) for a duplicate name or address, an
+        address outside the pool, a key that is not 32 bytes."""
+    def run(self, timeout_ms: int) -> tuple[Event, str]:
+        """Forward packets without the GIL until the first event, or until timeout_ms has
+        passed (EV_TIMEOUT, ""); a negative timeout waits for an event."""
+    def disconnect(self, name: str | None = None) -> bool:
+        """End peer name's session (every session and handshake with None), no event."""
+    def close(self) -> None:
+        """Close every owned socket; run() raises RuntimeError afterwards."""
+    def sessions(self) -> dict[str, PeerSession]:
+        """The live sessions, by peer name."""
+    def stats(self) -> dict[str, int]:
+        """Counters since the loop began: those of _loop.Loop.stats() (tun_*, sock_*,
+        frames_*, "<name>_drops", handshakes_ok, handshakes_failed, pending_handshakes), and
+        peers, sessions, sessions_full (taking no more packets until their socket drains),
+        probation (connections waiting for their first frame), probation_closed, replays
+        (hellos refused as replayed)."""
+    def _set_test_random(self, data: bytes | None) -> None:
+        """Test hook: the next handshakes take their 32 random bytes from data."""
+    def _set_test_clock(self, t: int | None) -> None:
+        """Test hook: fixed wall-clock seconds for the handshake timestamp check."""
+    def _set_test_timeouts(self, accept_ms: int | None = None, send_ms: int | None = None) -> None:
+        """Test hook: shorten the handshake and send deadlines; None restores the default."""

@@ -1,0 +1,1308 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The data plane of a server of several clients (a peers file, dsvpn.peers): one nogil loop,
+one tun, one session per peer, each peer with a key and a tunnel address of its own.
+
+The wire is the reference's (docs/protocol.md): a client cannot tell this server from a server
+of one client. A server of one client (a plain key file) runs _loop.Loop instead, unchanged.
+
+Handshakes: the client's first packet names no peer, so each peer's keyed handshake state
+(prepared once, when the peers are set) is tried on it until one authenticates it (about five
+Xoodoo permutations per peer tried). A verified hello whose random value the same peer already
+used within the timestamp window is refused (a replay); one that passes is answered, and its
+connection becomes the peer's session at once when the peer has none. When the peer has one,
+the new connection is on probation: it replaces the live session only once its first frame
+authenticates (a replayed hello cannot get that far), or when the live session ends first.
+
+Packets: a tun packet goes to the session of the peer that owns its destination (the peer's
+IPv4 address or its 64:ff9b:: twin), found in O(1) through a table indexed by the host part of
+the pool's address. A frame from a peer whose packet is not from that peer's own address is
+dropped (spoofed). Each session has its own send buffer: a session whose unsent data reach
+TX_LIMIT takes no more packets (they are dropped and counted) while the others flow; only when
+every session is full does the loop stop reading the tun, which is the backpressure of _loop.
+Per turn each ready socket gets one read and one send, and the tun a bounded batch, so one
+busy peer cannot starve another. Readiness comes from poller.h (epoll on Linux). Deadlines
+(handshakes, stalled sends) are checked at least once a second, never per packet.
+"""
+
+cimport cython
+from libc.errno cimport EINTR, EIO, errno
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset, strerror
+from posix.unistd cimport close
+
+from dsvpn._loop cimport (
+    ACCEPT_TIMEOUT_MS,
+    DROP_BAD_TAG,
+    DROP_CONGESTION,
+    DROP_NO_SESSION,
+    DROP_NON_IP,
+    DROP_OVERSIZE,
+    DROP_SPOOFED,
+    EV_CONTROL,
+    EV_LOG,
+    EV_SESSION_DOWN,
+    EV_SESSION_UP,
+    EV_TUN_ERROR,
+    EV_WAKE,
+    TIMEOUT_MS,
+    Event,
+)
+from dsvpn.charm cimport (
+    CHARM_HASH_LEN,
+    CHARM_IV_LEN,
+    CHARM_KEY_LEN,
+    CHARM_TAG_LEN,
+    charm_decrypt,
+    charm_encrypt,
+    charm_hash,
+    charm_init,
+    charm_state,
+)
+from dsvpn.loop_sys cimport (
+    DSVPN_IO_AGAIN,
+    dsvpn_accept,
+    dsvpn_addr,
+    dsvpn_now_ms,
+    dsvpn_random,
+    dsvpn_read,
+    dsvpn_readv,
+    dsvpn_send,
+    dsvpn_set_nonblock,
+    dsvpn_tcp_opts,
+    dsvpn_wall_s,
+    dsvpn_write,
+    iovec,
+)
+from dsvpn.poller cimport (
+    DSVPN_PERR,
+    DSVPN_PIN,
+    DSVPN_POUT,
+    dsvpn_pev,
+    dsvpn_poller,
+    dsvpn_poller_add,
+    dsvpn_poller_del,
+    dsvpn_poller_free,
+    dsvpn_poller_mod,
+    dsvpn_poller_new,
+    dsvpn_poller_wait,
+)
+from dsvpn.tun_vnet cimport (
+    DSVPN_VNET_HDR_LEN,
+    dsvpn_gro,
+    dsvpn_gro_add,
+    dsvpn_gro_flush,
+    dsvpn_gso_count,
+    dsvpn_gso_segment,
+    dsvpn_vnet_finish_csum,
+    dsvpn_vnet_hdr,
+)
+from dsvpn.wire cimport (
+    FRAME_HDR_LEN,
+    HS_RANDOM_LEN,
+    HS_TIMESTAMP_LEN,
+    MAX_PAYLOAD,
+    NOTSENT_LOWAT,
+    PKT1_LEN,
+    PKT2_LEN,
+    TS_TOLERANCE_S,
+    WIRE_TAG_LEN,
+)
+
+from dsvpn._loop import Drop
+from dsvpn._loop import Event as PyEvent
+
+cdef enum:
+    # A session whose unsent bytes reach TX_LIMIT takes no more tun packets. The buffer has
+    # room beyond it for one more tun read (64 KiB) and a 64 KiB TSO packet cut into segments
+    # of the smallest MSS (< 160 KiB, tun_vnet.h).
+    TX_LIMIT = 262144
+    TX_CAP = TX_LIMIT + 262144
+    TUN_READ_MAX = MAX_PAYLOAD + 1  # one more, so that an oversized tun packet is detectable
+    SCRATCH_CAP = FRAME_HDR_LEN + TUN_READ_MAX + 16
+    RX_READ = 262144
+    RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
+    TUN_BUDGET = 256            # tun packets per turn
+    ACCEPT_BUDGET = 16          # accept() calls per turn
+    MAX_PENDING = 64            # concurrent handshakes; the oldest is dropped
+    MAX_EVENTS = 256            # readiness reports per wait
+    EVQ = 256
+    MSG_LEN = 256
+    NAME_CAP = 33               # dsvpn.peers: names of at most 32 characters
+    REPLAY_SLOTS = 8            # accepted hellos remembered per peer
+    REPLAY_BYTES = 16           # of each one's random value
+    CHECK_MS = 1000             # deadlines are looked at least this often
+    MIN_MTU = 68
+    N_DROPS = DROP_NON_IP + 1
+    SHORT_READ = -3
+    MAX_PEERS = 1 << 20
+
+# What a readiness report is about: kind | index << 8 | generation << 32.
+cdef enum Kind:
+    K_WAKE = 1
+    K_CONTROL = 2
+    K_LISTEN = 3
+    K_TUN = 4
+    K_PEND = 5
+    K_SESS = 6
+
+cdef const char* KX_IV = b"VPN Key Exchange"
+cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
+cdef const char* NO_RANDOM = b"the system's random source failed"
+cdef uint8_t NAT64[12]  # the 64:ff9b::/96 prefix of the peers' IPv6 twins
+
+NAT64[:] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0]
+
+_DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
+
+
+cdef struct QueuedEvent:
+    Event code
+    char msg[MSG_LEN]
+
+
+cdef struct Traffic:
+    uint64_t rx_bytes, tx_bytes, rx_packets, tx_packets
+    uint64_t drops[N_DROPS]
+
+
+cdef struct Counters:
+    uint64_t tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors, short_drops
+    uint64_t handshakes_ok, handshakes_failed, replays, probation_closed
+    Traffic t
+
+
+cdef struct Peer:
+    charm_state kx              # its key's handshake state (docs/protocol.md, Handshake)
+    uint8_t ip4[4]
+    uint8_t ip6[16]
+    uint32_t host               # its address minus the pool's
+    int live, prob              # its session, and a connection on probation (-1: none)
+    uint8_t seen[REPLAY_SLOTS][REPLAY_BYTES]
+    int64_t seen_ts[REPLAY_SLOTS]   # their timestamps (0: free slot)
+    int seen_next
+    char name[NAME_CAP]
+
+
+cdef struct Sess:
+    int fd                      # -1: a free slot
+    int peer
+    uint32_t gen                # bumped when the slot is freed: stale reports are ignored
+    bint probation, want_out, blocked, dirty
+    charm_state tx_st, rx_st
+    dsvpn_addr addr
+    uint8_t* txbuf
+    size_t tx_off, tx_end
+    int64_t tx_since            # last send progress (or start of the wait)
+    uint8_t* rxbuf
+    size_t rx_len
+    Traffic t
+    int64_t since, latest_handshake
+
+
+cdef struct Pending:
+    int fd
+    int got
+    uint32_t gen
+    int64_t deadline
+    uint64_t seq
+    uint8_t buf[PKT1_LEN]
+    dsvpn_addr addr
+
+
+cdef inline uint64_t tag_of(Kind kind, uint32_t index, uint32_t gen) noexcept nogil:
+    return <uint64_t> kind | (<uint64_t> index << 8) | (<uint64_t> gen << 32)
+
+
+cdef inline bint ct_eq(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
+    cdef uint8_t d = 0
+    cdef size_t i
+    for i in range(n):
+        d |= a[i] ^ b[i]
+    return d == 0
+
+
+cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t> p[0] << 24) | (<uint32_t> p[1] << 16) | (<uint32_t> p[2] << 8) | p[3]
+
+
+cdef inline size_t unsent(const Sess* s) noexcept nogil:
+    return s.tx_end - s.tx_off
+
+
+cdef str _ipv4_text(const uint8_t* a):
+    return f"{a[0]}.{a[1]}.{a[2]}.{a[3]}"
+
+
+@cython.final
+cdef class MultiLoop:
+    cdef int tun_fd, wake_fd, control_fd, listen_fd, mark
+    cdef size_t mtu
+    cdef bint vnet_hdr, closed, tun_on
+    cdef dsvpn_gro gro
+    cdef dsvpn_poller* poller
+    cdef dsvpn_pev* pevs
+    # the pool: route[address - net] is a peer's index + 1 (0: none)
+    cdef uint32_t net, size
+    cdef uint32_t* route
+    cdef Peer* peers
+    cdef int npeers
+    # session slots (allocated once each, kept for reuse)
+    cdef Sess** sess
+    cdef int* dirty             # sessions given packets in the current tun batch
+    cdef int ndirty, cap, nlive, nblocked, guess
+    cdef uint8_t* scratch       # a tun packet read with no session buffer at hand
+    cdef uint8_t* gsobuf        # vnet_hdr: a TSO packet being cut into segments
+    cdef Pending pend[MAX_PENDING]
+    cdef uint64_t pend_seq
+    cdef int64_t now, next_check
+    # test hooks
+    cdef uint8_t* trand
+    cdef size_t trand_len, trand_pos
+    cdef bint has_tclock
+    cdef int64_t tclock
+    cdef int64_t accept_timeout_ms, send_timeout_ms
+    cdef Counters c
+    cdef QueuedEvent evq[EVQ]
+    cdef int ev_head, ev_count
+
+    def __cinit__(self):
+        cdef int i
+        self.tun_fd = self.wake_fd = self.control_fd = self.listen_fd = -1
+        for i in range(MAX_PENDING):
+            self.pend[i].fd = -1
+        self.guess = -1
+
+    def __init__(self, int tun_fd, *, int listen_fd, pool, int wake_fd=-1, int control_fd=-1,
+                 int mtu=9000, bint vnet_hdr=False, int mark=0):
+        import ipaddress
+
+        net = ipaddress.IPv4Network(pool)
+        if not 16 <= net.prefixlen <= 30:
+            raise ValueError(f"the pool must be a /16 to a /30, not {pool}")
+        if not MIN_MTU <= mtu <= MAX_PAYLOAD:
+            raise ValueError(f"the MTU must be {MIN_MTU}..{MAX_PAYLOAD}, not {mtu}")
+        self.net = int(net.network_address)
+        self.size = net.num_addresses
+        self.mtu = <size_t> mtu
+        self.vnet_hdr = vnet_hdr
+        self.mark = mark
+        self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
+        self.send_timeout_ms = TIMEOUT_MS
+        self.route = <uint32_t*> calloc(self.size, sizeof(uint32_t))
+        self.scratch = <uint8_t*> malloc(SCRATCH_CAP)
+        self.gsobuf = <uint8_t*> malloc(TUN_READ_MAX)
+        self.pevs = <dsvpn_pev*> calloc(MAX_EVENTS, sizeof(dsvpn_pev))
+        self.poller = dsvpn_poller_new(MAX_EVENTS)
+        if (self.route == NULL or self.scratch == NULL or self.gsobuf == NULL
+                or self.pevs == NULL or self.poller == NULL):
+            raise MemoryError()
+        if not self._grow(16):
+            raise MemoryError()
+        # The loop drains the tun until EAGAIN, so its reads must not block.
+        if dsvpn_set_nonblock(tun_fd) != 0 or dsvpn_set_nonblock(listen_fd) != 0:
+            raise OSError(errno, strerror(errno).decode())
+        self._watch(tun_fd, DSVPN_PIN, tag_of(K_TUN, 0, 0))
+        self._watch(listen_fd, DSVPN_PIN, tag_of(K_LISTEN, 0, 0))
+        if wake_fd >= 0:
+            self._watch(wake_fd, DSVPN_PIN, tag_of(K_WAKE, 0, 0))
+        if control_fd >= 0:
+            self._watch(control_fd, DSVPN_PIN, tag_of(K_CONTROL, 0, 0))
+        self.tun_fd, self.listen_fd = tun_fd, listen_fd
+        self.wake_fd, self.control_fd = wake_fd, control_fd
+        self.tun_on = True
+
+    cdef int _watch(self, int fd, uint32_t events, uint64_t tag) except -1:
+        if dsvpn_poller_add(self.poller, fd, events, tag) != 0:
+            raise OSError(errno, f"cannot watch descriptor {fd}: {strerror(errno).decode()}")
+        return 0
+
+    def __dealloc__(self):
+        cdef int i
+        self._close_all(b"loop closed", False)
+        if self.sess != NULL:
+            for i in range(self.cap):
+                free(self.sess[i])
+        free(self.sess)
+        free(self.dirty)
+        if self.peers != NULL:
+            memset(self.peers, 0, <size_t> self.npeers * sizeof(Peer))
+        free(self.peers)
+        free(self.route)
+        free(self.scratch)
+        free(self.gsobuf)
+        free(self.pevs)
+        free(self.trand)
+        dsvpn_poller_free(self.poller)
+
+    # ---------------------------------------------------------------- helpers
+
+    cdef void _push(self, Event code, const char* msg) noexcept nogil:
+        cdef int i
+        if self.ev_count == EVQ:
+            return  # only possible with a log flood; losing a log line is acceptable
+        i = (self.ev_head + self.ev_count) % EVQ
+        self.evq[i].code = code
+        snprintf(self.evq[i].msg, MSG_LEN, "%s", msg)
+        self.ev_count += 1
+
+    cdef int _random(self, uint8_t* out, size_t n) noexcept nogil:
+        """n random bytes: 0, or the errno of a failure (the handshake then fails)."""
+        if self.trand != NULL and self.trand_pos + n <= self.trand_len:
+            memcpy(out, self.trand + self.trand_pos, n)
+            self.trand_pos += n
+            return 0
+        if dsvpn_random(out, n) != 0:
+            return errno if errno != 0 else EIO
+        return 0
+
+    cdef int64_t _wall(self) noexcept nogil:
+        return self.tclock if self.has_tclock else dsvpn_wall_s()
+
+    cdef void _soon(self, int64_t deadline) noexcept nogil:
+        if deadline < self.next_check:
+            self.next_check = deadline
+
+    cdef bint _grow(self, int want) noexcept nogil:
+        """Room for `want` session slots."""
+        cdef int cap = self.cap if self.cap else 16
+        cdef Sess** sess
+        cdef int* dirty
+        cdef int i
+        while cap < want:
+            cap *= 2
+        if cap == self.cap:
+            return True
+        sess = <Sess**> realloc(self.sess, <size_t> cap * sizeof(Sess*))
+        if sess == NULL:
+            return False
+        self.sess = sess
+        for i in range(self.cap, cap):
+            sess[i] = NULL
+        dirty = <int*> realloc(self.dirty, <size_t> cap * sizeof(int))
+        if dirty == NULL:
+            return False
+        self.dirty = dirty
+        self.cap = cap
+        return True
+
+    cdef int _new_slot(self) noexcept nogil:
+        """A free session slot with its buffers, or -1 (out of memory)."""
+        cdef int i, slot = -1
+        cdef Sess* s
+        for i in range(self.cap):
+            if self.sess[i] == NULL or self.sess[i].fd < 0:
+                slot = i
+                break
+        if slot < 0:
+            slot = self.cap
+            if not self._grow(self.cap + 1):
+                return -1
+        s = self.sess[slot]
+        if s == NULL:
+            s = <Sess*> calloc(1, sizeof(Sess))
+            if s == NULL:
+                return -1
+            s.fd = -1
+            self.sess[slot] = s
+        s.txbuf = <uint8_t*> malloc(TX_CAP)
+        s.rxbuf = <uint8_t*> malloc(RX_CAP)
+        if s.txbuf == NULL or s.rxbuf == NULL:
+            free(s.txbuf)
+            free(s.rxbuf)
+            s.txbuf = s.rxbuf = NULL
+            return -1
+        return slot
+
+    # ---------------------------------------------------------------- sessions
+
+    cdef void _end(self, int idx, const char* why, bint report) noexcept nogil:
+        """Close session idx. A live one is reported (EV_SESSION_DOWN "<name> <why>") when
+        report is set; a connection on probation is logged. When a live session ends, the
+        peer's connection on probation takes its place."""
+        cdef Sess* s = self.sess[idx]
+        cdef Peer* p = &self.peers[s.peer]
+        cdef char msg[MSG_LEN]
+        cdef int heir
+        if s.fd < 0:
+            return
+        dsvpn_poller_del(self.poller, s.fd)
+        close(s.fd)
+        s.fd = -1
+        s.gen += 1
+        s.dirty = False
+        if s.blocked:
+            self.nblocked -= 1
+            s.blocked = False
+        if self.guess == idx:
+            self.guess = -1
+        memset(&s.tx_st, 0, sizeof(charm_state))
+        memset(&s.rx_st, 0, sizeof(charm_state))
+        # Merged packets waiting for the tun may point into its buffer: write them first.
+        dsvpn_gro_flush(self.tun_fd, &self.gro)
+        free(s.txbuf)
+        free(s.rxbuf)
+        s.txbuf = s.rxbuf = NULL
+        s.tx_off = s.tx_end = s.rx_len = 0
+        if s.probation:
+            p.prob = -1
+            self.c.probation_closed += 1
+            snprintf(msg, MSG_LEN, "peer %s: new connection from %s closed before it replaced "
+                     "the session: %s", p.name, s.addr.ip, why)
+            self._push(EV_LOG, msg)
+            return
+        p.live = -1
+        self.nlive -= 1
+        if report:
+            snprintf(msg, MSG_LEN, "%s %s", p.name, why)
+            self._push(EV_SESSION_DOWN, msg)
+        heir = p.prob
+        if heir >= 0:
+            self._promote(heir)
+
+    cdef void _promote(self, int idx) noexcept nogil:
+        """The connection on probation idx becomes its peer's session; the live one, if any,
+        ends (replaced)."""
+        cdef Sess* s = self.sess[idx]
+        cdef Peer* p = &self.peers[s.peer]
+        cdef char why[MSG_LEN]
+        p.prob = -1  # first, so that ending the old session does not promote it again
+        if p.live >= 0:
+            snprintf(why, MSG_LEN, "replaced by a new connection from %s", s.addr.ip)
+            self._end(p.live, why, True)
+        s.probation = False
+        s.since = dsvpn_wall_s()
+        p.live = idx
+        self.nlive += 1
+        self._session_up(s, p)
+
+    cdef void _session_up(self, Sess* s, Peer* p) noexcept nogil:
+        cdef char msg[MSG_LEN]
+        snprintf(msg, MSG_LEN, "%s %s", p.name, s.addr.ip)
+        self._push(EV_SESSION_UP, msg)
+
+    cdef void _start(self, int idx, int fd, int peer, charm_state* st,
+                     const dsvpn_addr* addr) noexcept nogil:
+        """The handshake on fd authenticated peer (st: its state after pkt2): key the
+        session (docs/protocol.md, Handshake and Direction states) and make it the peer's, or
+        put it on probation while the peer has a live session."""
+        cdef Sess* s = self.sess[idx]
+        cdef Peer* p = &self.peers[peer]
+        cdef uint8_t k[CHARM_HASH_LEN]
+        cdef uint8_t iv[CHARM_IV_LEN]
+        cdef char msg[MSG_LEN]
+        charm_hash(st, NULL, 0, k)
+        memset(iv, 0, CHARM_IV_LEN)
+        iv[0] = 1  # the server sends with IV[0] = 1, the client with 0
+        charm_init(&s.tx_st, k, iv)
+        iv[0] = 0
+        charm_init(&s.rx_st, k, iv)
+        memset(k, 0, CHARM_HASH_LEN)
+        s.fd = fd
+        s.peer = peer
+        s.addr = addr[0]
+        s.tx_off = s.tx_end = s.rx_len = 0
+        s.want_out = s.blocked = s.dirty = False
+        memset(&s.t, 0, sizeof(Traffic))
+        s.since = s.latest_handshake = dsvpn_wall_s()
+        dsvpn_poller_mod(self.poller, fd, DSVPN_PIN, tag_of(K_SESS, <uint32_t> idx, s.gen))
+        self.c.handshakes_ok += 1
+        if p.live < 0:
+            s.probation = False
+            p.live = idx
+            self.nlive += 1
+            self._session_up(s, p)
+            return
+        if p.prob >= 0:
+            self._end(p.prob, b"a newer connection completed its handshake", False)
+        s.probation = True
+        p.prob = idx
+        snprintf(msg, MSG_LEN, "peer %s: new connection from %s; it replaces the session from "
+                 "%s once its first frame authenticates", p.name, addr.ip,
+                 self.sess[p.live].addr.ip)
+        self._push(EV_LOG, msg)
+
+    cdef void _end_errno(self, int idx, const char* fmt, int err) noexcept nogil:
+        cdef char msg[MSG_LEN]
+        snprintf(msg, MSG_LEN, fmt, strerror(err))
+        self._end(idx, msg, True)
+
+    cdef void _close_all(self, const char* why, bint report) noexcept nogil:
+        cdef int i
+        if self.poller == NULL:
+            return  # __init__ failed: nothing was opened
+        for i in range(MAX_PENDING):
+            self._drop_pending(i)
+        if self.sess == NULL:
+            return
+        for i in range(self.cap):
+            if self.sess[i] != NULL and self.sess[i].fd >= 0 and self.sess[i].probation:
+                self._end(i, why, False)
+        for i in range(self.cap):
+            if self.sess[i] != NULL and self.sess[i].fd >= 0:
+                self._end(i, why, report)
+
+    # ---------------------------------------------------------------- handshakes
+
+    cdef void _drop_pending(self, int i) noexcept nogil:
+        if self.pend[i].fd >= 0:
+            dsvpn_poller_del(self.poller, self.pend[i].fd)
+            close(self.pend[i].fd)
+            self.pend[i].fd = -1
+            self.pend[i].gen += 1
+
+    cdef void _pending_fail(self, int i, const char* fmt, const char* arg) noexcept nogil:
+        cdef char msg[MSG_LEN]
+        snprintf(msg, MSG_LEN, fmt, self.pend[i].addr.ip, arg)
+        self._drop_pending(i)
+        self.c.handshakes_failed += 1
+        self._push(EV_LOG, msg)
+
+    cdef void _accept(self) noexcept nogil:
+        cdef int _n, fd, i
+        cdef dsvpn_addr addr
+        cdef Pending* p
+        for _n in range(ACCEPT_BUDGET):
+            fd = dsvpn_accept(self.listen_fd, &addr)
+            if fd < 0:
+                return  # EAGAIN, or a transient error (ECONNABORTED, EMFILE): retried later
+            dsvpn_tcp_opts(fd, self.mark, TIMEOUT_MS, NOTSENT_LOWAT)
+            i = self._pending_slot()
+            p = &self.pend[i]
+            if dsvpn_poller_add(self.poller, fd, DSVPN_PIN,
+                                tag_of(K_PEND, <uint32_t> i, p.gen)) != 0:
+                close(fd)
+                continue
+            self.pend_seq += 1
+            p.fd = fd
+            p.got = 0
+            p.seq = self.pend_seq
+            p.deadline = self.now + self.accept_timeout_ms
+            p.addr = addr
+            self._soon(p.deadline)
+
+    cdef int _pending_slot(self) noexcept nogil:
+        """A free handshake slot; when all are taken, the oldest handshake is dropped, so that
+        a flood cannot exhaust our descriptors."""
+        cdef int i, slot = 0
+        cdef char msg[MSG_LEN]
+        for i in range(MAX_PENDING):
+            if self.pend[i].fd < 0:
+                return i
+        for i in range(1, MAX_PENDING):
+            if self.pend[i].seq < self.pend[slot].seq:
+                slot = i
+        snprintf(msg, MSG_LEN, "handshake from %s dropped: too many pending handshakes",
+                 self.pend[slot].addr.ip)
+        self._drop_pending(slot)
+        self.c.handshakes_failed += 1
+        self._push(EV_LOG, msg)
+        return slot
+
+    cdef void _pending_io(self, int i) noexcept nogil:
+        """Read the hello; once its 72 bytes are in, find its peer and answer it. Never more
+        than 72 bytes: what follows belongs to the session."""
+        cdef Pending* p = &self.pend[i]
+        cdef ssize_t n = dsvpn_read(p.fd, p.buf + p.got, <size_t> (PKT1_LEN - p.got))
+        if n == DSVPN_IO_AGAIN:
+            return
+        if n == 0:
+            self._pending_fail(i, HS_FAILED_FMT, b"connection closed")
+            return
+        if n < 0:
+            self._pending_fail(i, HS_FAILED_FMT, strerror(errno))
+            return
+        p.got += <int> n
+        if p.got == PKT1_LEN:
+            self._hello(i)
+
+    cdef int _identify(self, const uint8_t* hello, charm_state* st) noexcept nogil:
+        """The peer whose key authenticates the hello (st: its state after the hello's first
+        40 bytes), or -1. Every peer's state is tried: about five permutations each."""
+        cdef uint8_t h[CHARM_HASH_LEN]
+        cdef int k
+        for k in range(self.npeers):
+            st[0] = self.peers[k].kx
+            charm_hash(st, hello, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
+            if ct_eq(h, hello + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN):
+                return k
+        memset(st, 0, sizeof(charm_state))
+        return -1
+
+    cdef int64_t _stamp(self, const uint8_t* hello) noexcept nogil:
+        """The hello's timestamp, or -1 when it is outside the window."""
+        cdef uint64_t ts = 0
+        cdef int64_t diff
+        cdef int j
+        for j in range(HS_TIMESTAMP_LEN):
+            ts |= (<uint64_t> hello[HS_RANDOM_LEN + j]) << (8 * j)
+        if ts > <uint64_t> 0x7fffffffffffffff:
+            return -1
+        diff = <int64_t> ts - self._wall()
+        if diff > TS_TOLERANCE_S or diff < -TS_TOLERANCE_S:
+            return -1
+        return <int64_t> ts
+
+    cdef bint _replayed(self, Peer* p, const uint8_t* hello, int64_t ts) noexcept nogil:
+        """Whether the peer already used this hello's random value within the window; if
+        not, remember it (over the oldest remembered one)."""
+        cdef int j, slot = p.seen_next
+        cdef int64_t now = self._wall()
+        for j in range(REPLAY_SLOTS):
+            if p.seen_ts[j] != 0 and memcmp(p.seen[j], hello, REPLAY_BYTES) == 0:
+                # Its timestamp passed the window check; the remembered one is the same.
+                return True
+        for j in range(REPLAY_SLOTS):
+            # An expired entry (its hello would fail the window check now) is free.
+            if p.seen_ts[j] == 0 or now - p.seen_ts[j] > TS_TOLERANCE_S:
+                slot = j
+                break
+        memcpy(p.seen[slot], hello, REPLAY_BYTES)
+        p.seen_ts[slot] = ts if ts > 0 else 1
+        if slot == p.seen_next:
+            p.seen_next = (p.seen_next + 1) % REPLAY_SLOTS
+        return False
+
+    cdef void _hello(self, int i) noexcept nogil:
+        cdef Pending* p = &self.pend[i]
+        cdef charm_state st
+        cdef uint8_t pkt2[PKT2_LEN]
+        cdef char why[MSG_LEN]
+        cdef int peer, err, idx, fd
+        cdef int64_t ts
+        peer = self._identify(p.buf, &st)
+        if peer < 0:
+            self._pending_fail(i, b"authentication failed from %s: wrong key or garbage", b"")
+            return
+        ts = self._stamp(p.buf)
+        if ts < 0:
+            memset(&st, 0, sizeof(charm_state))
+            self._pending_fail(i, b"clock difference too large from %s%s", b"")
+            return
+        if self._replayed(&self.peers[peer], p.buf, ts):
+            memset(&st, 0, sizeof(charm_state))
+            self.c.replays += 1
+            self._pending_fail(i, b"replayed handshake from %s refused (peer %s)",
+                               self.peers[peer].name)
+            return
+        err = self._random(pkt2, HS_RANDOM_LEN)
+        if err != 0:
+            memset(&st, 0, sizeof(charm_state))
+            snprintf(why, MSG_LEN, "%s: %s", NO_RANDOM, strerror(err))
+            self._pending_fail(i, HS_FAILED_FMT, why)
+            return
+        charm_hash(&st, pkt2, HS_RANDOM_LEN, pkt2 + HS_RANDOM_LEN)
+        idx = self._new_slot()
+        if idx < 0:
+            memset(&st, 0, sizeof(charm_state))
+            self._pending_fail(i, HS_FAILED_FMT, b"out of memory")
+            return
+        # One non-blocking write; a fresh socket always has room for 64 bytes.
+        if dsvpn_send(p.fd, pkt2, PKT2_LEN) != PKT2_LEN:
+            memset(&st, 0, sizeof(charm_state))
+            free(self.sess[idx].txbuf)
+            free(self.sess[idx].rxbuf)
+            self.sess[idx].txbuf = self.sess[idx].rxbuf = NULL
+            self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
+            return
+        fd = p.fd
+        p.fd = -1
+        p.gen += 1
+        self._start(idx, fd, peer, &st, &p.addr)
+        memset(&st, 0, sizeof(charm_state))
+
+    # ---------------------------------------------------------------- session -> tun
+
+    cdef void _sess_read(self, int idx) noexcept nogil:
+        cdef Sess* s = self.sess[idx]
+        cdef ssize_t n = dsvpn_read(s.fd, s.rxbuf + s.rx_len, RX_CAP - s.rx_len)
+        cdef ssize_t used
+        if n == DSVPN_IO_AGAIN:
+            return
+        if n == 0:
+            self._end(idx, b"connection closed by peer", True)
+            return
+        if n < 0:
+            self._end_errno(idx, b"read error: %s", errno)
+            return
+        s.t.rx_bytes += <uint64_t> n
+        self.c.t.rx_bytes += <uint64_t> n
+        s.rx_len += <size_t> n
+        used = self._frames(idx)
+        if used < 0:
+            return
+        # Merged packets point into rxbuf: write them before it is compacted.
+        dsvpn_gro_flush(self.tun_fd, &self.gro)
+        if used > 0:
+            if <size_t> used < s.rx_len:
+                memmove(s.rxbuf, s.rxbuf + used, s.rx_len - <size_t> used)
+            s.rx_len -= <size_t> used
+
+    cdef ssize_t _frames(self, int idx) noexcept nogil:
+        """Decrypt and deliver every complete frame of session idx. Returns the bytes used, or
+        -1 if a bad tag ended the session."""
+        cdef Sess* s = self.sess[idx]
+        cdef size_t pos = 0, plen
+        cdef uint8_t* f
+        cdef int drop
+        while s.rx_len - pos >= FRAME_HDR_LEN:
+            f = s.rxbuf + pos
+            plen = <size_t> f[0] | (<size_t> f[1] << 8)
+            if s.rx_len - pos < FRAME_HDR_LEN + plen:
+                break
+            if charm_decrypt(&s.rx_st, f + FRAME_HDR_LEN, plen, f + 2, WIRE_TAG_LEN) != 0:
+                # Frames before this one were already written to the tun, as in the reference.
+                dsvpn_gro_flush(self.tun_fd, &self.gro)
+                s.t.drops[<int> DROP_BAD_TAG] += 1
+                self.c.t.drops[<int> DROP_BAD_TAG] += 1
+                self._end(idx, b"corrupted stream", True)
+                return -1
+            s.t.rx_packets += 1
+            self.c.t.rx_packets += 1
+            if s.probation:
+                # Its first frame authenticated: a replayed hello could not have done that.
+                self._promote(idx)
+            if plen > 0:
+                drop = self._admit(&self.peers[s.peer], f + FRAME_HDR_LEN, plen)
+                if drop < 0:
+                    self._tun_write(f, plen)
+                else:
+                    s.t.drops[drop] += 1
+                    self.c.t.drops[drop] += 1
+            pos += FRAME_HDR_LEN + plen
+        return <ssize_t> pos
+
+    cdef inline int _admit(self, const Peer* p, const uint8_t* pkt, size_t plen) noexcept nogil:
+        """-1 if the decrypted packet may go to the tun (an IP packet from the peer's own
+        address), else the Drop reason."""
+        cdef int version
+        if plen > self.mtu:
+            return DROP_OVERSIZE
+        version = pkt[0] >> 4
+        if version == 4:
+            if plen < 20:
+                return DROP_NON_IP
+            return -1 if memcmp(pkt + 12, p.ip4, 4) == 0 else DROP_SPOOFED
+        if version == 6:
+            if plen < 40:
+                return DROP_NON_IP
+            return -1 if memcmp(pkt + 8, p.ip6, 16) == 0 else DROP_SPOOFED
+        return DROP_NON_IP
+
+    cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
+        """Write the plaintext at frame + 8 to the tun."""
+        if self.vnet_hdr:
+            dsvpn_gro_add(self.tun_fd, &self.gro, frame + FRAME_HDR_LEN, plen)
+            self.c.tun_tx_packets += 1
+            return
+        if dsvpn_write(self.tun_fd, frame + FRAME_HDR_LEN, plen) < 0:
+            self.c.tun_tx_errors += 1
+        else:
+            self.c.tun_tx_packets += 1
+
+    # ---------------------------------------------------------------- tun -> sessions
+
+    cdef int _route(self, const uint8_t* pkt, size_t n) noexcept nogil:
+        """The live session of the peer that owns the packet's destination, or -1."""
+        cdef uint32_t dst, host, k
+        cdef int version = pkt[0] >> 4
+        if version == 4 and n >= 20:
+            dst = be32(pkt + 16)
+        elif version == 6 and n >= 40 and memcmp(pkt + 24, NAT64, 12) == 0:
+            dst = be32(pkt + 36)
+        else:
+            return -1
+        host = dst - self.net
+        if host >= self.size:
+            return -1
+        k = self.route[host]
+        if k == 0:
+            return -1
+        return self.peers[k - 1].live
+
+    cdef void _tun_stop(self, ssize_t n) noexcept nogil:
+        """A tun read returned n <= 0: nothing more to read, or a fatal error (event)."""
+        if n == 0:
+            self._push(EV_TUN_ERROR, b"end of file on the tun device")
+        elif n != DSVPN_IO_AGAIN:
+            self._push(EV_TUN_ERROR, strerror(errno))
+
+    cdef ssize_t _tun_read(self, uint8_t* p, dsvpn_vnet_hdr* vh) noexcept nogil:
+        """Read one tun packet so that it starts at p + 8: its length, SHORT_READ (counted),
+        or what dsvpn_read returned (0, -1, DSVPN_IO_AGAIN)."""
+        cdef ssize_t n
+        cdef iovec iov[2]
+        if self.vnet_hdr:
+            iov[0].iov_base = vh
+            iov[0].iov_len = DSVPN_VNET_HDR_LEN
+            iov[1].iov_base = p + FRAME_HDR_LEN
+            iov[1].iov_len = TUN_READ_MAX
+            n = dsvpn_readv(self.tun_fd, iov, 2)
+            if n <= 0:
+                return n
+            self.c.tun_rx_packets += 1
+            if n < DSVPN_VNET_HDR_LEN:
+                self.c.short_drops += 1
+                return SHORT_READ
+            n -= DSVPN_VNET_HDR_LEN
+        else:
+            n = dsvpn_read(self.tun_fd, p + FRAME_HDR_LEN, TUN_READ_MAX)
+            if n <= 0:
+                return n
+            self.c.tun_rx_packets += 1
+        self.c.tun_rx_bytes += <uint64_t> n
+        return n
+
+    cdef bint _tx_room(self, Sess* s, size_t need) noexcept nogil:
+        """Whether need more bytes fit after s's queued data (moved to the front if that
+        makes them fit)."""
+        if s.tx_end + need <= TX_CAP:
+            return True
+        if s.tx_off > 0:
+            memmove(s.txbuf, s.txbuf + s.tx_off, unsent(s))
+            s.tx_end -= s.tx_off
+            s.tx_off = 0
+        return s.tx_end + need <= TX_CAP
+
+    cdef void _drop(self, Sess* s, int why) noexcept nogil:
+        s.t.drops[why] += 1
+        self.c.t.drops[why] += 1
+
+    cdef void _emit(self, Sess* s, size_t plen) noexcept nogil:
+        """Turn the tun packet at s.txbuf + tx_end + 8 into a frame and queue it."""
+        cdef uint8_t tag[CHARM_TAG_LEN]
+        cdef uint8_t* f = s.txbuf + s.tx_end
+        if plen > MAX_PAYLOAD or plen == 0:
+            self._drop(s, DROP_OVERSIZE)
+            return
+        if s.tx_end == s.tx_off:
+            s.tx_since = self.now  # the send deadline counts from here
+        charm_encrypt(&s.tx_st, f + FRAME_HDR_LEN, plen, tag)
+        f[0] = <uint8_t> (plen & 0xff)
+        f[1] = <uint8_t> (plen >> 8)
+        memcpy(f + 2, tag, WIRE_TAG_LEN)
+        s.tx_end += FRAME_HDR_LEN + plen
+        s.t.tx_packets += 1
+        self.c.t.tx_packets += 1
+        if not s.blocked and unsent(s) >= TX_LIMIT:
+            s.blocked = True
+            self.nblocked += 1
+
+    cdef void _gso(self, Sess* s, const dsvpn_vnet_hdr* vh, const uint8_t* src,
+                   size_t plen) noexcept nogil:
+        """A TSO super-packet read to src: cut into ordinary packets, one frame each."""
+        cdef size_t room = 0, i, nseg
+        memcpy(self.gsobuf, src, plen)  # first: src may lie in s's buffer, which may move
+        nseg = dsvpn_gso_count(vh, self.gsobuf, plen, FRAME_HDR_LEN, &room)
+        if nseg == 0 or not self._tx_room(s, room):
+            self._drop(s, DROP_OVERSIZE)
+            return
+        self.c.tun_rx_packets += nseg - 1
+        for i in range(nseg):
+            self._emit(s, dsvpn_gso_segment(vh, self.gsobuf, plen, i, nseg,
+                                            s.txbuf + s.tx_end + FRAME_HDR_LEN))
+
+    cdef Sess* _guess(self) noexcept nogil:
+        """The session the last packet went to, if the next one can be read straight into
+        its buffer (a bulk flow's next packet mostly goes there too)."""
+        cdef Sess* g
+        if self.guess < 0:
+            return NULL
+        g = self.sess[self.guess]
+        if g.fd < 0 or g.probation or g.blocked:
+            return NULL
+        if not self._tx_room(g, FRAME_HDR_LEN + TUN_READ_MAX):
+            return NULL
+        return g
+
+    cdef void _tun_batch(self) noexcept nogil:
+        """Read up to TUN_BUDGET tun packets, each into its session's buffer, then send what
+        each session got."""
+        cdef int count = 0, dst
+        cdef ssize_t n
+        cdef size_t plen
+        cdef uint8_t* p
+        cdef Sess* s
+        cdef Sess* g
+        cdef dsvpn_vnet_hdr vh
+        vh.flags = vh.gso_type = 0
+        while count < TUN_BUDGET:
+            if self.nlive > 0 and self.nblocked == self.nlive:
+                break  # every session is full: the packets wait in the tun's queue
+            g = self._guess()
+            p = g.txbuf + g.tx_end if g != NULL else self.scratch
+            n = self._tun_read(p, &vh)
+            count += 1
+            if n == SHORT_READ:
+                continue
+            if n <= 0:
+                self._tun_stop(n)
+                break
+            plen = <size_t> n
+            dst = self._route(p + FRAME_HDR_LEN, plen)
+            if dst < 0:
+                self.c.t.drops[<int> DROP_NO_SESSION] += 1
+                continue
+            s = self.sess[dst]
+            if s.blocked:
+                self._drop(s, DROP_CONGESTION)
+                continue
+            if self.vnet_hdr and vh.gso_type != 0:
+                self._gso(s, &vh, p + FRAME_HDR_LEN, plen)
+            else:
+                if self.vnet_hdr and (vh.flags & 1) and \
+                        dsvpn_vnet_finish_csum(&vh, p + FRAME_HDR_LEN, plen) != 0:
+                    self._drop(s, DROP_OVERSIZE)
+                    continue
+                if s != g:
+                    if not self._tx_room(s, FRAME_HDR_LEN + plen):
+                        self._drop(s, DROP_CONGESTION)
+                        continue
+                    memcpy(s.txbuf + s.tx_end + FRAME_HDR_LEN, p + FRAME_HDR_LEN, plen)
+                self._emit(s, plen)
+            if not s.dirty:
+                s.dirty = True
+                self.dirty[self.ndirty] = dst
+                self.ndirty += 1
+            self.guess = dst
+        self._flush_dirty()
+
+    cdef void _flush_dirty(self) noexcept nogil:
+        cdef int i, idx
+        cdef Sess* s
+        for i in range(self.ndirty):
+            idx = self.dirty[i]
+            s = self.sess[idx]
+            if s.fd >= 0 and s.dirty:
+                s.dirty = False
+                self._flush(idx)
+        self.ndirty = 0
+
+    cdef void _flush(self, int idx) noexcept nogil:
+        """Send what session idx has queued, as far as its socket takes it."""
+        cdef Sess* s = self.sess[idx]
+        cdef ssize_t n
+        cdef bint want
+        if unsent(s) > 0:
+            n = dsvpn_send(s.fd, s.txbuf + s.tx_off, unsent(s))
+            if n > 0:
+                s.tx_off += <size_t> n
+                s.t.tx_bytes += <uint64_t> n
+                self.c.t.tx_bytes += <uint64_t> n
+                s.tx_since = self.now
+                if s.tx_off == s.tx_end:
+                    s.tx_off = s.tx_end = 0
+            elif n != DSVPN_IO_AGAIN:
+                self._end_errno(idx, b"write error: %s", errno if n < 0 else 0)
+                return
+        if s.blocked and unsent(s) < TX_LIMIT:
+            s.blocked = False
+            self.nblocked -= 1
+        want = unsent(s) > 0
+        if want:
+            self._soon(s.tx_since + self.send_timeout_ms)
+        if want != s.want_out:
+            s.want_out = want
+            dsvpn_poller_mod(self.poller, s.fd, DSVPN_PIN | (DSVPN_POUT if want else 0),
+                             tag_of(K_SESS, <uint32_t> idx, s.gen))
+
+    # ---------------------------------------------------------------- the loop
+
+    cdef void _deadlines(self) noexcept nogil:
+        cdef int i
+        cdef int64_t now = self.now
+        cdef Sess* s
+        self.next_check = now + CHECK_MS
+        for i in range(MAX_PENDING):
+            if self.pend[i].fd >= 0:
+                if now >= self.pend[i].deadline:
+                    self._pending_fail(i, b"handshake timeout from %s%s", b"")
+                else:
+                    self._soon(self.pend[i].deadline)
+        for i in range(self.cap):
+            s = self.sess[i]
+            if s == NULL or s.fd < 0 or unsent(s) == 0:
+                continue
+            if now - s.tx_since >= self.send_timeout_ms:
+                self._end(i, b"send timeout", True)
+            else:
+                self._soon(s.tx_since + self.send_timeout_ms)
+
+    cdef void _tun_interest(self) noexcept nogil:
+        """Watch the tun unless every session is full (then its queue holds the packets). Not
+        watched at all meanwhile: an error report would otherwise wake every wait."""
+        cdef bint want = not (self.nlive > 0 and self.nblocked == self.nlive)
+        if want == self.tun_on:
+            return
+        if want:
+            self.tun_on = dsvpn_poller_add(self.poller, self.tun_fd, DSVPN_PIN,
+                                           tag_of(K_TUN, 0, 0)) == 0
+        elif dsvpn_poller_del(self.poller, self.tun_fd) == 0:
+            self.tun_on = False
+
+    cdef void _drain_wake(self) noexcept nogil:
+        cdef uint8_t drain[256]
+        while dsvpn_read(self.wake_fd, drain, 256) > 0:
+            pass
+        self._push(EV_WAKE, b"")
+
+    cdef void _dispatch(self, int n) noexcept nogil:
+        """Serve the readiness reports of one wait: sockets first, then the tun, so that
+        what a write to the tun answers at once is read in the same turn."""
+        cdef int i, idx
+        cdef uint64_t tag
+        cdef uint32_t ev, gen
+        cdef Kind kind
+        cdef bint tun = False
+        cdef uint64_t wrote = self.c.tun_tx_packets
+        cdef Sess* s
+        for i in range(n):
+            tag = self.pevs[i].data
+            ev = self.pevs[i].events
+            kind = <Kind> (tag & 0xff)
+            idx = <int> ((tag >> 8) & 0xffffff)
+            gen = <uint32_t> (tag >> 32)
+            if kind == K_SESS:
+                s = self.sess[idx]
+                if s.fd < 0 or s.gen != gen:
+                    continue  # ended (and perhaps reused) since the wait
+                if ev & (DSVPN_PIN | DSVPN_PERR):
+                    self._sess_read(idx)
+                if s.fd >= 0 and s.gen == gen and (ev & DSVPN_POUT):
+                    self._flush(idx)
+            elif kind == K_PEND:
+                if self.pend[idx].fd >= 0 and self.pend[idx].gen == gen:
+                    self._pending_io(idx)
+            elif kind == K_TUN:
+                tun = True
+            elif kind == K_LISTEN:
+                self._accept()
+            elif kind == K_WAKE:
+                self._drain_wake()
+            elif kind == K_CONTROL:
+                self._push(EV_CONTROL, b"")  # left unread: Python answers it
+        if self.tun_on and (tun or self.c.tun_tx_packets != wrote):
+            self._tun_batch()
+
+    cdef void _run(self, int64_t timeout_ms) noexcept nogil:
+        cdef int n, err, wait
+        cdef int64_t end, nxt
+        self.now = dsvpn_now_ms()
+        end = self.now + timeout_ms if timeout_ms >= 0 else -1
+        if self.next_check == 0:
+            self.next_check = self.now
+        while True:
+            if self.now >= self.next_check:
+                self._deadlines()
+            if self.ev_count:
+                return
+            self._tun_interest()
+            nxt = self.next_check
+            if end >= 0 and end < nxt:
+                nxt = end
+            wait = <int> (nxt - self.now) if nxt > self.now else 0
+            n = dsvpn_poller_wait(self.poller, self.pevs, wait)
+            err = errno
+            self.now = dsvpn_now_ms()
+            if n < 0 and err == EINTR and self.wake_fd < 0:
+                self._push(EV_WAKE, b"")  # nobody else will tell Python about the signal
+                return
+            if n > 0:
+                self._dispatch(n)
+            if self.ev_count or (end >= 0 and self.now >= end):
+                return
+
+    # ---------------------------------------------------------------- Python API
+
+    def set_peers(self, peers):
+        """Serve exactly these peers from now on; see _multi.pyi."""
+        import ipaddress
+
+        from dsvpn.config import tun_ip6
+
+        cdef list wanted = list(peers)
+        cdef int n = len(wanted), k, j, old
+        cdef Peer* fresh
+        cdef Peer* q
+        cdef const uint8_t[:] key
+        cdef bytes name_b, a6
+        cdef uint32_t host
+        cdef list ended = []
+        if n > MAX_PEERS:
+            raise ValueError(f"at most {MAX_PEERS} peers")
+        names, hosts = set(), set()
+        checked = []
+        for name, raw_key, address in wanted:
+            name_b = str(name).encode()
+            if not 0 < len(name_b) < NAME_CAP or b" " in name_b or name in names:
+                raise ValueError(f"invalid or duplicate peer name {name!r}")
+            key = bytes(raw_key)
+            if key.shape[0] != CHARM_KEY_LEN:
+                raise ValueError(f"the key of {name} must be exactly {CHARM_KEY_LEN} bytes")
+            offset = int(ipaddress.IPv4Address(address)) - self.net
+            if not 0 < offset < self.size - 1 or offset in hosts:
+                raise ValueError(f"address {address} of {name} is taken or not in the pool")
+            host = <uint32_t> offset
+            names.add(name)
+            hosts.add(host)
+            checked.append((name_b, bytes(raw_key), host,
+                            ipaddress.IPv6Address(tun_ip6(str(address))).packed))
+        fresh = <Peer*> calloc(n if n > 0 else 1, sizeof(Peer))
+        if fresh == NULL:
+            raise MemoryError()
+        # old index -> new index (-1: removed or changed)
+        remap = [-1] * self.npeers
+        by_name = {self.peers[j].name.decode(): j for j in range(self.npeers)}
+        for k, (name_b, raw, host, a6) in enumerate(checked):
+            q = &fresh[k]
+            key = raw
+            charm_init(&q.kx, &key[0], <const uint8_t*> KX_IV)
+            q.host = host
+            for j in range(4):
+                q.ip4[j] = <uint8_t> ((self.net + host) >> (24 - 8 * j))
+            memcpy(q.ip6, <const char*> a6, 16)
+            snprintf(q.name, NAME_CAP, "%s", <const char*> name_b)
+            q.live = q.prob = -1
+            old = by_name.get(name_b.decode(), -1)
+            if (old >= 0 and memcmp(&self.peers[old].kx, &q.kx, sizeof(charm_state)) == 0
+                    and self.peers[old].host == host):
+                # The same peer: its sessions and remembered hellos carry over.
+                remap[old] = k
+                q.live, q.prob = self.peers[old].live, self.peers[old].prob
+                memcpy(q.seen, self.peers[old].seen, sizeof(q.seen))
+                memcpy(q.seen_ts, self.peers[old].seen_ts, sizeof(q.seen_ts))
+                q.seen_next = self.peers[old].seen_next
+        # End the sessions of peers that are gone or changed, under the old table.
+        for old in range(self.npeers):
+            if remap[old] >= 0:
+                continue
+            if self.peers[old].prob >= 0:
+                self._end(self.peers[old].prob, b"its peer was removed", False)
+            if self.peers[old].live >= 0:
+                ended.append(self.peers[old].name.decode())
+                self.peers[old].prob = -1
+                self._end(self.peers[old].live, b"removed from the peers file", True)
+        for k in range(self.cap):
+            if self.sess[k] != NULL and self.sess[k].fd >= 0:
+                self.sess[k].peer = remap[self.sess[k].peer]
+        memset(self.route, 0, self.size * sizeof(uint32_t))
+        for k in range(n):
+            self.route[fresh[k].host] = <uint32_t> (k + 1)
+        if self.peers != NULL:
+            memset(self.peers, 0, <size_t> self.npeers * sizeof(Peer))
+            free(self.peers)
+        self.peers = fresh
+        self.npeers = n
+        return ended
+
+    def run(self, int timeout_ms):
+        """Run until the first event or timeout_ms (negative: no timeout); see _multi.pyi."""
+        if self.closed:
+            raise RuntimeError("loop is closed")
+        if self.ev_count == 0:
+            with nogil:
+                self._run(timeout_ms)
+        if self.ev_count == 0:
+            return (PyEvent.EV_TIMEOUT, "")
+        cdef QueuedEvent* e = &self.evq[self.ev_head]
+        self.ev_head = (self.ev_head + 1) % EVQ
+        self.ev_count -= 1
+        return (PyEvent(e.code), e.msg.decode("utf-8", "replace"))
+
+    def disconnect(self, name=None):
+        """End the session (and connection on probation) of peer name, or every session and
+        handshake; no event is reported. False if that peer has no session."""
+        cdef int k
+        if name is None:
+            self._close_all(b"disconnected locally", False)
+            return True
+        for k in range(self.npeers):
+            if self.peers[k].name.decode() == name:
+                if self.peers[k].prob >= 0:
+                    self._end(self.peers[k].prob, b"disconnected locally", False)
+                if self.peers[k].live >= 0:
+                    self._end(self.peers[k].live, b"disconnected locally", False)
+                    return True
+        return False
+
+    def close(self):
+        """Close every socket the loop owns. The loop cannot be used afterwards."""
+        self._close_all(b"loop closed", False)
+        self.closed = True
+
+    def sessions(self):
+        """The live sessions by peer name (see _multi.pyi)."""
+        cdef int k
+        cdef Sess* s
+        out = {}
+        for k in range(self.npeers):
+            if self.peers[k].live < 0:
+                continue
+            s = self.sess[self.peers[k].live]
+            out[self.peers[k].name.decode()] = {
+                "endpoint": s.addr.endpoint.decode("utf-8", "replace"),
+                "address": _ipv4_text(self.peers[k].ip4),
+                "since": s.since,
+                "latest_handshake": s.latest_handshake,
+                "rx_bytes": s.t.rx_bytes,
+                "tx_bytes": s.t.tx_bytes,
+                "rx_packets": s.t.rx_packets,
+                "tx_packets": s.t.tx_packets,
+                "drops": {name: s.t.drops[i] for i, name in _DROP_NAMES.items()},
+                "replacement": (self.sess[self.peers[k].prob].addr.endpoint.decode()
+                                if self.peers[k].prob >= 0 else None),
+            }
+        return out
+
+    def stats(self):
+        out = {
+            "peers": self.npeers,
+            "sessions": self.nlive,
+            "sessions_full": self.nblocked,
+            "probation": sum(1 for i in range(self.npeers) if self.peers[i].prob >= 0),
+            "tun_rx_packets": self.c.tun_rx_packets,
+            "tun_rx_bytes": self.c.tun_rx_bytes,
+            "tun_tx_packets": self.c.tun_tx_packets,
+            "tun_tx_errors": self.c.tun_tx_errors + self.gro.errors,
+            "tun_writes": self.gro.writes if self.vnet_hdr else self.c.tun_tx_packets,
+            "tun_merged": self.gro.merged,
+            "sock_rx_bytes": self.c.t.rx_bytes,
+            "sock_tx_bytes": self.c.t.tx_bytes,
+            "frames_rx": self.c.t.rx_packets,
+            "frames_tx": self.c.t.tx_packets,
+            "short_drops": self.c.short_drops,
+            "handshakes_ok": self.c.handshakes_ok,
+            "handshakes_failed": self.c.handshakes_failed,
+            "replays": self.c.replays,
+            "probation_closed": self.c.probation_closed,
+            "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
+        }
+        for i, name in _DROP_NAMES.items():
+            out[f"{name}_drops"] = self.c.t.drops[i]
+        return out
+
+    def _set_test_random(self, data):
+        """Test hook: the next handshakes take their 32 random bytes from data."""
+        free(self.trand)
+        self.trand = NULL
+        self.trand_len = self.trand_pos = 0
+        if data is None or len(data) == 0:
+            return
+        cdef const uint8_t[:] d = bytes(data)
+        self.trand = <uint8_t*> malloc(d.shape[0])
+        if self.trand == NULL:
+            raise MemoryError()
+        memcpy(self.trand, &d[0], d.shape[0])
+        self.trand_len = d.shape[0]
+
+    def _set_test_clock(self, t):
+        """Test hook: fixed wall-clock seconds for the handshake timestamp check."""
+        self.has_tclock = t is not None
+        self.tclock = 0 if t is None else t
+
+    def _set_test_timeouts(self, accept_ms=None, send_ms=None):
+        """Test hook: shorten the handshake and send deadlines (None restores the default)."""
+        self.accept_timeout_ms = ACCEPT_TIMEOUT_MS if accept_ms is None else accept_ms
+        self.send_timeout_ms = TIMEOUT_MS if send_ms is None else send_ms
+        self.next_check = 0
