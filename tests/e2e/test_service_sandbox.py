@@ -28,6 +28,10 @@ SANDBOX = Path(__file__).with_name("sandbox.py")
 
 
 def _missing() -> str | None:
+    here = os.path.realpath(sys.prefix)
+    if any(here == d or here.startswith(d + "/") for d in ("/tmp", "/var/tmp")):
+        # PrivateTmp hides it from the service (and `dsvpn service install` refuses it).
+        return f"this installation lives under a temporary directory ({here})"
     for tool in ("unshare", "systemd-analyze"):
         if shutil.which(tool) is None:
             return f"needs {tool}"

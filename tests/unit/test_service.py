@@ -55,8 +55,12 @@ def make_host(root: Path, runner: Recorder | None = None, **kw: object) -> Host:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """A scratch file system root with a key at /etc/dsvpn/vpn.key."""
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch file system root with a key at /etc/dsvpn/vpn.key. The installation that
+    install checks is a root-owned system program, wherever this checkout lives (a clone under
+    /tmp would be refused, rightly: see test_install_refuses_an_installation_others_can_change)."""
+    shell = os.path.realpath(shutil.which("sh") or "/bin/sh")
+    monkeypatch.setattr(service, "_installation", lambda: [shell])
     r = tmp_path / "root"
     (r / "etc" / "dsvpn").mkdir(parents=True, mode=0o700)
     (r / "etc" / "dsvpn" / "vpn.key").write_bytes(os.urandom(32))
@@ -466,6 +470,23 @@ def test_install_and_remove_two_instances(root: Path) -> None:
     ]
     with pytest.raises(DsvpnError, match="no dsvpn service named office"):
         service.remove("office", platform="linux", host=host)
+
+
+@needs_root
+def test_install_refuses_an_installation_others_can_change(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared"
+    (shared / "bin").mkdir(parents=True)
+    shared.chmod(0o777)
+    script = shared / "bin" / "dsvpn"
+    script.write_text("#!/bin/sh\n")
+    monkeypatch.setattr(service, "_installation", lambda: [str(script)])
+    runner = Recorder()
+    with pytest.raises(DsvpnError, match=f"{shared} must belong to root"):
+        service.install("home", SERVER_ARGS, platform="linux", host=make_host(root, runner))
+    assert runner.commands == []
+    assert not (root / "etc" / "systemd" / "system" / "dsvpn@.service").exists()
 
 
 @needs_root
