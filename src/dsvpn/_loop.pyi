@@ -180,7 +180,8 @@ class Loop:
         calls to the tun; fewer than tun_tx_packets when segments were merged), tun_merged
         (packets written as part of a merged GSO packet), short_drops (tun_header mode:
         packets < 20 bytes not written), handshakes_ok, handshakes_failed,
-        pending_handshakes, rx_buffered, tx_queued."""
+        pending_handshakes, rx_buffered, tx_queued (framed bytes not yet sent), tun_queued
+        (bytes read from the tun waiting in the flow queue to be framed)."""
     def _set_test_random(self, data: bytes | None) -> None:
         """Test hook: the next handshakes take their 32 random bytes from data, 32 at a time
         (then the OS again)."""

@@ -1,0 +1,356 @@
+/* Flow queuing of the packets read from the tun device, waiting to be framed and sent.
+ *
+ * Why: the tun device has no backpressure of its own (its kernel queue tail-drops, and a qdisc
+ * in front of it never holds anything), so whatever a saturating flow keeps in flight waits in
+ * the one FIFO between the tun and the socket, and every other packet (a ping, a DNS query, a
+ * call, the ACKs of the other direction) waits behind it. Here the loop drains the tun as soon
+ * as it can into per-flow queues and takes packets out in deficit round robin, new (sparse)
+ * flows first, as fq_codel's scheduler does: a bulk flow's backlog stays its own, and a flow
+ * that sends less than a quantum at a time skips it.
+ *
+ * Storage: one arena of fixed chunks, a packet spanning as many as it needs (a tun read scatters
+ * straight into free chunks), and one descriptor per packet. When a read could not fit, or the
+ * queued bytes exceed the limit, the head packet of the flow holding the most bytes is dropped
+ * (as fq_codel does), so a new flow always finds room.
+ *
+ * All functions are static inline, allocate only in dsvpn_fq_init and never touch Python. */
+#ifndef DSVPN_FLOWQ_H
+#define DSVPN_FLOWQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#define DSVPN_FQ_CHUNK 2048
+#define DSVPN_FQ_FLOWS 1024 /* a power of two */
+#define DSVPN_FQ_QUANTUM 1514
+#define DSVPN_FQ_HDR_MAX 12 /* the tun's own header kept with each packet (vnet 10, AF 4) */
+
+struct dsvpn_fq_pkt {
+    int32_t  next;  /* next packet of the same flow, or of the free list; -1 */
+    int32_t  chunk; /* first chunk; the others follow in chunk_next */
+    uint32_t len;
+    uint32_t flow;
+    uint8_t  hdr[DSVPN_FQ_HDR_MAX];
+};
+
+struct dsvpn_fq_flow {
+    int32_t  head, tail; /* packets, -1 when empty */
+    int32_t  next;       /* next flow in its list */
+    int32_t  deficit;
+    uint32_t bytes;
+    uint8_t  list; /* 0: in no list, 1: new flows, 2: old flows */
+};
+
+struct dsvpn_fq {
+    uint8_t             *arena;
+    int32_t             *chunk_next;
+    struct dsvpn_fq_pkt *pkts;
+    int32_t              nchunks, free_chunk, free_chunks;
+    int32_t              free_pkt;
+    size_t               bytes, limit; /* queued packet bytes, and the most allowed */
+    uint32_t             packets, seed;
+    int32_t              new_head, new_tail, old_head, old_tail;
+    struct dsvpn_fq_flow flows[DSVPN_FQ_FLOWS];
+};
+
+static inline void dsvpn_fq_reset(struct dsvpn_fq *q)
+{
+    int32_t i;
+    for (i = 0; i < q->nchunks; i++) {
+        q->chunk_next[i] = i + 1 < q->nchunks ? i + 1 : -1;
+        q->pkts[i].next = i + 1 < q->nchunks ? i + 1 : -1;
+    }
+    q->free_chunk = q->free_pkt = q->nchunks > 0 ? 0 : -1;
+    q->free_chunks = q->nchunks;
+    q->bytes = 0;
+    q->packets = 0;
+    q->new_head = q->new_tail = q->old_head = q->old_tail = -1;
+    for (i = 0; i < DSVPN_FQ_FLOWS; i++) {
+        q->flows[i].head = q->flows[i].tail = q->flows[i].next = -1;
+        q->flows[i].deficit = 0;
+        q->flows[i].bytes = 0;
+        q->flows[i].list = 0;
+    }
+}
+
+/* nchunks chunks of storage (a packet never has more descriptors than chunks); at most limit
+ * queued bytes. 0, or -1 if out of memory. */
+static inline int dsvpn_fq_init(struct dsvpn_fq *q, int32_t nchunks, size_t limit, uint32_t seed)
+{
+    memset(q, 0, sizeof *q);
+    q->arena = (uint8_t *) malloc((size_t) nchunks * DSVPN_FQ_CHUNK);
+    q->chunk_next = (int32_t *) malloc((size_t) nchunks * sizeof(int32_t));
+    q->pkts = (struct dsvpn_fq_pkt *) malloc((size_t) nchunks * sizeof(struct dsvpn_fq_pkt));
+    if (q->arena == NULL || q->chunk_next == NULL || q->pkts == NULL) {
+        free(q->arena);
+        free(q->chunk_next);
+        free(q->pkts);
+        memset(q, 0, sizeof *q);
+        return -1;
+    }
+    q->nchunks = nchunks;
+    q->limit = limit;
+    q->seed = seed;
+    dsvpn_fq_reset(q);
+    return 0;
+}
+
+static inline void dsvpn_fq_destroy(struct dsvpn_fq *q)
+{
+    free(q->arena);
+    free(q->chunk_next);
+    free(q->pkts);
+    memset(q, 0, sizeof *q);
+}
+
+static inline uint32_t dsvpn_fq_mix(uint32_t h, uint32_t v)
+{
+    h ^= v * 0xcc9e2d51u;
+    h = (h << 13) | (h >> 19);
+    return h * 5 + 0xe6546b64u;
+}
+
+static inline uint32_t dsvpn_fq_word(const uint8_t *p)
+{
+    uint32_t w;
+    memcpy(&w, p, 4);
+    return w;
+}
+
+/* The flow of an IP packet: addresses, protocol and, for TCP and UDP (unfragmented), the
+ * ports. Anything else shares flow 0's hash input. */
+static inline uint32_t dsvpn_fq_flow_of(const struct dsvpn_fq *q, const uint8_t *p, size_t len)
+{
+    uint32_t h = q->seed;
+    size_t   l4 = 0, i;
+    uint8_t  proto = 0;
+    if (len >= 20 && (p[0] >> 4) == 4) {
+        proto = p[9];
+        h = dsvpn_fq_mix(h, dsvpn_fq_word(p + 12));
+        h = dsvpn_fq_mix(h, dsvpn_fq_word(p + 16));
+        if (((p[6] & 0x3f) | p[7]) == 0) { /* first (or only) fragment without MF */
+            l4 = (size_t) (p[0] & 15) * 4;
+        }
+    } else if (len >= 40 && (p[0] >> 4) == 6) {
+        proto = p[6];
+        for (i = 8; i < 40; i += 4) {
+            h = dsvpn_fq_mix(h, dsvpn_fq_word(p + i));
+        }
+        l4 = 40;
+    }
+    h = dsvpn_fq_mix(h, proto);
+    if ((proto == 6 || proto == 17) && l4 >= 20 && l4 + 4 <= len) {
+        h = dsvpn_fq_mix(h, dsvpn_fq_word(p + l4));
+    }
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    return h & (DSVPN_FQ_FLOWS - 1);
+}
+
+/* Room for one more read of up to maxlen bytes (without the header)? */
+static inline int dsvpn_fq_room(const struct dsvpn_fq *q, size_t maxlen)
+{
+    return (size_t) q->free_chunks >= (maxlen + DSVPN_FQ_CHUNK - 1) / DSVPN_FQ_CHUNK
+           && q->free_pkt >= 0;
+}
+
+/* The iovecs of a read of up to maxlen bytes into free chunks, after iov[0] = the header
+ * scratch hdr[0..hdr_len) when hdr_len > 0. Needs dsvpn_fq_room(q, maxlen). Returns the count. */
+static inline int dsvpn_fq_read_iov(struct dsvpn_fq *q, struct iovec *iov, uint8_t *hdr,
+                                    size_t hdr_len, size_t maxlen)
+{
+    int     n = 0;
+    int32_t c = q->free_chunk;
+    if (hdr_len > 0) {
+        iov[n].iov_base = hdr;
+        iov[n].iov_len = hdr_len;
+        n++;
+    }
+    while (maxlen > 0 && c >= 0) {
+        size_t take = maxlen < DSVPN_FQ_CHUNK ? maxlen : DSVPN_FQ_CHUNK;
+        iov[n].iov_base = q->arena + (size_t) c * DSVPN_FQ_CHUNK;
+        iov[n].iov_len = take;
+        n++;
+        maxlen -= take;
+        c = q->chunk_next[c];
+    }
+    return n;
+}
+
+static inline void dsvpn_fq_link(struct dsvpn_fq *q, int32_t f, int list)
+{
+    int32_t *head = list == 1 ? &q->new_head : &q->old_head;
+    int32_t *tail = list == 1 ? &q->new_tail : &q->old_tail;
+    q->flows[f].next = -1;
+    q->flows[f].list = (uint8_t) list;
+    if (*tail >= 0) {
+        q->flows[*tail].next = f;
+    } else {
+        *head = f;
+    }
+    *tail = f;
+}
+
+/* Unlink the head flow of a list. */
+static inline void dsvpn_fq_unlink_head(struct dsvpn_fq *q, int list)
+{
+    int32_t *head = list == 1 ? &q->new_head : &q->old_head;
+    int32_t *tail = list == 1 ? &q->new_tail : &q->old_tail;
+    int32_t  f = *head;
+    *head = q->flows[f].next;
+    if (*head < 0) {
+        *tail = -1;
+    }
+    q->flows[f].next = -1;
+    q->flows[f].list = 0;
+}
+
+/* Free a dequeued (or dropped) packet's chunks and descriptor. */
+static inline void dsvpn_fq_release(struct dsvpn_fq *q, int32_t pi)
+{
+    struct dsvpn_fq_pkt *p = &q->pkts[pi];
+    int32_t              c = p->chunk, last = c, n = 1;
+    while (q->chunk_next[last] >= 0 && (uint32_t) n * DSVPN_FQ_CHUNK < p->len) {
+        last = q->chunk_next[last];
+        n++;
+    }
+    q->chunk_next[last] = q->free_chunk;
+    q->free_chunk = c;
+    q->free_chunks += n;
+    p->next = q->free_pkt;
+    q->free_pkt = pi;
+}
+
+/* Take the head packet off flow f (not empty); the caller releases it. */
+static inline int32_t dsvpn_fq_pop(struct dsvpn_fq *q, int32_t f)
+{
+    struct dsvpn_fq_flow *fl = &q->flows[f];
+    int32_t               pi = fl->head;
+    fl->head = q->pkts[pi].next;
+    if (fl->head < 0) {
+        fl->tail = -1;
+    }
+    fl->bytes -= q->pkts[pi].len;
+    q->bytes -= q->pkts[pi].len;
+    q->packets--;
+    return pi;
+}
+
+/* Drop the head packet of the flow holding the most bytes; returns 0 if the queue is empty. */
+static inline int dsvpn_fq_drop_fattest(struct dsvpn_fq *q)
+{
+    int32_t  f, fat = -1;
+    uint32_t most = 0;
+    for (f = 0; f < DSVPN_FQ_FLOWS; f++) {
+        if (q->flows[f].bytes > most) {
+            most = q->flows[f].bytes;
+            fat = f;
+        }
+    }
+    if (fat < 0) {
+        return 0;
+    }
+    dsvpn_fq_release(q, dsvpn_fq_pop(q, fat));
+    return 1; /* the flow stays in its list: the scheduler unlinks it once it finds it empty */
+}
+
+/* A read of len bytes landed in the chunks dsvpn_fq_read_iov gave: queue it as a packet, with
+ * hdr[0..hdr_len) kept beside it. Packets are taken from the fattest flow while over the byte
+ * limit; returns how many were dropped. */
+static inline int dsvpn_fq_commit(struct dsvpn_fq *q, size_t len, const uint8_t *hdr,
+                                  size_t hdr_len)
+{
+    int32_t               pi = q->free_pkt, c = q->free_chunk, last = c;
+    int32_t               n = 1, f;
+    struct dsvpn_fq_pkt  *p = &q->pkts[pi];
+    struct dsvpn_fq_flow *fl;
+    int                   dropped = 0;
+    while ((uint32_t) n * DSVPN_FQ_CHUNK < len) {
+        last = q->chunk_next[last];
+        n++;
+    }
+    q->free_chunk = q->chunk_next[last];
+    q->free_chunks -= n;
+    q->free_pkt = p->next;
+    p->chunk = c;
+    p->len = (uint32_t) len;
+    p->next = -1;
+    if (hdr_len > 0) {
+        memcpy(p->hdr, hdr, hdr_len);
+    }
+    f = (int32_t) dsvpn_fq_flow_of(q, q->arena + (size_t) c * DSVPN_FQ_CHUNK,
+                                   len < DSVPN_FQ_CHUNK ? len : DSVPN_FQ_CHUNK);
+    p->flow = (uint32_t) f;
+    fl = &q->flows[f];
+    if (fl->tail >= 0) {
+        q->pkts[fl->tail].next = pi;
+    } else {
+        fl->head = pi;
+    }
+    fl->tail = pi;
+    fl->bytes += (uint32_t) len;
+    q->bytes += len;
+    q->packets++;
+    if (fl->list == 0) {
+        fl->deficit = DSVPN_FQ_QUANTUM;
+        dsvpn_fq_link(q, f, 1);
+    }
+    while (q->bytes > q->limit && dsvpn_fq_drop_fattest(q)) {
+        dropped++;
+    }
+    return dropped;
+}
+
+/* The next packet to send (the caller copies it out and releases it), or -1 if none. */
+static inline int32_t dsvpn_fq_dequeue(struct dsvpn_fq *q)
+{
+    for (;;) {
+        int                   list = q->new_head >= 0 ? 1 : 2;
+        int32_t               f = list == 1 ? q->new_head : q->old_head;
+        struct dsvpn_fq_flow *fl;
+        int32_t               pi;
+        if (f < 0) {
+            return -1;
+        }
+        fl = &q->flows[f];
+        if (fl->deficit <= 0) {
+            fl->deficit += DSVPN_FQ_QUANTUM;
+            dsvpn_fq_unlink_head(q, list);
+            dsvpn_fq_link(q, f, 2);
+            continue;
+        }
+        if (fl->head < 0) {
+            dsvpn_fq_unlink_head(q, list);
+            /* An emptied new flow goes behind the old ones once, so that a flow cannot stay
+             * "new" for ever by emptying just in time. */
+            if (list == 1 && q->old_head >= 0) {
+                dsvpn_fq_link(q, f, 2);
+            }
+            continue;
+        }
+        pi = dsvpn_fq_pop(q, f);
+        fl->deficit -= (int32_t) q->pkts[pi].len;
+        return pi;
+    }
+}
+
+/* Copy packet pi's bytes to out (len of them). */
+static inline void dsvpn_fq_copy(const struct dsvpn_fq *q, int32_t pi, uint8_t *out)
+{
+    const struct dsvpn_fq_pkt *p = &q->pkts[pi];
+    size_t                     left = p->len;
+    int32_t                    c = p->chunk;
+    while (left > 0) {
+        size_t take = left < DSVPN_FQ_CHUNK ? left : DSVPN_FQ_CHUNK;
+        memcpy(out, q->arena + (size_t) c * DSVPN_FQ_CHUNK, take);
+        out += take;
+        left -= take;
+        c = q->chunk_next[c];
+    }
+}
+
+#endif

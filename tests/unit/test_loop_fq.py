@@ -1,0 +1,109 @@
+"""The flow queue between the tun and the socket (flowq.h): new (sparse) flows leave ahead of a
+bulk flow's backlog, bulk flows share by deficit round robin, and past the queue's capacity the
+fattest flow loses packets while a new flow still gets through."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+from loop_rig import Pair, ip4_packet, pump
+
+from dsvpn import _loop as L
+
+KEY = bytes(range(1, 33))
+
+
+def udp4(sport: int, size: int, tag: int = 0, dst: str = "10.9.0.1") -> bytes:
+    """An IPv4 UDP packet 10.0.0.1:sport -> dst:80 of size bytes; tag marks its payload."""
+    pkt = bytearray(ip4_packet("10.0.0.1", dst, size))
+    pkt[20:24] = struct.pack("!HH", sport, 80)
+    pkt[28:32] = struct.pack("!I", tag)
+    return bytes(pkt)
+
+
+def icmp4(seq: int) -> bytes:
+    """An ICMP echo request 10.0.0.1 -> 10.9.0.1 (84 bytes, like ping's)."""
+    pkt = bytearray(ip4_packet("10.0.0.1", size=84))
+    pkt[9] = 1
+    pkt[20:28] = struct.pack("!BBHHH", 8, 0, 0, 7, seq)
+    return bytes(pkt)
+
+
+def received(p: Pair, n: int) -> list[bytes]:
+    """Run both loops until the server's tun got n packets; return them in order."""
+    pump([p.cli, p.srv], lambda _: p.srv.stats()["tun_tx_packets"] >= n, timeout=20)
+    return [p.speer.recv(70000) for _ in range(n)]
+
+
+def test_a_ping_leaves_ahead_of_a_bulk_backlog():
+    with Pair(KEY) as p:
+        p.connect()
+        bulk = [udp4(1000, 1400, i) for i in range(40)]
+        for pkt in [*bulk, icmp4(1)]:
+            p.cpeer.send(pkt)
+        got = received(p, 41)
+        # the bulk flow spends its quantum (two packets), then the new flow goes first
+        assert got.index(icmp4(1)) <= 2
+        assert [g for g in got if g != icmp4(1)] == bulk  # one flow keeps its order
+
+
+def test_bulk_flows_take_turns():
+    with Pair(KEY) as p:
+        p.connect()
+        a = [udp4(1000, 1400, i) for i in range(30)]
+        b = [udp4(2000, 1400, i) for i in range(30)]
+        for pkt in a + b:  # all of a first, as one flow's burst would arrive
+            p.cpeer.send(pkt)
+        got = received(p, 60)
+        first = got[:20]
+        assert sum(g in a for g in first) >= 8 and sum(g in b for g in first) >= 8
+        assert [g for g in got if g in a] == a and [g for g in got if g in b] == b
+
+
+def test_overflow_drops_from_the_fattest_flow_and_a_new_flow_gets_through():
+    with Pair(KEY) as p:
+        p.connect()
+        # The server loop does not run: the client's socket fills, and its flow queue with it.
+        for i in range(3000):
+            p.cpeer.send(udp4(1000, 1400, i))
+            if i % 100 == 99:
+                pump(p.cli, lambda _, n=i + 1: p.cli.stats()["tun_rx_packets"] == n)
+        pump(p.cli, lambda _: p.cli.stats()["tun_rx_packets"] == 3000)
+        st = p.cli.stats()
+        assert st["congestion_drops"] > 0
+        assert 0 < st["tun_queued"] <= 4 << 20
+        framed = st["frames_tx"]
+        p.cpeer.send(icmp4(9))
+        pump(p.cli, lambda _: p.cli.stats()["tun_rx_packets"] == 3001)
+        assert p.cli.stats()["congestion_drops"] >= st["congestion_drops"]
+        # Now let it all through: the ping is the first packet framed after it arrived.
+        got = received(p, framed + 1)
+        assert got[framed] == icmp4(9)
+        # every packet was either framed or dropped, and everything framed arrived
+        p.speer.setblocking(False)
+
+        def drained(_: object) -> bool:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    got.append(p.speer.recv(70000))
+            cs = p.cli.stats()
+            return cs["tun_queued"] == 0 and len(got) == cs["frames_tx"]
+
+        pump([p.cli, p.srv], drained, timeout=20)
+        cs = p.cli.stats()
+        assert cs["frames_tx"] + cs["congestion_drops"] == 3001
+        assert p.srv.stats()["tun_tx_errors"] == 0
+
+
+def test_the_queue_empties_with_the_session():
+    with Pair(KEY) as p:
+        p.connect()
+        for i in range(2000):
+            p.cpeer.send(udp4(1000, 1400, i))
+            if i % 100 == 99:
+                pump(p.cli, lambda _, n=i + 1: p.cli.stats()["tun_rx_packets"] == n)
+        assert p.cli.stats()["tun_queued"] > 0
+        p.cli.disconnect()
+        assert p.cli.stats()["tun_queued"] == 0 and p.cli.stats()["tx_queued"] == 0
+        pump(p.srv, lambda e: e and e[-1][0] == L.EV_SESSION_DOWN)
