@@ -1230,6 +1230,10 @@ cdef class Loop:
         self.has_tclock = t is not None
         self.tclock = 0 if t is None else t
 
+    def _set_test_refuse_uso(self, bint refuse):
+        """Test hook: UDP GSO writes to the tun fail as on a kernel without USO (EINVAL)."""
+        self.gro.test_refuse_uso = refuse
+
     def _set_test_timeouts(self, accept_ms=None, connect_ms=None, send_ms=None):
         """Test hook: shorten the handshake and send deadlines (None restores the default)."""
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS if accept_ms is None else accept_ms
