@@ -8,7 +8,8 @@ returns to Python only for events (the Event enum of _loop.pxd; _loop.pyi says w
 Buffers (allocated once per Loop):
 - fq (flowq.h): the tun is drained into per-flow queues as soon as it has packets, so that a
   bulk flow's backlog waits there, in its own queue, and not in the kernel's tun FIFO in front
-  of everything else; packets leave in deficit round robin, new (sparse) flows first.
+  of everything else; packets leave in deficit round robin, new (sparse) flows first. At
+  FQ_LIMIT bytes the tun is no longer read, and the kernel's backpressure takes over.
 - tx: when the socket can take more (POLLOUT), a batch is taken from fq into ``txbuf`` at
   ``tx_end + 8`` (room for LEN||TAG), encrypted in place, and goes out with one send().
   ``tx_off`` tracks partial sends; fq is not read again until the batch is out, so what waits
@@ -59,7 +60,6 @@ from dsvpn.flowq cimport (
     dsvpn_fq_copy,
     dsvpn_fq_dequeue,
     dsvpn_fq_destroy,
-    dsvpn_fq_drop_fattest,
     dsvpn_fq_init,
     dsvpn_fq_pkt,
     dsvpn_fq_read_iov,
@@ -123,7 +123,7 @@ cdef enum:
     TX_BATCH_PKTS = 128
     TUN_FILL_PKTS = 128         # tun reads per iteration
     FQ_CHUNKS = 2048            # flow queue storage: 4 MiB in DSVPN_FQ_CHUNK chunks
-    FQ_LIMIT = 4194304          # queued bytes beyond which the fattest flow loses packets
+    FQ_LIMIT = 2097152          # queued bytes at which the tun is no longer read
     FQ_IOV = 2 + (MAX_PAYLOAD + 1 + DSVPN_FQ_CHUNK - 1) / DSVPN_FQ_CHUNK
     # Slack after the batch limit: one 64 KiB TSO packet cut into segments of the smallest
     # MSS (88) with the largest headers (120) still fits (< 160 KiB; see _tun_gso).
@@ -147,7 +147,7 @@ cdef enum:
 # nothing at all (EAGAIN), the next tun packet read is discarded, as the reference does after
 # a write that fails with EAGAIN. Partial sends do not set it (same as the reference). Batches
 # are sent only once poll() reports room (a lone small packet excepted), so this fires rarely;
-# the main congestion signal is the flow queue's limit (the fattest flow loses packets).
+# the main congestion signal is the kernel's tun queue filling up once the flow queue is full.
 cdef enum:
     BUFFERBLOAT_CONTROL = 1
 
@@ -779,9 +779,7 @@ cdef class Loop:
         cdef iovec iov[FQ_IOV]
         cdef const uint8_t* first
         cdef bint idle
-        while count < TUN_FILL_PKTS:
-            while not dsvpn_fq_room(&self.fq, TUN_READ_MAX) and dsvpn_fq_drop_fattest(&self.fq):
-                self.c.t.drops[<int> DROP_CONGESTION] += 1
+        while count < TUN_FILL_PKTS and dsvpn_fq_room(&self.fq, TUN_READ_MAX):
             niov = dsvpn_fq_read_iov(&self.fq, iov, hdr, hoff, TUN_READ_MAX)
             n = dsvpn_readv(self.tun_fd, iov, niov)
             if n <= 0:
@@ -797,8 +795,7 @@ cdef class Loop:
             idle = self.fq.packets == 0 and self.tx_end == self.tx_off
             if idle:
                 self.tx_since = now     # the send timeout counts from here
-            self.c.t.drops[<int> DROP_CONGESTION] += <uint64_t> dsvpn_fq_commit(
-                &self.fq, plen, hdr, hoff)
+            dsvpn_fq_commit(&self.fq, plen, hdr, hoff)
             first = <const uint8_t*> iov[1 if hoff else 0].iov_base
             if idle and count == 1 and plen <= QUICK_MAX and not bulk_ack(first, plen):
                 # Latency: a lone small packet (ping, DNS, a keystroke, a request) goes out now,
@@ -1027,8 +1024,11 @@ cdef class Loop:
         ps.sock = -1
         if self.sock >= 0:
             ps.sock = poll_add(ps, self.sock, POLLIN | POLLOUT if self._tx_waiting() else POLLIN)
-        # The tun is always read: the flow queue makes room by dropping from its fattest flow.
-        ps.tun = poll_add(ps, self.tun_fd, POLLIN)
+        # Backpressure: the tun is read while the flow queue has room (always without a session:
+        # the packets are discarded).
+        ps.tun = -1
+        if self.sock < 0 or dsvpn_fq_room(&self.fq, TUN_READ_MAX):
+            ps.tun = poll_add(ps, self.tun_fd, POLLIN)
         ps.hs = -1
         if self.hs_fd >= 0:
             ps.hs = poll_add(ps, self.hs_fd,
@@ -1063,7 +1063,8 @@ cdef class Loop:
                     self._flush(now)
         # Writing to the tun usually makes the answer (a forwarded reply, the local stack's
         # ACK) ready at once, in the same call: read it now, not after one more poll() round.
-        if revents(ps, ps.tun) or (self.c.tun_tx_packets != wrote and self.sock >= 0):
+        if ps.tun >= 0 and (revents(ps, ps.tun) or (
+                self.c.tun_tx_packets != wrote and self.sock >= 0)):
             if self.sock < 0:
                 self._tun_discard()
             else:

@@ -9,9 +9,11 @@
  * that sends less than a quantum at a time skips it.
  *
  * Storage: one arena of fixed chunks, a packet spanning as many as it needs (a tun read scatters
- * straight into free chunks), and one descriptor per packet. When a read could not fit, or the
- * queued bytes exceed the limit, the head packet of the flow holding the most bytes is dropped
- * (as fq_codel does), so a new flow always finds room.
+ * straight into free chunks), and one descriptor per packet. The queue drops nothing itself:
+ * once it holds its limit (or has no room for one more read), the loop stops reading the tun,
+ * and the kernel's own backpressure takes over (a local sender blocks on its socket buffer,
+ * forwarded traffic is dropped by the tun queue), which costs no work for packets that could
+ * not be sent anyway.
  *
  * All functions are static inline, allocate only in dsvpn_fq_init and never touch Python. */
 #ifndef DSVPN_FLOWQ_H
@@ -76,8 +78,8 @@ static inline void dsvpn_fq_reset(struct dsvpn_fq *q)
     }
 }
 
-/* nchunks chunks of storage (a packet never has more descriptors than chunks); at most limit
- * queued bytes. 0, or -1 if out of memory. */
+/* nchunks chunks of storage (a packet never has more descriptors than chunks); reads stop at
+ * limit queued bytes (dsvpn_fq_room). 0, or -1 if out of memory. */
 static inline int dsvpn_fq_init(struct dsvpn_fq *q, int32_t nchunks, size_t limit, uint32_t seed)
 {
     memset(q, 0, sizeof *q);
@@ -151,10 +153,11 @@ static inline uint32_t dsvpn_fq_flow_of(const struct dsvpn_fq *q, const uint8_t 
     return h & (DSVPN_FQ_FLOWS - 1);
 }
 
-/* Room for one more read of up to maxlen bytes (without the header)? */
+/* Room for one more read of up to maxlen bytes (without the header), below the limit? */
 static inline int dsvpn_fq_room(const struct dsvpn_fq *q, size_t maxlen)
 {
-    return (size_t) q->free_chunks >= (maxlen + DSVPN_FQ_CHUNK - 1) / DSVPN_FQ_CHUNK
+    return q->bytes < q->limit
+           && (size_t) q->free_chunks >= (maxlen + DSVPN_FQ_CHUNK - 1) / DSVPN_FQ_CHUNK
            && q->free_pkt >= 0;
 }
 
@@ -240,35 +243,15 @@ static inline int32_t dsvpn_fq_pop(struct dsvpn_fq *q, int32_t f)
     return pi;
 }
 
-/* Drop the head packet of the flow holding the most bytes; returns 0 if the queue is empty. */
-static inline int dsvpn_fq_drop_fattest(struct dsvpn_fq *q)
-{
-    int32_t  f, fat = -1;
-    uint32_t most = 0;
-    for (f = 0; f < DSVPN_FQ_FLOWS; f++) {
-        if (q->flows[f].bytes > most) {
-            most = q->flows[f].bytes;
-            fat = f;
-        }
-    }
-    if (fat < 0) {
-        return 0;
-    }
-    dsvpn_fq_release(q, dsvpn_fq_pop(q, fat));
-    return 1; /* the flow stays in its list: the scheduler unlinks it once it finds it empty */
-}
-
 /* A read of len bytes landed in the chunks dsvpn_fq_read_iov gave: queue it as a packet, with
- * hdr[0..hdr_len) kept beside it. Packets are taken from the fattest flow while over the byte
- * limit; returns how many were dropped. */
-static inline int dsvpn_fq_commit(struct dsvpn_fq *q, size_t len, const uint8_t *hdr,
-                                  size_t hdr_len)
+ * hdr[0..hdr_len) kept beside it. */
+static inline void dsvpn_fq_commit(struct dsvpn_fq *q, size_t len, const uint8_t *hdr,
+                                   size_t hdr_len)
 {
     int32_t               pi = q->free_pkt, c = q->free_chunk, last = c;
     int32_t               n = 1, f;
     struct dsvpn_fq_pkt  *p = &q->pkts[pi];
     struct dsvpn_fq_flow *fl;
-    int                   dropped = 0;
     while ((uint32_t) n * DSVPN_FQ_CHUNK < len) {
         last = q->chunk_next[last];
         n++;
@@ -299,10 +282,6 @@ static inline int dsvpn_fq_commit(struct dsvpn_fq *q, size_t len, const uint8_t 
         fl->deficit = DSVPN_FQ_QUANTUM;
         dsvpn_fq_link(q, f, 1);
     }
-    while (q->bytes > q->limit && dsvpn_fq_drop_fattest(q)) {
-        dropped++;
-    }
-    return dropped;
 }
 
 /* The next packet to send (the caller copies it out and releases it), or -1 if none. */
