@@ -3,7 +3,7 @@
     sudo python ci/bench.py [--runs 3] [--seconds 8] [--reference /path/to/c/dsvpn] [--soak 60]
                             [--only tcp,latency,udp,bidir,flows,idle] [--variant NAME=SRC]
 
-Testbed (ci/testbed.py): client host -> server host (NAT) -> far host, veth links, MTU 1500.
+Testbed (dsvpn.testbed): client host -> server host (NAT) -> far host, veth links, MTU 1500.
 Measured per implementation, on the same testbed, and over the plain underlay (forwarding and
 NAT set by hand for that step) for comparison:
 
@@ -44,10 +44,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench_charm
+try:
+    import dsvpn  # noqa: F401
+except ImportError:  # a checkout with an in-place build, not installed
+    sys.path.insert(0, str(HERE.parent / "src"))
 
-import testbed
-from testbed import Impl, Netns, Proc, Testbed
+from dsvpn import testbed  # noqa: E402
+from dsvpn.testbed import Impl, Netns, Proc, Testbed  # noqa: E402
 
 IPERF_PORT = 5201
 RR_PORT = 5301

@@ -19,6 +19,9 @@ EV_HANDSHAKE_FAILED  client: the handshake on the socket given to connect() fail
 EV_TUN_ERROR         fatal tun read error; message: strerror, or "end of file on the tun device".
 EV_CONTROL           control_fd is readable (message ""). The loop does not read it: until
                      Python does, every run() returns EV_CONTROL again at once.
+EV_PFS_HELLO         server: a verified extended hello (docs/protocol.md, Extensions) waits for
+                     its reply; message: the peer IP. Take every waiting one with
+                     take_pfs_hello() (dsvpn.pfs.answer_hellos does it all).
 """
 
 from enum import IntEnum
@@ -33,6 +36,7 @@ class Event(IntEnum):
     EV_HANDSHAKE_FAILED = ...
     EV_TUN_ERROR = ...
     EV_CONTROL = ...
+    EV_PFS_HELLO = ...
 
 class Drop(IntEnum):
     """Why a packet was dropped; the counter is named after the member ("DROP_NON_IP":
@@ -60,6 +64,7 @@ EV_LOG: Final[Event]
 EV_HANDSHAKE_FAILED: Final[Event]
 EV_TUN_ERROR: Final[Event]
 EV_CONTROL: Final[Event]
+EV_PFS_HELLO: Final[Event]
 
 class Drops(TypedDict):
     """Dropped packets by reason (Drop):
@@ -87,6 +92,7 @@ class Session(TypedDict):
     endpoint: str  # the peer's "ip:port", or "[ip6]:port"
     since: int  # when the session came up
     latest_handshake: int  # its latest handshake (today always its only one)
+    pfs: bool  # keyed by the forward-secret handshake
     rx_bytes: int
     tx_bytes: int
     rx_packets: int
@@ -113,8 +119,11 @@ class Loop:
     The loop never closes tun_fd, listen_fd, wake_fd or control_fd, but it sets O_NONBLOCK on
     tun_fd (it drains the tun until EAGAIN). It owns every accepted or connected session socket.
     Server: at most 8 handshakes are pending at once (the oldest is dropped), each with
-    Timeout.ACCEPT_TIMEOUT_MS for the whole handshake; a successful handshake from the active
-    client's IP replaces the session, another IP is refused while a session is active.
+    Timeout.ACCEPT_TIMEOUT_MS for the whole handshake, classic or extended (a hello whose first
+    72 bytes are no classic hello is read on as an extended one). Another IP is refused while
+    a session is active. A handshake from the active client's IP puts its connection on
+    probation: it replaces the session once its first frame authenticates, or when the session
+    ends; one connection at most is on probation (a newer one takes its place).
 
     Frames from the peer: a bad tag ends the session ("corrupted stream"); an empty frame is
     accepted and writes nothing (as the reference: it works as a keepalive); a payload larger
@@ -140,6 +149,7 @@ class Loop:
         client_ip4: str | None = None,
         client_ip6: str | None = None,
         mark: int = 0,
+        require_pfs: bool = False,
     ) -> None:
         """vnet_hdr: the tun was opened with IFF_VNET_HDR (Linux; excludes tun_header). TCP
         segments are then merged into GSO packets on the way into the tun, and TSO packets
@@ -148,7 +158,8 @@ class Loop:
         client_ip4 (server): the client's tunnel IPv4 address; client_ip6 defaults to its
         IPv6 twin (config.tun_ip6). None: packets from the peer may have any source.
         control_fd: run() returns EV_CONTROL while it is readable.
-        mark: SO_MARK of the sockets the loop accepts (0: none); errors are ignored there."""
+        mark: SO_MARK of the sockets the loop accepts (0: none); errors are ignored there.
+        require_pfs (server): refuse classic handshakes (logged, naming the client)."""
     def connect(self, fd: int) -> None:
         """Client: start the handshake on a connected TCP socket.
 
@@ -157,6 +168,24 @@ class Loop:
         awaited inside run() until Timeout.TIMEOUT_MS. Any previous session or handshake is
         dropped first.
         """
+    def adopt(self, fd: int, key: bytes | bytearray) -> None:
+        """Client: fd has completed the forward-secret handshake (dsvpn.pfs) and key is its
+        32-byte session key: make it the session, as connect() does after a classic handshake
+        (EV_SESSION_UP). One empty frame is sent at once, so that the server takes the
+        connection off probation without waiting for traffic. The loop owns fd from now on,
+        also when this raises. Any previous session or handshake is dropped first."""
+    def take_pfs_hello(self) -> tuple[int, bytearray, bytes, str] | None:
+        """Server: the next verified extended hello waiting for its reply, as (token, state,
+        client_public, peer_ip), or None. state: the 48-byte transcript state after H1 (for
+        Charm.from_state; wipe it after use); client_public: E_c. Answer each with
+        pfs_reply() or pfs_abort() before its handshake deadline."""
+    def pfs_reply(self, token: int, reply: bytes, key: bytes | bytearray) -> bool:
+        """Server: send the 96-byte extended reply and complete that handshake with the 32-byte
+        session key (direction states as classic). False if the handshake is gone (deadline,
+        dropped) or failed here (logged)."""
+    def pfs_abort(self, token: int, why: str) -> bool:
+        """Server: close that handshake's connection without a reply and log why (naming the
+        client); False if it was gone already."""
     def run(self, timeout_ms: int) -> tuple[Event, str]:
         """Forward packets without the GIL until the first event, or until timeout_ms has
         passed (EV_TIMEOUT, ""); a negative timeout waits for an event. Returns promptly even
@@ -179,9 +208,12 @@ class Loop:
         frames_rx, frames_tx, "<name>_drops" for each Drop (see Drops), tun_writes (write
         calls to the tun; fewer than tun_tx_packets when segments were merged), tun_merged
         (packets written as part of a merged GSO packet), short_drops (tun_header mode:
-        packets < 20 bytes not written), handshakes_ok, handshakes_failed,
-        pending_handshakes, rx_buffered, tx_queued (framed bytes not yet sent), tun_queued
-        (bytes read from the tun waiting in the flow queue to be framed)."""
+        packets < 20 bytes not written), handshakes_ok, handshakes_failed, handshakes_pfs
+        (completed forward-secret handshakes, also in handshakes_ok), probation (1 while a
+        connection is on probation), probation_closed (connections closed on probation: bad
+        first frame, closed, or superseded), pending_handshakes, rx_buffered, tx_queued
+        (framed bytes not yet sent), tun_queued (bytes read from the tun waiting in the flow
+        queue to be framed)."""
     def _set_test_random(self, data: bytes | None) -> None:
         """Test hook: the next handshakes take their 32 random bytes from data, 32 at a time
         (then the OS again)."""

@@ -31,6 +31,14 @@ What happens to a frame from the peer (``_frames``, ``_admit``):
   not the client's tunnel address (IPv4, or the IPv6 twin), is dropped, so that a client can
   only ever send as itself.
 Every drop is counted by reason (the Drop enum of _loop.pxd).
+
+Server handshakes (docs/protocol.md, Handshake and Extensions): a pending connection's first 72
+bytes are checked as a classic hello; if they do not verify, 32 more are read (same deadline) and
+checked as the forward-secret hello on a copy of the PFS_IV state. A verified extended hello is
+handed to Python (EV_PFS_HELLO, take_pfs_hello()), which does the X25519 part and gives the
+reply and the session key back (pfs_reply()). A completed handshake from the address of the
+live session does not replace it at once: the new connection is on probation until its first
+frame authenticates (or the live session ends), so a replayed hello cannot end a session.
 """
 
 cimport cython
@@ -45,6 +53,7 @@ from dsvpn.charm cimport (
     CHARM_HASH_LEN,
     CHARM_IV_LEN,
     CHARM_KEY_LEN,
+    CHARM_STATE_LEN,
     CHARM_TAG_LEN,
     charm_decrypt,
     charm_encrypt,
@@ -70,6 +79,7 @@ from dsvpn.flowq cimport (
 from dsvpn.loop_sys cimport (
     DSVPN_ENDPOINT_TEXT,
     DSVPN_IO_AGAIN,
+    DSVPN_IP_TEXT,
     POLLERR,
     POLLHUP,
     POLLIN,
@@ -107,10 +117,13 @@ from dsvpn.wire cimport (
     HS_TIMESTAMP_LEN,
     MAX_PAYLOAD,
     NOTSENT_LOWAT,
+    PFS_HELLO_LEN,
+    PFS_REPLY_LEN,
     PKT1_LEN,
     PKT2_LEN,
     TS_TOLERANCE_S,
     WIRE_TAG_LEN,
+    X25519_LEN,
 )
 
 # The events as module attributes too (EV_SESSION_UP, ...), straight from the one enum.
@@ -135,7 +148,9 @@ cdef enum:
     DISCARD_PKTS = 64           # tun packets discarded per iteration when there is no session
     ACCEPT_BUDGET = 16          # accept() calls per iteration
     MAX_PENDING = 8             # concurrent server-side handshakes; the oldest is dropped
-    POLL_MAX = 6 + MAX_PENDING  # wake, control, session, tun, client handshake, listener
+    # wake, control, session, tun, client handshake, listener, probation, pending handshakes
+    POLL_MAX = 7 + MAX_PENDING
+    PROB_CAP = FRAME_HDR_LEN + MAX_PAYLOAD  # a connection on probation: its first frame
     EVQ = 32
     MSG_LEN = 256
     AF_HDR_LEN = 4              # the BSD tun's address-family header (tun_header)
@@ -152,24 +167,35 @@ cdef enum:
     BUFFERBLOAT_CONTROL = 1
 
 cdef const char* KX_IV = b"VPN Key Exchange"
+cdef const char* PFS_IV = b"DSVPN PFS X25519"  # dsvpn.pfs.PFS_IV
 cdef const char* CLIENT_EOF_MSG = (
     b"the server closed the connection during the handshake: "
     b"wrong key, or the server is busy with another client")
 cdef const char* REFUSED_FMT = b"connection from %s refused: a session from %s is already active"
 cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
 cdef const char* NO_RANDOM = b"the system's random source failed"
+cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage"
+cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs)"
 
 # stats() and session() name each drop counter after its Drop member.
 _DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
 
 
+cdef enum PendStage:
+    PEND_CLASSIC = 0            # reading the first 72 bytes (classic hello, or not yet known)
+    PEND_EXTENDED = 1           # not classic: reading the extended hello's last 32 bytes
+    PEND_READY = 2              # extended hello verified: for take_pfs_hello()
+    PEND_TAKEN = 3              # Python is computing the reply (pfs_reply(), pfs_abort())
+
+
 cdef struct Pending:
     int fd
     int got
+    PendStage stage
     int64_t deadline
-    uint64_t seq
+    uint64_t seq                # also the token of take_pfs_hello()
     charm_state st
-    uint8_t buf[PKT1_LEN]
+    uint8_t buf[PFS_HELLO_LEN]
     dsvpn_addr addr
 
 
@@ -186,12 +212,13 @@ cdef struct Traffic:
 
 cdef struct Counters:
     uint64_t tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors, short_drops
-    uint64_t handshakes_ok, handshakes_failed
+    uint64_t handshakes_ok, handshakes_failed, handshakes_pfs, probation_closed
     Traffic t
 
 
 cdef struct SessionRec:
     int64_t since, latest_handshake, ended  # wall-clock Unix seconds; ended is 0 while active
+    bint pfs                    # keyed by the forward-secret handshake
     Traffic base        # active: the counters when it began; ended: its totals
     char endpoint[DSVPN_ENDPOINT_TEXT]
     char reason[MSG_LEN]
@@ -201,7 +228,7 @@ cdef struct PollSet:
     pollfd fds[POLL_MAX]
     unsigned long n
     # index into fds of each descriptor, -1 when it is not polled
-    int wake, control, sock, tun, hs, listen
+    int wake, control, sock, tun, hs, listen, prob
     int pend[MAX_PENDING]
     uint64_t pseq[MAX_PENDING]
 
@@ -274,6 +301,8 @@ cdef class Loop:
     cdef dsvpn_gro gro
     cdef bint closed
     cdef charm_state kx
+    cdef charm_state pkx            # the forward-secret handshake's state (PFS_IV)
+    cdef bint require_pfs           # server: refuse classic handshakes
     # source check (server): the client's tunnel addresses
     cdef bint check_src
     cdef uint8_t src4[4]
@@ -301,6 +330,14 @@ cdef class Loop:
     # server handshakes in progress
     cdef Pending pend[MAX_PENDING]
     cdef uint64_t pend_seq
+    # server: a new connection from the live session's address, on probation (module docstring)
+    cdef int prob_fd
+    cdef bint prob_pfs
+    cdef int64_t prob_hs            # wall-clock time of its handshake
+    cdef charm_state prob_tx, prob_rx
+    cdef dsvpn_addr prob_addr
+    cdef uint8_t* prob_buf          # its first frame, until that has authenticated
+    cdef size_t prob_len
     # test hooks
     cdef uint8_t* trand
     cdef size_t trand_len, trand_pos
@@ -320,6 +357,7 @@ cdef class Loop:
     def __cinit__(self):
         self.sock = -1
         self.hs_fd = -1
+        self.prob_fd = -1
         cdef uint32_t seed = 0
         dsvpn_random(<uint8_t*> &seed, sizeof(seed))  # flow hashing only: any value works
         self.txbuf = <uint8_t*> malloc(TX_CAP)
@@ -334,7 +372,7 @@ cdef class Loop:
     def __init__(self, int tun_fd, key, *, bint is_server, int wake_fd=-1, int listen_fd=-1,
                  int control_fd=-1, bint tun_header=False, int af_inet=2, int af_inet6=10,
                  int mtu=9000, bint vnet_hdr=False, client_ip4=None, client_ip6=None,
-                 int mark=0):
+                 int mark=0, bint require_pfs=False):
         cdef const uint8_t[:] k = bytes(key)
         if k.shape[0] != CHARM_KEY_LEN:
             raise ValueError(f"the key must be exactly {CHARM_KEY_LEN} bytes")
@@ -357,7 +395,13 @@ cdef class Loop:
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
         self.connect_timeout_ms = TIMEOUT_MS
         self.send_timeout_ms = TIMEOUT_MS
+        self.require_pfs = require_pfs
         charm_init(&self.kx, &k[0], <const uint8_t*> KX_IV)
+        charm_init(&self.pkx, &k[0], <const uint8_t*> PFS_IV)
+        if is_server:
+            self.prob_buf = <uint8_t*> malloc(PROB_CAP)
+            if self.prob_buf == NULL:
+                raise MemoryError()
         if vnet_hdr:
             self.gsobuf = <uint8_t*> malloc(TUN_READ_MAX)
             if self.gsobuf == NULL:
@@ -391,8 +435,11 @@ cdef class Loop:
         free(self.txbuf)
         free(self.rxbuf)
         free(self.gsobuf)
+        free(self.prob_buf)
         dsvpn_fq_destroy(&self.fq)
         free(self.trand)
+        memset(&self.kx, 0, sizeof(charm_state))
+        memset(&self.pkx, 0, sizeof(charm_state))
 
     # ---------------------------------------------------------------- helpers
 
@@ -431,41 +478,71 @@ cdef class Loop:
         if self.pend[i].fd >= 0:
             close(self.pend[i].fd)
             self.pend[i].fd = -1
+        self.pend[i].stage = PEND_CLASSIC
         memset(&self.pend[i].st, 0, sizeof(charm_state))
+
+    cdef void _drop_probation(self) noexcept nogil:
+        if self.prob_fd >= 0:
+            close(self.prob_fd)
+            self.prob_fd = -1
+        memset(&self.prob_tx, 0, sizeof(charm_state))
+        memset(&self.prob_rx, 0, sizeof(charm_state))
+        self.prob_len = 0
 
     cdef void _close_all(self, const char* why) noexcept nogil:
         cdef int i
         self._drop_session(why)
         self._drop_client_hs()
+        self._drop_probation()
         for i in range(MAX_PENDING):
             self._drop_pending(i)
 
     # ---------------------------------------------------------------- sessions
 
     cdef void _install(self, int fd, charm_state* st, const dsvpn_addr* peer) noexcept nogil:
-        """The handshake on fd succeeded: derive the session key from its state (the hash of
-        the empty message, docs/protocol.md, Handshake) and make fd the session."""
+        """The classic handshake on fd succeeded: derive the session key from its state (the
+        hash of the empty message, docs/protocol.md, Handshake) and complete it."""
         cdef uint8_t k[CHARM_HASH_LEN]
         charm_hash(st, NULL, 0, k)
         memset(st, 0, sizeof(charm_state))
-        self._install_session(fd, k, peer)
+        self._complete(fd, k, peer, False)
         memset(k, 0, CHARM_HASH_LEN)
 
-    cdef void _install_session(self, int fd, const uint8_t* key,
-                               const dsvpn_addr* peer) noexcept nogil:
-        """Make fd the session, keyed with key: one duplex state per direction, the IVs
-        differing in their first byte (the server sends with 1, the client with 0)."""
+    cdef void _direction_states(self, charm_state* tx, charm_state* rx,
+                                const uint8_t* key) noexcept nogil:
+        """One duplex state per direction from the session key, the IVs differing in their
+        first byte (the server sends with 1, the client with 0): docs/protocol.md, Direction
+        states."""
         cdef uint8_t iv[CHARM_IV_LEN]
-        self._drop_session(b"replaced by a new session from the same address")
         memset(iv, 0, CHARM_IV_LEN)
         iv[0] = 1 if self.is_server else 0
-        charm_init(&self.tx_st, key, iv)
+        charm_init(tx, key, iv)
         iv[0] ^= 1
-        charm_init(&self.rx_st, key, iv)
+        charm_init(rx, key, iv)
+
+    cdef void _complete(self, int fd, const uint8_t* key, const dsvpn_addr* peer,
+                        bint pfs) noexcept nogil:
+        """A handshake on fd succeeded with session key key. While a session is live (on a
+        server, necessarily from the same address) fd goes on probation; otherwise it becomes
+        the session."""
+        self.c.handshakes_ok += 1
+        if pfs:
+            self.c.handshakes_pfs += 1
+        if self.sock >= 0 and self.is_server:
+            self._probation_start(fd, key, peer, pfs)
+            return
+        self._drop_session(b"replaced by a new connection")
+        self._direction_states(&self.tx_st, &self.rx_st, key)
+        self._session_up(fd, peer, pfs, dsvpn_wall_s())
+
+    cdef void _session_up(self, int fd, const dsvpn_addr* peer, bint pfs,
+                          int64_t handshake_time) noexcept nogil:
+        """fd becomes the session (tx_st and rx_st are already keyed)."""
         self.sock = fd
         self.peer_addr = peer[0]
-        self.c.handshakes_ok += 1
-        self.cur.since = self.cur.latest_handshake = dsvpn_wall_s()
+        self.cur.since = dsvpn_wall_s()
+        self.cur.latest_handshake = handshake_time
+        self.cur.pfs = pfs
         self.cur.ended = 0
         self.cur.base = self.c.t
         # the packets dropped for want of a session just before this one count as its own
@@ -493,6 +570,99 @@ cdef class Loop:
         self.rx_len = 0
         self.gro.segs = 0
         self.congestion = False
+
+    # ---------------------------------------------------------------- probation (server)
+
+    cdef void _probation_start(self, int fd, const uint8_t* key, const dsvpn_addr* peer,
+                               bint pfs) noexcept nogil:
+        """A handshake from the live session's address completed on fd: keep the session and
+        hold fd until its first frame authenticates, which a replayed hello cannot achieve.
+        One place: a newer connection takes it."""
+        cdef char msg[MSG_LEN]
+        if self.prob_fd >= 0:
+            self._probation_fail(b"a newer connection from the same address completed its "
+                                 b"handshake")
+        self._direction_states(&self.prob_tx, &self.prob_rx, key)
+        self.prob_fd = fd
+        self.prob_addr = peer[0]
+        self.prob_pfs = pfs
+        self.prob_hs = dsvpn_wall_s()
+        self.prob_len = 0
+        snprintf(msg, MSG_LEN, "new connection from %s: it replaces the active session once "
+                 "its first frame authenticates", peer.ip)
+        self._push(EV_LOG, msg)
+
+    cdef void _probation_fail(self, const char* why) noexcept nogil:
+        cdef char msg[MSG_LEN]
+        snprintf(msg, MSG_LEN, "new connection from %s closed before it replaced the active "
+                 "session: %s", self.prob_addr.ip, why)
+        self._drop_probation()
+        self.c.probation_closed += 1
+        self._push(EV_LOG, msg)
+
+    cdef void _promote(self, const char* why) noexcept nogil:
+        """The connection on probation becomes the session; the live one, if any, is closed
+        (why: the reason its record keeps)."""
+        cdef int fd = self.prob_fd
+        cdef dsvpn_addr peer = self.prob_addr
+        self._drop_session(why)
+        self.tx_st = self.prob_tx
+        self.rx_st = self.prob_rx
+        self.prob_fd = -1
+        memset(&self.prob_tx, 0, sizeof(charm_state))
+        memset(&self.prob_rx, 0, sizeof(charm_state))
+        self._session_up(fd, &peer, self.prob_pfs, self.prob_hs)
+
+    cdef void _probation_orphan(self) noexcept nogil:
+        """The live session ended while a connection was on probation: that one takes over."""
+        cdef size_t got = self.prob_len
+        if self.sock < 0 and self.prob_fd >= 0:
+            self._promote(b"")
+            # The start of its first frame, if read, goes on from the session's buffer.
+            memcpy(self.rxbuf, self.prob_buf, got)
+            self.rx_len = got
+            self.c.t.rx_bytes += got
+            self.prob_len = 0
+
+    cdef void _probation_io(self) noexcept nogil:
+        """Read the first frame of the connection on probation (exactly that frame: what follows
+        stays in the socket for the session); once it authenticates, the connection replaces
+        the session and the frame's packet is delivered."""
+        cdef ssize_t n
+        cdef size_t need, plen
+        cdef int drop
+        while True:
+            need = FRAME_HDR_LEN
+            if self.prob_len >= FRAME_HDR_LEN:
+                need += <size_t> self.prob_buf[0] | (<size_t> self.prob_buf[1] << 8)
+            if self.prob_len == need:
+                break
+            n = dsvpn_read(self.prob_fd, self.prob_buf + self.prob_len, need - self.prob_len)
+            if n == DSVPN_IO_AGAIN:
+                return
+            if n == 0:
+                self._probation_fail(b"connection closed")
+                return
+            if n < 0:
+                self._probation_fail(strerror(errno))
+                return
+            self.prob_len += <size_t> n
+        plen = need - FRAME_HDR_LEN
+        if charm_decrypt(&self.prob_rx, self.prob_buf + FRAME_HDR_LEN, plen,
+                         self.prob_buf + 2, WIRE_TAG_LEN) != 0:
+            self._probation_fail(b"its first frame failed authentication (a replayed hello?)")
+            return
+        self.prob_len = 0
+        self._promote(b"replaced by a new session from the same address")
+        self.c.t.rx_bytes += need
+        self.c.t.rx_packets += 1
+        if plen > 0:
+            drop = self._admit(self.prob_buf + FRAME_HDR_LEN, plen)
+            if drop < 0:
+                self._tun_write(self.prob_buf, plen)
+                dsvpn_gro_flush(self.tun_fd, &self.gro)
+            else:
+                self.c.t.drops[drop] += 1
 
     cdef void _session_down(self, const char* why) noexcept nogil:
         self._drop_session(why)
@@ -551,6 +721,7 @@ cdef class Loop:
         p.fd = fd
         p.got = 0
         p.seq = self.pend_seq
+        p.stage = PEND_CLASSIC
         p.deadline = now + self.accept_timeout_ms
         p.st = self.kx
         p.addr = addr[0]
@@ -564,55 +735,101 @@ cdef class Loop:
         self._push(EV_LOG, msg)
 
     cdef void _pending_io(self, int i) noexcept nogil:
-        """pkt1 is arriving on pending handshake i: once it is complete and genuine, answer
-        with pkt2 and make the connection the session."""
+        """A hello is arriving on pending handshake i. Classic (docs/protocol.md, Handshake):
+        answer with pkt2 and complete it. Extended (Extensions): hand it to Python."""
         cdef Pending* p = &self.pend[i]
         cdef const char* why
+        cdef char ip[DSVPN_IP_TEXT]
         cdef int fd
-        if not self._pending_read(i):
+        if p.stage == PEND_CLASSIC:
+            if not self._pending_read(i, PKT1_LEN):
+                return
+            if self._classic_hello(p):
+                if self.require_pfs:
+                    self._pending_fail(i, CLASSIC_REFUSED_FMT, b"")
+                    return
+                why = self._check_ts(p.buf)
+                if why != NULL:
+                    self._pending_fail(i, why, b"")
+                    return
+                if self._busy_for(&p.addr):
+                    # Another client's session came up while this one was shaking hands.
+                    self._pending_fail(i, REFUSED_FMT, self.peer_addr.ip)
+                    return
+                if not self._send_pkt2(i):
+                    return
+                fd = p.fd
+                p.fd = -1
+                self._install(fd, &p.st, &p.addr)
+                return
+            # Not a classic hello with our key: perhaps the start of an extended one.
+            p.stage = PEND_EXTENDED
+        if p.stage != PEND_EXTENDED or not self._pending_read(i, PFS_HELLO_LEN):
             return
-        why = self._verify_pkt1(p)
+        why = self._verify_pfs_hello(p)
         if why != NULL:
             self._pending_fail(i, why, b"")
             return
         if self._busy_for(&p.addr):
-            # Another client's session came up while this one was shaking hands.
             self._pending_fail(i, REFUSED_FMT, self.peer_addr.ip)
             return
-        if not self._send_pkt2(i):
-            return
-        fd = p.fd
-        p.fd = -1
-        self._install(fd, &p.st, &p.addr)
+        p.stage = PEND_READY
+        snprintf(ip, DSVPN_IP_TEXT, "%s", p.addr.ip)
+        self._push(EV_PFS_HELLO, ip)
 
-    cdef bint _pending_read(self, int i) noexcept nogil:
-        """Read what has arrived of pkt1; True once it is complete. Exactly its 72 bytes:
-        anything after it belongs to the frame stream."""
+    cdef bint _pending_read(self, int i, int upto) noexcept nogil:
+        """Read what has arrived of the hello, up to byte upto; True once there. Never past
+        it: after a classic hello, the next bytes belong to the frame stream."""
         cdef Pending* p = &self.pend[i]
-        cdef ssize_t n = dsvpn_read(p.fd, p.buf + p.got, PKT1_LEN - p.got)
+        cdef ssize_t n
+        if p.got >= upto:
+            return True
+        n = dsvpn_read(p.fd, p.buf + p.got, <size_t> (upto - p.got))
         if n == DSVPN_IO_AGAIN:
             return False
         if n == 0:
-            self._pending_fail(i, HS_FAILED_FMT, b"connection closed")
+            self._pending_lost(i, b"connection closed")
             return False
         if n < 0:
-            self._pending_fail(i, HS_FAILED_FMT, strerror(errno))
+            self._pending_lost(i, strerror(errno))
             return False
         p.got += <int> n
-        return p.got == PKT1_LEN
+        return p.got == upto
 
-    cdef const char* _verify_pkt1(self, Pending* p) noexcept nogil:
-        """NULL if pkt1 is authentic and fresh, else the log format (%s: the peer's IP).
-        Advances p.st over pkt1's first 40 bytes, as the session key derivation expects."""
+    cdef void _pending_lost(self, int i, const char* what) noexcept nogil:
+        """Pending handshake i ended before its hello was complete (what happened)."""
+        if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
+            # 72 bytes that are no classic hello under our key, and nothing more: a classic
+            # client with another key, most likely.
+            self._pending_fail(i, BAD_HELLO_FMT, b"")
+        else:
+            self._pending_fail(i, HS_FAILED_FMT, what)
+
+    cdef bint _classic_hello(self, Pending* p) noexcept nogil:
+        """p.buf[0..72) is a classic hello under our key. Advances p.st (a copy of the
+        key-exchange state) over its first 40 bytes, as the session key derivation expects."""
         cdef uint8_t h[CHARM_HASH_LEN]
+        charm_hash(&p.st, p.buf, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
+        return ct_eq(h, p.buf + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN)
+
+    cdef const char* _verify_pfs_hello(self, Pending* p) noexcept nogil:
+        """NULL if p.buf holds an authentic, fresh extended hello, else the log format (%s:
+        the peer's IP). p.st becomes the transcript state after H1."""
+        cdef uint8_t h[CHARM_HASH_LEN]
+        p.st = self.pkx
+        charm_hash(&p.st, p.buf, PKT1_LEN, h)
+        if not ct_eq(h, p.buf + PKT1_LEN, CHARM_HASH_LEN):
+            return BAD_HELLO_FMT
+        return self._check_ts(p.buf)
+
+    cdef const char* _check_ts(self, const uint8_t* hello) noexcept nogil:
+        """NULL if the (authenticated) timestamp of a hello is within the window, else the
+        log format."""
         cdef uint64_t ts = 0
         cdef int64_t diff
         cdef int j
-        charm_hash(&p.st, p.buf, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
-        if not ct_eq(h, p.buf + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN):
-            return b"authentication failed from %s: wrong key or garbage"
         for j in range(HS_TIMESTAMP_LEN):
-            ts |= (<uint64_t> p.buf[HS_RANDOM_LEN + j]) << (8 * j)
+            ts |= (<uint64_t> hello[HS_RANDOM_LEN + j]) << (8 * j)
         if ts > <uint64_t> 0x7fffffffffffffff:
             return b"clock difference too large from %s"
         diff = <int64_t> ts - self._wall()
@@ -723,6 +940,26 @@ cdef class Loop:
         self.hs_fd = -1
         dsvpn_peer(fd, &peer)
         self._install(fd, &self.hs_st, &peer)
+
+    cdef void _client_adopt(self, int fd, const uint8_t* key) noexcept nogil:
+        """fd completed the forward-secret handshake in Python with session key key: make it
+        the session, and send one empty frame at once so that the server can take the
+        connection off probation without waiting for traffic (docs/protocol.md, Replay)."""
+        cdef dsvpn_addr peer
+        cdef uint8_t tag[CHARM_TAG_LEN]
+        cdef int64_t now = dsvpn_now_ms()
+        self._drop_session(b"replaced by a new connection")
+        self._drop_client_hs()
+        dsvpn_peer(fd, &peer)
+        self._complete(fd, key, &peer, True)
+        charm_encrypt(&self.tx_st, self.txbuf + FRAME_HDR_LEN, 0, tag)
+        self.txbuf[0] = 0
+        self.txbuf[1] = 0
+        memcpy(self.txbuf + 2, tag, WIRE_TAG_LEN)
+        self.tx_end = FRAME_HDR_LEN
+        self.c.t.tx_packets += 1
+        self.tx_since = now
+        self._flush(now)
 
     # ---------------------------------------------------------------- tun -> session
 
@@ -996,12 +1233,16 @@ cdef class Loop:
         cdef int i
         for i in range(MAX_PENDING):
             if self.pend[i].fd >= 0 and now >= self.pend[i].deadline:
-                self._pending_fail(i, b"handshake timeout from %s", b"")
+                if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
+                    self._pending_lost(i, b"handshake timeout")
+                else:
+                    self._pending_fail(i, b"handshake timeout from %s", b"")
         if self.hs_fd >= 0 and now >= self.hs_deadline:
             self._client_fail(b"handshake timed out")
         if (self.sock >= 0 and self._tx_waiting()
                 and now - self.tx_since >= self.send_timeout_ms):
             self._session_down(b"send timeout")
+        self._probation_orphan()
 
     cdef int64_t _next_deadline(self, int64_t limit) noexcept nogil:
         cdef int i
@@ -1035,9 +1276,11 @@ cdef class Loop:
                              POLLIN | POLLOUT if self.hs_sent < PKT1_LEN else POLLIN)
         for i in range(MAX_PENDING):
             ps.pend[i] = -1
-            if self.pend[i].fd >= 0:
+            # (a hello waiting for Python has nothing more to read)
+            if self.pend[i].fd >= 0 and self.pend[i].stage <= PEND_EXTENDED:
                 ps.pend[i] = poll_add(ps, self.pend[i].fd, POLLIN)
                 ps.pseq[i] = self.pend[i].seq
+        ps.prob = poll_add(ps, self.prob_fd, POLLIN) if self.prob_fd >= 0 else -1
         ps.listen = -1
         if self.listen_fd >= 0 and self.is_server:
             ps.listen = poll_add(ps, self.listen_fd, POLLIN)
@@ -1081,8 +1324,11 @@ cdef class Loop:
             if ps.pend[i] >= 0 and self.pend[i].fd >= 0 and self.pend[i].seq == ps.pseq[i] \
                     and revents(ps, ps.pend[i]):
                 self._pending_io(i)
+        if revents(ps, ps.prob) and self.prob_fd == ps.fds[ps.prob].fd:
+            self._probation_io()
         if revents(ps, ps.listen):
             self._accept(now)
+        self._probation_orphan()
 
     cdef void _drain_wake(self) noexcept nogil:
         cdef uint8_t drain[256]
@@ -1134,6 +1380,93 @@ cdef class Loop:
             raise OSError(errno, strerror(errno).decode())
         with nogil:
             self._client_start(own)
+
+    def adopt(self, int fd, key):
+        """Client: fd completed the forward-secret handshake (dsvpn.pfs) with session key key;
+        make it the session. The loop owns fd from now on, also when this raises."""
+        cdef int own = fd
+        cdef const uint8_t[:] k
+        if self.closed or self.is_server:
+            close(own)
+            if self.closed:
+                raise RuntimeError("loop is closed")
+            raise ValueError("adopt() is for client loops")
+        try:
+            k = key
+            if k.shape[0] != CHARM_KEY_LEN:
+                raise ValueError(f"the session key must be exactly {CHARM_KEY_LEN} bytes")
+        except BaseException:
+            close(own)
+            raise
+        dsvpn_set_cloexec(own)
+        if dsvpn_set_nonblock(own) != 0:
+            close(own)
+            raise OSError(errno, strerror(errno).decode())
+        with nogil:
+            self._client_adopt(own, &k[0])
+
+    def take_pfs_hello(self):
+        """Server: the next verified extended hello waiting for its reply, or None; see
+        _loop.pyi."""
+        cdef int i, j
+        cdef Pending* p
+        cdef bytearray state
+        for i in range(MAX_PENDING):
+            p = &self.pend[i]
+            if p.fd < 0 or p.stage != PEND_READY:
+                continue
+            p.stage = PEND_TAKEN
+            state = bytearray(CHARM_STATE_LEN)
+            for j in range(CHARM_STATE_LEN):
+                state[j] = <uint8_t> (p.st.w[j >> 2] >> (8 * (j & 3)))
+            memset(&p.st, 0, sizeof(charm_state))
+            j = HS_RANDOM_LEN + HS_TIMESTAMP_LEN  # E_c
+            return (p.seq, state, bytes(p.buf[j:j + X25519_LEN]), p.addr.ip.decode())
+        return None
+
+    cdef int _taken(self, uint64_t token) noexcept:
+        """The pending handshake with this token that Python is answering, or -1."""
+        cdef int i
+        for i in range(MAX_PENDING):
+            if self.pend[i].fd >= 0 and self.pend[i].seq == token \
+                    and self.pend[i].stage == PEND_TAKEN:
+                return i
+        return -1
+
+    def pfs_reply(self, uint64_t token, reply, key):
+        """Server: send the extended reply of the hello take_pfs_hello() returned with token,
+        and complete the handshake with session key key. False if that handshake is gone
+        (timed out, dropped) or failed now (logged)."""
+        cdef const uint8_t[:] r = reply
+        cdef const uint8_t[:] k = key
+        cdef int i, fd
+        if r.shape[0] != PFS_REPLY_LEN or k.shape[0] != CHARM_KEY_LEN:
+            raise ValueError(f"the reply must be {PFS_REPLY_LEN} bytes and the key "
+                             f"{CHARM_KEY_LEN}")
+        i = self._taken(token)
+        if i < 0:
+            return False
+        if self._busy_for(&self.pend[i].addr):
+            self._pending_fail(i, REFUSED_FMT, self.peer_addr.ip)
+            return False
+        # One non-blocking write; a fresh socket always has room for 96 bytes.
+        if dsvpn_send(self.pend[i].fd, &r[0], PFS_REPLY_LEN) != PFS_REPLY_LEN:
+            self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
+            return False
+        fd = self.pend[i].fd
+        self.pend[i].fd = -1
+        self.pend[i].stage = PEND_CLASSIC
+        self._complete(fd, &k[0], &self.pend[i].addr, True)
+        return True
+
+    def pfs_abort(self, uint64_t token, str why):
+        """Server: the hello of token cannot be answered (why, e.g. a low-order public key):
+        close the connection without a reply and log it, naming the client."""
+        cdef int i = self._taken(token)
+        cdef bytes w = why.encode("utf-8", "replace")
+        if i >= 0:
+            self._pending_fail(i, HS_FAILED_FMT, w)
+        return i >= 0
 
     def run(self, int timeout_ms):
         """Run until the first event or timeout_ms (negative: no timeout); see _loop.pyi."""
@@ -1197,6 +1530,9 @@ cdef class Loop:
             "short_drops": self.c.short_drops,
             "handshakes_ok": self.c.handshakes_ok,
             "handshakes_failed": self.c.handshakes_failed,
+            "handshakes_pfs": self.c.handshakes_pfs,
+            "probation": int(self.prob_fd >= 0),
+            "probation_closed": self.c.probation_closed,
             "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
             "rx_buffered": self.rx_len,
             "tx_queued": self.tx_end - self.tx_off,
@@ -1247,6 +1583,7 @@ cdef dict _session_dict(SessionRec* s, const Traffic* t):
         "endpoint": s.endpoint.decode("utf-8", "replace"),
         "since": s.since,
         "latest_handshake": s.latest_handshake,
+        "pfs": bool(s.pfs),
         "rx_bytes": t.rx_bytes,
         "tx_bytes": t.tx_bytes,
         "rx_packets": t.rx_packets,

@@ -170,6 +170,10 @@ cdef class Charm:
     def state(self) -> bytes:
         return _state_to_bytes(&self.st)
 
+    def wipe(self):
+        """Zero the state (keys derived from it must not linger in memory)."""
+        memset(&self.st, 0, sizeof(self.st))
+
     def copy(self):
         cdef Charm c = type(self).__new__(type(self))
         c.st = self.st

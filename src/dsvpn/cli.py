@@ -14,7 +14,9 @@ from dsvpn.config import (
     DEFAULT_PORT,
     DEFAULT_SERVER_TUN_IP,
     ClientConfig,
+    ClientNetwork,
     Config,
+    FirewallName,
     ServerConfig,
 )
 from dsvpn.errors import DsvpnError, UsageError
@@ -26,7 +28,12 @@ usage:
   dsvpn client <key file> <server ip or name> [<port>|auto] [<tun>|auto]
                [<local tun ip>|auto] [<remote tun ip>|auto] [<gateway ip>|auto]
   dsvpn keygen <key file>      write a new random 32-byte key (mode 0600)
-  dsvpn cleanup                remove what crashed dsvpn instances left behind
+  dsvpn cleanup [--all]        remove what crashed dsvpn instances left behind
+                               (--all: their kill switch too)
+  dsvpn service install <name> [--print] -- server|client <arguments>
+                               run dsvpn as a system service (see dsvpn service --help)
+  dsvpn service remove <name>  stop that service and remove what install wrote
+  dsvpn selftest               (as root) a tunnel between namespaces of its own, then a report
   dsvpn --version | --help
 
 options (anywhere after the mode word):
@@ -35,6 +42,19 @@ options (anywhere after the mode word):
   --dry-run            print every command it would run to set up and to undo, change nothing
   --platform NAME      with --dry-run: the plan of another OS
                        (linux, macos, openbsd, freebsd, netbsd, dragonfly)
+  --firewall NAME      Linux: set the packet filter rules with iptables or nft (one table
+                       of its own); auto (the default): iptables when installed, else nft
+  --pfs                client: forward secrecy (an X25519 handshake); needs a dsvpn
+                       server, never falls back to the classic handshake
+  --require-pfs        server: refuse clients without --pfs (C DSVPN clients too)
+
+client options:
+  --route CIDR         only this destination goes through the tunnel (repeatable)
+  --exclude CIDR       this destination bypasses the tunnel, e.g. the LAN (repeatable)
+  --no-routes          bring the tunnel up but route nothing through it
+  --dns IP[,IP...]     use these resolvers, through the tunnel, while it is up
+  --kill-switch        block what would leave outside the tunnel (Linux, macOS); it stays
+                       after a crash until a deliberate stop or `dsvpn cleanup --all`
 
 Trailing "auto" arguments may be left out. Defaults: listen on every address, port 443,
 server tun IP 192.168.192.254, client tun IP 192.168.192.1, IPv6 64:ff9b::<tun ip>,
@@ -53,6 +73,15 @@ example:
 MAX_POSITIONALS = 7
 
 
+@dataclass
+class _Options:
+    verbosity: int = 0
+    dry_run: bool = False
+    platform: str | None = None
+    pfs: bool = False
+    require_pfs: bool = False
+
+
 @dataclass(frozen=True)
 class Invocation:
     command: str  # server, client, keygen, cleanup, version, help
@@ -61,6 +90,7 @@ class Invocation:
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose
     dry_run: bool = False
     platform: str | None = None
+    cleanup_all: bool = False  # cleanup --all: kill switches too
 
 
 def _auto(value: str | None) -> str | None:
@@ -109,32 +139,70 @@ def _tun(value: str | None) -> str | None:
     return value
 
 
-def _split_options(args: Sequence[str]) -> tuple[list[str], int, bool, str | None]:
+def _split_options(args: Sequence[str]) -> tuple[list[str], _Options]:
     positionals: list[str] = []
-    verbosity, dry_run, platform = 0, False, None
+    opts = _Options()
     it = iter(args)
     for arg in it:
         if arg in ("-v", "--verbose"):
-            verbosity = 1
+            opts.verbosity = 1
         elif arg in ("-q", "--quiet"):
-            verbosity = -1
+            opts.verbosity = -1
         elif arg == "--dry-run":
-            dry_run = True
+            opts.dry_run = True
         elif arg == "--platform":
-            platform = next(it, None)
-            if platform is None:
+            opts.platform = next(it, None)
+            if opts.platform is None:
                 raise UsageError("--platform needs a name")
         elif arg.startswith("--platform="):
-            platform = arg.split("=", 1)[1]
+            opts.platform = arg.split("=", 1)[1]
+        elif arg == "--pfs":
+            opts.pfs = True
+        elif arg == "--require-pfs":
+            opts.require_pfs = True
         elif arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
             raise UsageError(f"unknown option {arg!r} (see dsvpn --help)")
         else:
             positionals.append(arg)
-    return positionals, verbosity, dry_run, platform
+    return positionals, opts
 
 
 def _is_number(arg: str) -> bool:
     return arg[1:].isdigit()
+
+
+# -- --firewall (Linux), taken out of the arguments before the others are read ---------------
+
+FIREWALL_CHOICES = ("iptables", "nft", "auto")
+
+
+def _take_firewall(args: Sequence[str]) -> tuple[list[str], str | None]:
+    """(the other arguments, the last --firewall value given or None)."""
+    rest: list[str] = []
+    given: str | None = None
+    it = iter(args)
+    for arg in it:
+        if arg == "--firewall":
+            value = next(it, None)
+            if value is None:
+                raise UsageError("--firewall needs iptables, nft or auto")
+        elif arg.startswith("--firewall="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        if value not in FIREWALL_CHOICES:
+            raise UsageError(f"invalid --firewall {value!r}: expected iptables, nft or auto")
+        given = value
+    return rest, given
+
+
+def _firewall(given: str | None) -> FirewallName | None:
+    if given == "iptables":
+        return "iptables"
+    if given == "nft":
+        return "nft"
+    return None  # auto
 
 
 def parse_args(argv: Sequence[str]) -> Invocation:
@@ -148,9 +216,23 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         raise UsageError(f"unknown mode {command!r}: expected server, client, keygen or cleanup")
     if "-h" in rest or "--help" in rest:
         return Invocation("help")
-    args, verbosity, dry_run, platform = _split_options(rest)
+    rest, firewall = _take_firewall(rest)
+    rest, network, client_options = _take_client_options(rest)
+    rest, cleanup_all = _take_flag(rest, "--all") if command == "cleanup" else (rest, False)
+    args, opts = _split_options(rest)
+    verbosity, dry_run, platform = opts.verbosity, opts.dry_run, opts.platform
     if platform is not None and not dry_run:
         raise UsageError("--platform only goes with --dry-run")
+    if firewall is not None and command not in ("server", "client"):
+        raise UsageError("--firewall only goes with server or client")
+    if opts.pfs and command != "client":
+        hint = " (a server takes both handshakes; --require-pfs refuses the classic one)"
+        raise UsageError("--pfs is a client option" + (hint if command == "server" else ""))
+    if opts.require_pfs and command != "server":
+        hint = " (a client asks for forward secrecy with --pfs)" if command == "client" else ""
+        raise UsageError("--require-pfs is a server option" + hint)
+    if client_options and command != "client":
+        raise UsageError(f"{client_options[0]} is a client option")
 
     if command == "keygen":
         if len(args) != 1:
@@ -158,8 +240,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
         return Invocation("keygen", path=args[0], verbosity=verbosity)
     if command == "cleanup":
         if args:
-            raise UsageError("usage: dsvpn cleanup (it takes no arguments)")
-        return Invocation("cleanup", verbosity=verbosity)
+            raise UsageError("usage: dsvpn cleanup [--all] (it takes no arguments)")
+        return Invocation("cleanup", verbosity=verbosity, cleanup_all=cleanup_all)
 
     if not args:
         raise UsageError(f"usage: dsvpn {command} <key file> ... (see dsvpn --help)")
@@ -179,6 +261,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             local_tun_ip=_ipv4(local_ip, DEFAULT_SERVER_TUN_IP, "local tun ip"),
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_CLIENT_TUN_IP, "remote tun ip"),
             external_ip=_ip(last_ip, "external ip"),
+            firewall=_firewall(firewall),
+            require_pfs=opts.require_pfs,
         )
     else:
         server = _auto(address)
@@ -192,10 +276,101 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             local_tun_ip=_ipv4(local_ip, DEFAULT_CLIENT_TUN_IP, "local tun ip"),
             remote_tun_ip=_ipv4(remote_ip, DEFAULT_SERVER_TUN_IP, "remote tun ip"),
             gateway_ip=_ip(last_ip, "gateway ip"),
+            firewall=_firewall(firewall),
+            pfs=opts.pfs,
+            network=network,
         )
     if cfg.local_tun_ip == cfg.remote_tun_ip:
         raise UsageError(f"the local and remote tun addresses are both {cfg.local_tun_ip}")
     return Invocation(command, cfg, None, verbosity, dry_run, platform)
+
+
+# -- the client's network options (--route, --exclude, --no-routes, --dns, --kill-switch) ------
+
+_VALUED = ("--route", "--exclude", "--dns")
+_FLAGS = ("--no-routes", "--kill-switch")
+
+
+def _take_client_options(args: Sequence[str]) -> tuple[list[str], ClientNetwork, list[str]]:
+    """Take the client's network options out of args: (the other args, the options, the names
+    of those given, for a server's error message)."""
+    rest: list[str] = []
+    values: dict[str, list[str]] = {name: [] for name in _VALUED}
+    flags: set[str] = set()
+    given: list[str] = []
+    it = iter(args)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in _VALUED:
+            if not eq:
+                value = next(it, "")
+            if not value:
+                raise UsageError(f"{name} needs a value")
+            values[name].append(value)
+            given.append(name)
+        elif arg in _FLAGS:
+            flags.add(arg)
+            given.append(arg)
+        else:
+            rest.append(arg)
+    routes = _prefixes(values["--route"], "--route")
+    excludes = _prefixes(values["--exclude"], "--exclude")
+    servers = [s for v in values["--dns"] for s in v.split(",")]
+    dns = _unique([_ip(s.strip(), "--dns address") or "" for s in servers])
+    network = ClientNetwork(
+        routes=routes,
+        excludes=excludes,
+        no_routes="--no-routes" in flags,
+        kill_switch="--kill-switch" in flags,
+        dns=dns,
+    )
+    _check_network(network)
+    return rest, network, given
+
+
+def _take_flag(args: list[str], flag: str) -> tuple[list[str], bool]:
+    return [a for a in args if a != flag], flag in args
+
+
+def _prefixes(values: list[str], option: str) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        try:
+            # Host bits are dropped (10.1.2.3/8 is 10.0.0.0/8); a bare address is one host.
+            out.append(str(ipaddress.ip_network(value, strict=False)))
+        except ValueError:
+            raise UsageError(
+                f"invalid {option} {value!r}: expected an address or a CIDR prefix "
+                "(10.0.0.0/8, 2001:db8::/32)"
+            ) from None
+    return _unique(out)
+
+
+def _unique(items: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def _check_network(net: ClientNetwork) -> None:
+    if net.no_routes:
+        if net.routes:
+            raise UsageError("--route and --no-routes contradict each other")
+        if net.excludes:
+            raise UsageError("--exclude needs routes through the tunnel (drop --no-routes)")
+        if net.dns:
+            raise UsageError(
+                "--dns needs routes through the tunnel: drop --no-routes "
+                "(--route <resolver> routes just the resolvers)"
+            )
+        if net.kill_switch:
+            raise UsageError("--kill-switch with --no-routes would protect nothing")
+    for server in net.dns:
+        host = ipaddress.ip_address(server)
+        for prefix in net.excludes:
+            if host in ipaddress.ip_network(prefix):
+                raise UsageError(
+                    f"--dns {server} is inside --exclude {prefix}: its queries would bypass "
+                    "the tunnel"
+                )
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -227,16 +402,29 @@ def _dispatch(inv: Invocation) -> int:
     from dsvpn import tunnel
 
     if inv.command == "cleanup":
-        return tunnel.cleanup()
+        return tunnel.cleanup(everything=inv.cleanup_all)
     assert inv.config is not None
     if inv.dry_run:
         return tunnel.dry_run(inv.config, inv.platform)
     return tunnel.run(inv.config)
 
 
+def _operate(args: Sequence[str]) -> int:
+    """`dsvpn service ...` and `dsvpn selftest ...`: each module parses its own arguments."""
+    if args[0] == "service":
+        from dsvpn import service
+
+        return service.main(args[1:])
+    from dsvpn import selftest
+
+    return selftest.main(args[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
+        if args and args[0] in ("service", "selftest"):
+            return _operate(args)
         return _dispatch(parse_args(args))
     except DsvpnError as exc:
         print(f"dsvpn: {exc}", file=sys.stderr)

@@ -3,10 +3,13 @@ in here: None means "discover it" where a field allows it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 Mode = Literal["server", "client"]
+# Linux: the tool that installs the packet filter rules (see platform/firewall.py).
+FirewallName = Literal["iptables", "nft"]
 
 # Constants of the wire protocol and of the reference's defaults.
 DEFAULT_PORT = 443
@@ -15,6 +18,8 @@ DEFAULT_CLIENT_TUN_IP = "192.168.192.1"
 DEFAULT_MTU = 9000
 NETBSD_MTU = 1500
 ROUTING_TABLE = 42069  # also the SO_MARK of the tunnel's own TCP socket
+ALL_IPV4 = "0.0.0.0/0"
+ALL_IPV6 = "::/0"
 NAT64_PREFIX = "64:ff9b::"  # IPv6 tunnel address = prefix + the IPv4 tunnel address
 
 
@@ -35,6 +40,9 @@ class BaseConfig:
     remote_tun_ip: str
     # This OS's tun MTU: Backend.prepare sets it, nothing else does.
     mtu: int = DEFAULT_MTU
+    # Linux: the packet filter tool (server NAT, the anti-spoof rule of both ends);
+    # None = iptables when installed, else nft.
+    firewall: FirewallName | None = None
 
     @property
     def is_server(self) -> bool:
@@ -58,6 +66,48 @@ class ServerConfig(BaseConfig):
     # The address whose interface carries the clients' NATed traffic; None = the interface of
     # the default route.
     external_ip: str | None = None
+    # Refuse the classic handshake: only clients with --pfs (docs/protocol.md, Extensions).
+    require_pfs: bool = False
+
+
+@dataclass(frozen=True)
+class ClientNetwork:
+    """The client's choices about what the tunnel carries and what happens around it.
+
+    Prefixes are normalised CIDR strings. The defaults are the reference's behaviour:
+    everything through the tunnel, the host's DNS untouched, no firewall of our own.
+    """
+
+    routes: tuple[str, ...] = ()  # --route: only these through the tunnel (empty: everything)
+    excludes: tuple[str, ...] = ()  # --exclude: these bypass it
+    no_routes: bool = False  # --no-routes: the tunnel routes nothing
+    kill_switch: bool = False  # --kill-switch
+    dns: tuple[str, ...] = ()  # --dns: resolvers used (through the tunnel) while it is up
+    # Found on the host once at start (like ClientConfig.server_ip); empty in a plan made from
+    # the command line alone, which then shows placeholders.
+    local_nets: tuple[str, ...] = ()  # the subnets of this host's interfaces (kill switch)
+    dns_via: str = ""  # who manages DNS: resolved, resolvconf, openresolv, file, scutil
+    dns_service: str = ""  # macOS: the primary network service whose DNS is replaced
+
+    @property
+    def full(self) -> bool:
+        """Everything goes through the tunnel (no --route, no --no-routes)."""
+        return not self.routes and not self.no_routes
+
+    def carried(self) -> tuple[str, ...]:
+        """The prefixes the tunnel carries: what fail-closed routes and the kill switch cover.
+        With --route, the --dns resolvers are added so that their queries go through it."""
+        if self.no_routes:
+            return ()
+        if self.full:
+            return ALL_IPV4, ALL_IPV6
+        nets = [ipaddress.ip_network(r) for r in self.routes]
+        extra = []
+        for server in self.dns:
+            host = ipaddress.ip_address(server)
+            if not any(host.version == n.version and host in n for n in nets):
+                extra.append(str(ipaddress.ip_network(host)))
+        return (*self.routes, *extra)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +119,10 @@ class ClientConfig(BaseConfig):
     # The server's address: `server` resolved once at start, as the reference does.
     server_ip: str | None = None
     gateway_ip: str | None = None  # towards the server; None = the default route's gateway
+    # The forward-secret handshake, never the classic one (docs/protocol.md, Extensions).
+    pfs: bool = False
+    # --route, --exclude, --no-routes, --kill-switch, --dns.
+    network: ClientNetwork = field(default_factory=ClientNetwork)
 
 
 Config = ServerConfig | ClientConfig

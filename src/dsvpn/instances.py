@@ -12,8 +12,10 @@ only have been written by dsvpn:
 - a record is a regular file named ``<pid>.json`` (its pid field must agree), owned by the
   effective user, not writable by group or others, opened without following symbolic links,
   with a start stamp (without one, a live PID cannot be told from a reused one);
-- each undo must be the backend's own undo of the recorded apply step (`Dialect.undo_of`), and
-  a sysctl is restored with an argv built from one of the backend's keys and a plain value.
+- each undo must be the backend's own undo of the recorded apply step (`Dialect.undo_of`),
+  with the stdin the backend feeds it (`Dialect.undo_input_fits`); a sysctl is restored with an
+  argv built from one of the backend's keys and a plain value; a file step names one of
+  plan.WRITABLE_FILES.
 A record that fails any of these is reported and left alone: nothing of it runs.
 
 Records carry their network namespace: rules and sysctls are per namespace, so instances in
@@ -43,10 +45,20 @@ from typing import Any
 
 from dsvpn.config import ROUTING_TABLE, Config
 from dsvpn.errors import ConflictError, DsvpnError, PermissionDenied
-from dsvpn.plan import Dialect, Step, is_sysctl_value
+from dsvpn.plan import WRITABLE_FILES, Dialect, Step, is_sysctl_value
 from dsvpn.runner import Applied, RunFn, Runner, execute
 
-__all__ = ["RUN_DIR", "Identity", "Instance", "Record", "RunDir", "claim", "cleanup"]
+__all__ = [
+    "RUN_DIR",
+    "Identity",
+    "Instance",
+    "Record",
+    "RunDir",
+    "claim",
+    "cleanup",
+    "kept_by_dead",
+    "undo_kept",
+]
 
 RUN_DIR = Path("/run/dsvpn")
 FORMAT_VERSION = 2
@@ -193,6 +205,9 @@ class Record:
                     "sysctl": list(a.step.sysctl) if a.step.sysctl else None,
                     "gateway": a.step.gateway,
                     "previous": a.previous,
+                    "keep": a.step.keep,
+                    "file": list(a.step.file) if a.step.file else None,
+                    "undo_input": a.step.undo_input,
                 }
                 for a in self.applied
             ],
@@ -218,20 +233,40 @@ class Record:
         return cls(pid, start, identity, [_applied_from_json(s, dialect) for s in steps])
 
 
+_STEP_KEYS = frozenset({"apply", "undo", "sysctl", "gateway", "previous"})
+# Written by every dsvpn that knows them; a record without them has none of those steps.
+_NEWER_STEP_KEYS = frozenset({"keep", "file", "undo_input"})
+
+
 def _applied_from_json(data: Any, dialect: Dialect) -> Applied:
-    if not isinstance(data, dict) or set(data) != {
-        "apply",
-        "undo",
-        "sysctl",
-        "gateway",
-        "previous",
-    }:
+    if not isinstance(data, dict) or not _STEP_KEYS <= set(data) <= _STEP_KEYS | _NEWER_STEP_KEYS:
         raise Untrusted("malformed step")
     apply, undo, sysctl, previous = data["apply"], data["undo"], data["sysctl"], data["previous"]
+    keep, file, undo_input = data.get("keep", False), data.get("file"), data.get("undo_input")
     if not _is_argv(apply) or not (undo is None or _is_argv(undo)):
         raise Untrusted("malformed step")
     if not isinstance(data["gateway"], bool) or not (previous is None or isinstance(previous, str)):
         raise Untrusted("malformed step")
+    if not isinstance(keep, bool):
+        raise Untrusted("malformed step")
+    if file is not None:
+        if not (
+            isinstance(file, list)
+            and len(file) == 2
+            and all(isinstance(x, str) for x in file)
+            and undo is None
+            and sysctl is None
+        ):
+            raise Untrusted("malformed file step")
+        if file[0] not in WRITABLE_FILES:
+            raise Untrusted(f"{file[0]!r} is not a file dsvpn writes")
+        file = (file[0], file[1])
+    if undo_input is not None and not (
+        isinstance(undo_input, str)
+        and undo is not None
+        and dialect.undo_input_fits(undo, undo_input)
+    ):
+        raise Untrusted(f"the input of `{' '.join(undo or ())}` is not what dsvpn feeds it")
     if sysctl is not None:
         if not (
             isinstance(sysctl, list)
@@ -241,7 +276,7 @@ def _applied_from_json(data: Any, dialect: Dialect) -> Applied:
         ):
             raise Untrusted("malformed sysctl step")
         key, wanted = sysctl
-        if key not in dialect.sysctl_keys:
+        if not dialect.is_sysctl_key(key):
             raise Untrusted(f"sysctl {key!r} is not one dsvpn sets")
         for value in (wanted, previous):
             if value is not None and not is_sysctl_value(value):
@@ -254,6 +289,9 @@ def _applied_from_json(data: Any, dialect: Dialect) -> Applied:
         tuple(undo) if undo is not None else None,
         sysctl=sysctl,
         gateway=data["gateway"],
+        keep=keep,
+        file=file,
+        undo_input=undo_input,
     )
     return Applied(step, previous)
 
@@ -554,16 +592,18 @@ def claim(
     *,
     run_dir: str | os.PathLike[str] = RUN_DIR,
     run: RunFn = execute,
+    keep: bool = False,
 ) -> Instance:
     """Start an instance: under one lock, undo what dead instances of this namespace left
     behind, refuse (ConflictError) if a live one owns what `identity` needs, and write this
-    process's first record. Two instances started at the same instant cannot both pass."""
+    process's first record. Two instances started at the same instant cannot both pass.
+    With `keep`, their kept steps (a kill switch) stay until `undo_kept`."""
     start = process_start(os.getpid())
     if start is None:
         raise DsvpnError("cannot read this process's start time (from /proc or ps)")
     directory = RunDir(run_dir)
     with directory.lock(create=True):
-        _undo_dead(directory, dialect, log, run)
+        _undo_dead(directory, dialect, log, run, keep)
         for other in directory.records(dialect):
             if other.identity.netns != identity.netns or not other.alive():
                 continue
@@ -598,14 +638,17 @@ def cleanup(
     *,
     run_dir: str | os.PathLike[str] = RUN_DIR,
     run: RunFn = execute,
+    keep: bool = False,
 ) -> int:
     """`dsvpn cleanup`: undo what dead instances of this namespace left behind and drop their
-    records. Returns how many were cleaned; records it cannot trust are reported."""
+    records. Returns how many were cleaned; records it cannot trust are reported. With
+    `keep` (a plain `dsvpn cleanup`, which a service may run after a crash), kept steps and
+    their records stay: see kept_by_dead."""
     directory = RunDir(run_dir)
     if not directory.exists():
         return 0
     with directory.lock():
-        cleaned = _undo_dead(directory, dialect, log, run)
+        cleaned = _undo_dead(directory, dialect, log, run, keep)
         netns = current_netns()
         elsewhere = [
             r for r in directory.records(dialect) if r.identity.netns != netns and not r.alive()
@@ -618,15 +661,52 @@ def cleanup(
     return cleaned
 
 
-def _undo_dead(directory: RunDir, dialect: Dialect, log: LogFn, run: RunFn) -> int:
+def undo_kept(
+    dialect: Dialect,
+    log: LogFn,
+    *,
+    run_dir: str | os.PathLike[str] = RUN_DIR,
+    run: RunFn = execute,
+) -> int:
+    """Undo the steps that dead instances of this namespace kept (see claim): a start calls it
+    once its own routes are in place. Returns how many records went."""
+    directory = RunDir(run_dir)
+    if not directory.exists():
+        return 0
+    with directory.lock():
+        return _undo_dead(directory, dialect, log, run, keep=False)
+
+
+def kept_by_dead(dialect: Dialect, *, run_dir: str | os.PathLike[str] = RUN_DIR) -> list[int]:
+    """PIDs of dead instances of this namespace whose kept steps (a kill switch) are still in
+    place."""
+    directory = RunDir(run_dir)
+    if not directory.exists():
+        return []
+    netns = current_netns()
+    with directory.lock():
+        return [
+            r.pid
+            for r in directory.records(dialect)
+            if r.identity.netns == netns and not r.alive() and any(a.step.keep for a in r.applied)
+        ]
+
+
+def _undo_dead(
+    directory: RunDir, dialect: Dialect, log: LogFn, run: RunFn, keep: bool = False
+) -> int:
     netns = current_netns()
     cleaned = 0
     for record in directory.records(dialect, report=log):
         if record.identity.netns != netns or record.alive():
             continue  # another namespace's rules can only be undone from inside it
-        log(f"undoing what dsvpn PID {record.pid} left behind")
+        if any(not (keep and a.step.keep) for a in record.applied):
+            log(f"undoing what dsvpn PID {record.pid} left behind")
         holder = Instance(directory, record, dialect)
-        Runner(dialect, log, run=run, record=holder, applied=record.applied).undo()
+        runner = Runner(dialect, log, run=run, record=holder, applied=record.applied)
+        runner.undo(keep=keep)
+        if runner.kept:
+            continue  # the record now holds them alone (the runner saved it)
         directory.remove(record.pid)
         cleaned += 1
     return cleaned

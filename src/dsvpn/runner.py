@@ -12,12 +12,21 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from dsvpn import files
 from dsvpn.errors import CommandError, DsvpnError, PrerequisiteError
 from dsvpn.plan import Dialect, Plan, Step, is_sysctl_value, show
 
 __all__ = ["Applied", "RecordWriter", "RunFn", "Runner", "execute"]
 
-RunFn = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
+
+class RunFn(Protocol):
+    """How a command is run: execute, or a fake host in tests. `input` is its stdin."""
+
+    def __call__(
+        self, argv: Sequence[str], input: str | None = None, /
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
 LogFn = Callable[[str], None]
 
 COMMAND_TIMEOUT = 30  # seconds; none of these tools should ever take this long
@@ -27,16 +36,34 @@ COMMAND_TIMEOUT = 30  # seconds; none of these tools should ever take this long
 PACKAGES = {
     "ip": "iproute2",
     "iptables": "iptables",
+    "ip6tables": "iptables",
+    "nft": "nftables",
     "sysctl": "procps",
     "ifconfig": "the base system's ifconfig",
     "route": "the base system's route",
 }
 
 
-def execute(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    """Run argv (no shell), capturing its output; the only subprocess call in dsvpn."""
+def execute(argv: Sequence[str], input: str | None = None, /) -> subprocess.CompletedProcess[str]:
+    """Run argv (no shell), feeding it `input`, capturing its output; the only subprocess call
+    in dsvpn."""
+    if input is None:
+        # Never the terminal: a command that reads stdin gets an empty one.
+        return subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=COMMAND_TIMEOUT,
+        )
     return subprocess.run(
-        list(argv), capture_output=True, text=True, check=False, timeout=COMMAND_TIMEOUT
+        list(argv),
+        input=input,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=COMMAND_TIMEOUT,
     )
 
 
@@ -104,15 +131,20 @@ class Runner:
 
     # -- running one command -------------------------------------------------------------
 
-    def command(self, argv: Sequence[str]) -> None:
-        """Log and run argv; CommandError (PrerequisiteError for a missing tool) on failure.
-        Backends are handed this to set the tun's MTU."""
+    def command(self, argv: Sequence[str], input: str | None = None) -> None:
+        """Log and run argv (its stdin shown indented below it); CommandError
+        (PrerequisiteError for a missing tool) on failure. Backends are handed this to set
+        the tun's MTU."""
         self._log(f"[#] {show(argv)}")
-        self._exec(argv)
+        for line in (input or "").splitlines():
+            self._log(f"    {line}")
+        self._exec(argv, input)
 
-    def _exec(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    def _exec(
+        self, argv: Sequence[str], input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         try:
-            done = self._run(argv)
+            done = self._run(argv) if input is None else self._run(argv, input)
         except FileNotFoundError as exc:
             tool = argv[0]
             where = PACKAGES.get(tool)
@@ -168,12 +200,18 @@ class Runner:
         applied = Applied(step)
         if step.sysctl:
             applied.previous = self.read_sysctl(step.sysctl[0])
+        if step.file:
+            applied.previous = _file_call(files.read, step.file[0])
         # Record first: if we die between recording and running, the next start merely
         # tries an undo that fails harmlessly; the other order could leak a rule.
         self._applied.append(applied)
         self._save()
         try:
-            self.command(step.apply)
+            if step.file:
+                self._log(f"[#] {show(step.apply)}")
+                _file_call(files.write, *step.file)
+            else:
+                self.command(step.apply, step.input)
         except (CommandError, PrerequisiteError):
             _drop(self._applied, applied)
             self._save()
@@ -184,23 +222,31 @@ class Runner:
 
     # -- undo ------------------------------------------------------------------------------
 
-    def undo(self) -> None:
+    def undo(self, keep: bool = False) -> None:
         """Undo everything applied, newest first. Failures (of a command or of the record)
-        are logged and skipped: the host comes first. Calling it again does nothing."""
+        are logged and skipped: the host comes first. Calling it again does nothing.
+        With `keep`, the steps marked keep stay applied (and recorded)."""
         if self._record is not None and self._applied:
             try:
                 self._record.adopt(self._applied)  # values handed to us by instances that left
             except DsvpnError as exc:
                 self._log(f"warning: {exc}")
-        while self._applied:
-            self._undo_one(self._applied[-1])
+        while todo := [a for a in self._applied if not (keep and a.step.keep)]:
+            self._undo_one(todo[-1])
+
+    @property
+    def kept(self) -> list[Applied]:
+        """What an undo with `keep` left in place."""
+        return [a for a in self._applied if a.step.keep]
 
     def _undo_one(self, applied: Applied) -> None:
         if applied.step.sysctl:
             self._restore_sysctl(applied)
+        elif applied.step.file:
+            self._restore_file(applied)
         elif applied.step.undo:
             try:
-                self.command(applied.step.undo)
+                self.command(applied.step.undo, applied.step.undo_input)
             except (CommandError, PrerequisiteError) as exc:
                 self._log(f"warning: {exc}")
         if _drop(self._applied, applied):
@@ -208,6 +254,18 @@ class Runner:
                 self._save()
             except DsvpnError as exc:
                 self._log(f"warning: {exc}")
+
+    def _restore_file(self, applied: Applied) -> None:
+        assert applied.step.file is not None
+        path, written = applied.step.file
+        self._log(f"[#] restore {path}")
+        try:
+            why = files.restore(path, applied.previous, written)
+        except DsvpnError as exc:
+            self._log(f"warning: {exc}")
+            return
+        if why:
+            self._log(f"warning: {why}")
 
     def _restore_sysctl(self, applied: Applied) -> None:
         assert applied.step.sysctl is not None
@@ -263,6 +321,14 @@ class Runner:
                 if applied.step.apply == step.apply:
                     self._undo_one(applied)
                     break
+
+
+def _file_call(fn: Callable[..., str | None], *args: str) -> str | None:
+    """A files function, its failure a CommandError like a failed command's."""
+    try:
+        return fn(*args)
+    except DsvpnError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def _drop(applied: list[Applied], entry: Applied) -> bool:

@@ -19,13 +19,13 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from dsvpn import instances, platform
+from dsvpn import dns, instances, platform
 from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
 from dsvpn.keys import load_key
 from dsvpn.plan import Plan, show
-from dsvpn.platform._common import PLACEHOLDER_SERVER, Backend, NetInfo, is_ipv6
+from dsvpn.platform._common import PLACEHOLDER_SERVER, Backend, NetInfo, is_ipv6, local_networks
 from dsvpn.runner import RunFn, Runner, execute
 
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
@@ -40,6 +40,7 @@ STATS_EVERY = 10.0  # seconds between counter lines with --verbose
 CAP_NET_ADMIN = 12
 LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
 NEEDS_ROOT = "needs root (CAP_NET_ADMIN): run it as root"
+PFS_NOT_ACCEPTED = "the server did not accept the --pfs handshake: is it C DSVPN or an older dsvpn?"
 
 
 def _has_net_admin() -> bool:
@@ -130,19 +131,26 @@ class Signals:
             while self._r.recv(4096):
                 pass
 
-    def wait(self, seconds: float, sock: socket.socket | None = None) -> bool:
-        """Sleep up to `seconds`, waking early on a signal (or when `sock` becomes writable).
-        Returns True if `sock` became writable."""
+    def wait(
+        self, seconds: float, sock: socket.socket | None = None, readable: bool = False
+    ) -> bool:
+        """Sleep up to `seconds`, waking early on a signal (or when `sock` becomes writable, or
+        readable with `readable`). Returns True if `sock` became ready."""
         deadline = time.monotonic() + seconds
         while self.received is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            writable = [sock] if sock is not None else []
-            r, w, _ = select.select([self._r], writable, [], left)
-            if w:
-                return True
-            if r:
+            watched: list[socket.socket] = [sock] if sock is not None else []
+            if readable:
+                r, _, _ = select.select([self._r, *watched], [], [], left)
+                if sock is not None and sock in r:
+                    return True
+            else:
+                r, w, _ = select.select([self._r], watched, [], left)
+                if w:
+                    return True
+            if self._r in r:
                 self.drain()
         return False
 
@@ -180,32 +188,42 @@ class Tunnel:
         self.runner: Runner | None = None
         self.plan: Plan | None = None
         self.net: NetInfo | None = None
+        self.follow_gateway = True  # whether the plan has routes that follow the gateway
+        self.fully_up = False  # the whole plan is applied
 
     def run(self) -> int:
         """claim, apply, loop, release."""
         cfg, backend = self.cfg, self.backend
         backend.check_host(cfg)
-        if isinstance(cfg, ClientConfig):
-            cfg = self.cfg = dataclasses.replace(cfg, server_ip=_resolve(cfg.server, cfg.port))
         with contextlib.ExitStack() as stack:
             identity = Identity.of(cfg, cfg.tun_name)
+            # A kill switch that a crashed client left stays until our routes are in place.
             instance = instances.claim(
-                identity, backend, log.info, run_dir=self._run_dir, run=self._run
+                identity, backend, log.info, run_dir=self._run_dir, run=self._run, keep=True
             )
             stack.callback(instance.release)  # the very last: once everything is undone
+            for pid in instances.kept_by_dead(backend, run_dir=self._run_dir):
+                log.info("the kill switch of dsvpn PID %d stays until our routes are in", pid)
+            if isinstance(cfg, ClientConfig):
+                # After the claim: a crashed client's fail-closed routes (or its resolv.conf)
+                # would have kept the name from resolving.
+                cfg = dataclasses.replace(cfg, server_ip=self._resolve_server(cfg))
+                cfg = self.cfg = host_facts(cfg, backend)
             listener = None
             if isinstance(cfg, ServerConfig):
                 listener = stack.enter_context(_listener(cfg))
             self.runner = Runner(backend, log.info, run=self._run, record=instance)
-            self.net = backend.discover(cfg)
+            # A plan that never names the gateway must not fail for the lack of one.
+            self.follow_gateway = isinstance(cfg, ServerConfig) or backend.needs_gateway(cfg)
+            self.net = backend.discover(cfg) if self.follow_gateway else NetInfo("", "")
             tun_fd, tun = backend.open_tun(cfg.tun_name, cfg.mtu, self.runner.command)
             stack.callback(os.close, tun_fd)
             instance.set_tun(tun)
             log.info("opened tun device %s", tun)
             signals = stack.enter_context(Signals())
-            stack.callback(self.runner.undo)  # runs before the tun is closed (LIFO)
+            stack.callback(self._undo, signals)  # runs before the tun is closed (LIFO)
             self.plan = backend.plan(cfg, tun, self.net)
-            self.runner.apply(self.plan)
+            self._apply(self.plan)
             if signals.received is not None:
                 return 0
             for line in backend.notes(cfg, tun, self.net):
@@ -220,6 +238,38 @@ class Tunnel:
             self._serve(loop, signals)
             return 0
         return 0  # pragma: no cover - the with block always returns
+
+    def _resolve_server(self, cfg: ClientConfig) -> str:
+        try:
+            return _resolve(cfg.server, cfg.port)
+        except NetworkError as exc:
+            kept = instances.kept_by_dead(self.backend, run_dir=self._run_dir)
+            if not kept:
+                raise
+            raise NetworkError(
+                f"{exc}; the kill switch of dsvpn PID {kept[0]} may block the lookup: give the "
+                "server's address instead of its name, or run `dsvpn cleanup --all` first"
+            ) from None
+
+    def _apply(self, plan: Plan) -> None:
+        """Apply the plan: a kill switch a crashed client kept goes only once our routes are
+        in place, just before ours (the same chain or anchor) takes its place."""
+        assert self.runner is not None
+        self.runner.apply(Plan([s for s in plan.steps if not s.keep]))
+        instances.undo_kept(self.backend, log.info, run_dir=self._run_dir, run=self._run)
+        self.runner.apply(Plan([s for s in plan.steps if s.keep]))
+        self.fully_up = True
+
+    def _undo(self, signals: Signals) -> None:
+        """Undo the plan. A kill switch stays when we stop on an error rather than a signal:
+        the user asked for traffic to stop when the tunnel does."""
+        assert self.runner is not None
+        self.runner.undo(keep=self.fully_up and signals.received is None)
+        if self.runner.kept:
+            log.warning(
+                "the kill switch stays: traffic outside the tunnel is blocked until "
+                "`dsvpn cleanup --all` or the next start"
+            )
 
     def _make_loop(self, tun_fd: int, signals: Signals, listener: socket.socket | None) -> Loop:
         from dsvpn._loop import Loop
@@ -241,18 +291,32 @@ class Tunnel:
             client_ip4=self.cfg.remote_tun_ip if self.cfg.is_server else None,
             # As the reference, accepted sockets carry the mark too (ignored if refused).
             mark=ROUTING_TABLE,
+            require_pfs=isinstance(self.cfg, ServerConfig) and self.cfg.require_pfs,
         )
 
     # -- server -----------------------------------------------------------------------------
 
     def _serve(self, loop: Loop, signals: Signals) -> None:
+        from dsvpn import pfs
+        from dsvpn._loop import EV_PFS_HELLO, EV_SESSION_UP
+
         cfg = self.cfg
         assert isinstance(cfg, ServerConfig)
-        log.info("listening on %s port %d", cfg.listen_ip or "all addresses", cfg.port)
+        log.info(
+            "listening on %s port %d%s",
+            cfg.listen_ip or "all addresses",
+            cfg.port,
+            " (forward-secret handshakes only)" if cfg.require_pfs else "",
+        )
         ticker = _Ticker(loop)
         while signals.received is None:
             event, message = loop.run(TICK_MS)
-            _log_event(event, message)
+            if event == EV_PFS_HELLO:
+                pfs.answer_hellos(loop)
+            elif event == EV_SESSION_UP:
+                log.info("session up: client %s%s", message, _fs_note(loop))
+            else:
+                _log_event(event, message)
             ticker.tick()
         log.info("stopping (signal %d)", signals.received)
 
@@ -281,12 +345,23 @@ class Tunnel:
             sock = self._dial(signals)
             if sock is None:
                 continue
-            loop.connect(sock.detach())
+            if cfg.pfs:
+                key = self._pfs_handshake(sock, signals)
+                if key is None:
+                    continue
+                loop.adopt(sock.detach(), key)
+            else:
+                loop.connect(sock.detach())
             while signals.received is None:
                 event, message = loop.run(TICK_MS)
                 ticker.tick()
                 if event == EV_SESSION_UP:
-                    log.info("session up with %s port %d", message or cfg.server_ip, cfg.port)
+                    log.info(
+                        "session up with %s port %d%s",
+                        message or cfg.server_ip,
+                        cfg.port,
+                        _fs_note(loop),
+                    )
                     attempt = 0
                 elif event == EV_HANDSHAKE_FAILED:
                     log.warning("handshake with %s failed: %s", cfg.server_ip, message)
@@ -298,6 +373,35 @@ class Tunnel:
                     _log_event(event, message)
         log.info("stopping (signal %d)", signals.received)
         return 0
+
+    def _pfs_handshake(self, sock: socket.socket, signals: Signals) -> bytes | None:
+        """The forward-secret handshake on a fresh connection, in Python (X25519 from
+        libsodium), with fresh ephemeral keys: the session key, or None after a logged failure
+        (the caller reconnects). A server that closes the connection instead of answering does
+        not know the extension: that ends the client, since it never falls back."""
+        from dsvpn import pfs
+        from dsvpn._loop import Timeout
+
+        cfg = self.cfg
+        assert isinstance(cfg, ClientConfig)
+        try:
+            return pfs.client_exchange(
+                sock,
+                self.key,
+                lambda seconds, readable: signals.wait(seconds, sock, readable),
+                Timeout.TIMEOUT_MS / 1000,
+            )
+        except pfs.NotAcceptedError:
+            sock.close()
+            raise NetworkError(PFS_NOT_ACCEPTED) from None
+        except InterruptedError:
+            sock.close()
+            return None  # a signal: the caller stops
+        except (pfs.HandshakeError, OSError) as exc:
+            sock.close()
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("handshake with %s failed: %s", cfg.server_ip, why)
+            return None
 
     def _dial(self, signals: Signals) -> socket.socket | None:
         """A connected TCP socket to the server (options set before connect, so SO_MARK keeps
@@ -337,6 +441,8 @@ class Tunnel:
         """Before each attempt: if the default gateway moved (laptop changed networks), move the
         routes that point at it, so the tunnel's own connection can get out again."""
         assert self.runner is not None and self.plan is not None and self.net is not None
+        if not self.follow_gateway:
+            return
         try:
             net = self.backend.discover(self.cfg)
         except DsvpnError as exc:
@@ -372,6 +478,11 @@ class _Ticker:
         log.debug("stats: " + " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
 
 
+def _fs_note(loop: Loop) -> str:
+    session = loop.session()
+    return " (forward secret)" if session is not None and session["pfs"] else ""
+
+
 def _log_event(event: int, message: str) -> None:
     from dsvpn._loop import EV_LOG, EV_SESSION_DOWN, EV_SESSION_UP, EV_TUN_ERROR
 
@@ -394,15 +505,35 @@ def run(cfg: Config) -> int:
     return tunnel.run()
 
 
-def cleanup() -> int:
-    """`dsvpn cleanup`: undo what dead instances of this network namespace left behind."""
+def host_facts(cfg: ClientConfig, backend: Backend) -> ClientConfig:
+    """What the client's options need from this host, looked up once at start: the local
+    subnets (--kill-switch) and who manages DNS (--dns)."""
+    net = cfg.network
+    if net.kill_switch and not net.local_nets:
+        net = dataclasses.replace(net, local_nets=local_networks())
+    if net.dns and not net.dns_via:
+        via, service = dns.detect(backend.name)
+        net = dataclasses.replace(net, dns_via=via, dns_service=service)
+    return dataclasses.replace(cfg, network=net)
+
+
+def cleanup(everything: bool = False) -> int:
+    """`dsvpn cleanup`: undo what dead instances of this network namespace left behind; their
+    kill switch only with `everything` (`--all`)."""
     if not _has_net_admin():
         raise PermissionDenied(NEEDS_ROOT)
-    count = instances.cleanup(platform.current(), log.info)
+    backend = platform.current()
+    count = instances.cleanup(backend, log.info, keep=not everything)
     if count:
         log.info("cleaned up after %d dead instance(s)", count)
     else:
         log.info("nothing to clean up")
+    for pid in instances.kept_by_dead(backend):
+        log.info(
+            "kept the kill switch of dsvpn PID %d: traffic outside the tunnel stays blocked "
+            "until `dsvpn cleanup --all` or the next start",
+            pid,
+        )
     return 0
 
 
@@ -421,9 +552,15 @@ def dry_run(cfg: Config, platform_name: str | None) -> int:
             server_ip = _resolve(cfg.server, cfg.port)
         cfg = dataclasses.replace(cfg, server_ip=server_ip)
     net = backend.placeholder_net()
+    notes = []
     if here:
         with contextlib.suppress(DsvpnError):
             net = backend.discover(cfg)
+        if isinstance(cfg, ClientConfig):
+            try:
+                cfg = host_facts(cfg, backend)
+            except DsvpnError as exc:
+                notes.append(f"warning: {exc}")
     tun = cfg.tun_name or "<tun>"
     plan = backend.plan(cfg, tun, net)
     print(f"# dsvpn {cfg.mode} on {backend.name}: dry run, nothing is changed")
@@ -431,6 +568,6 @@ def dry_run(cfg: Config, platform_name: str | None) -> int:
     print(show(backend.mtu_argv(tun, cfg.mtu)))
     for line in plan.render(backend):
         print(line)
-    for line in backend.notes(cfg, tun, net):
+    for line in [*backend.notes(cfg, tun, net), *notes]:
         print(f"# {line}")
     return 0

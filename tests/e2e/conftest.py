@@ -1,4 +1,4 @@
-"""End-to-end fixtures: a namespace testbed per test (see ci/testbed.py).
+"""End-to-end fixtures: a namespace testbed per test (see dsvpn.testbed).
 
 Skipped with a reason unless running as root with ip, iptables and /dev/net/tun.
 
@@ -12,16 +12,12 @@ DSVPN_KEEP_LOGS=1 keeps each test's work directory (logs, keys) for inspection.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "ci"))
-
-import testbed  # noqa: E402
+from dsvpn import testbed
 
 _MISSING = testbed.missing_prerequisites()
 

@@ -6,7 +6,8 @@ import ipaddress
 import signal
 
 import pytest
-import testbed
+
+from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -102,4 +103,53 @@ def test_ipv6_inside_tunnel(tb, impl, key):
     peer = ipaddress.ip_address(received["peer"])
     assert peer == ipaddress.ip_address(testbed.CLIENT_TUN_IP6), received["peer"]
 
+    _stop_and_compare(tb, impl, before, server, client)
+
+
+NO_IPV6_OUT = "no IPv6 route out: clients' IPv6 traffic will not be forwarded"
+
+
+@pytest.mark.parametrize("firewall", ["iptables", "nft"])
+def test_far_host_over_ipv6_through_server_nat(tb, impl, key, firewall):
+    """The far host has no route to the clients: it answers their IPv6 through the server's
+    IPv6 NAT, which leaves the server's router advertisements and sysctls as they were."""
+    if impl.reference:
+        pytest.skip("the C reference does not forward IPv6 (DSVPN issue #3)")
+    far = tb.inet.ip6
+    assert far and ":" in far
+    accept_ra = "net.ipv6.conf.wan0.accept_ra"
+    assert tb.server.sysctl(accept_ra) == "1"
+    before = tb.snapshots()
+    assert not tb.client.ping_ok(far), "far host reachable over IPv6 without the VPN"
+
+    server, client = tb.tunnel_up(impl, key, extra=("-v", "--firewall", firewall))
+    tb.client.wait_ping(far, 15, procs=(server, client))
+    stats = tb.client.ping(far, count=10, interval=0.05, wait=2.0, size=1400)
+    assert stats["received"] == 10, stats
+    # TCP with checksums at both ends; the far host sees the server's IPv6 address.
+    tb.check_transfer_through_vpn(tb.client, TRANSFER_BYTES, ipv6=True)
+    # Forwarding is on, and the way out keeps taking router advertisements meanwhile.
+    assert tb.server.sysctl("net.ipv6.conf.all.forwarding") == "1"
+    assert tb.server.sysctl(accept_ra) == "2"
+    assert NO_IPV6_OUT not in server.log()
+
+    _stop_and_compare(tb, impl, before, server, client)
+    assert tb.server.sysctl(accept_ra) == "1"
+
+
+def test_server_without_ipv6_route_out(tb, impl, key):
+    """Without an IPv6 route out the server says so once, forwards IPv4 as ever, and leaves
+    IPv6 forwarding alone."""
+    if impl.reference:
+        pytest.skip("the C reference does not forward IPv6 (DSVPN issue #3)")
+    tb.server.run(["ip", "-6", "route", "del", "default"])
+    before = tb.snapshots()
+    server, client = tb.tunnel_up(impl, key)
+    tb.client.wait_ping(tb.inet.ip, 15, procs=(server, client))
+    assert server.log().count(NO_IPV6_OUT) == 1, server.log_tail()
+    # Through the tunnel to the server, but no further.
+    assert not tb.client.ping_ok(tb.inet.ip6 or "")
+    assert tb.server.sysctl("net.ipv6.conf.all.forwarding") == "0"
+    rules = tb.server.run(["ip6tables-save"]).stdout
+    assert "MASQUERADE" not in rules and "-j DROP" not in rules, rules
     _stop_and_compare(tb, impl, before, server, client)

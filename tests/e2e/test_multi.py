@@ -5,7 +5,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-import testbed
+
+from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -42,3 +43,40 @@ def test_two_servers_independent(tb2, impl):
     assert stats["received"] >= 9, stats
     assert srv_a.alive()
     assert not cli_b.ping_ok(tb.inet.ip)
+
+
+def test_two_servers_share_ipv6_forwarding(tb2, impl):
+    """Two servers NATing IPv6 (one with nft, one with iptables): the first to leave hands
+    IPv6 forwarding and accept_ra over to the other, and the last one restores both."""
+    if impl.reference:
+        pytest.skip("the C reference does not forward IPv6 (DSVPN issue #3)")
+    tb = tb2
+    key_a, key_b = tb.write_key("key-a"), tb.write_key("key-b")
+    cli_a, cli_b = tb.clients
+    keys = ("net.ipv6.conf.all.forwarding", "net.ipv6.conf.wan0.accept_ra")
+    assert [tb.server.sysctl(k) for k in keys] == ["0", "1"]
+    before = tb.snapshots()
+    srv_a, cl_a = tb.tunnel_up(
+        impl, key_a, ns=cli_a, port=443, net="192.168.192", tun="dsva", suffix="-a",
+        extra=("-v", "--firewall", "nft"),
+    )  # fmt: skip
+    srv_b, cl_b = tb.tunnel_up(
+        impl, key_b, ns=cli_b, port=8443, net="192.168.193", tun="dsvb", suffix="-b",
+        extra=("-v", "--firewall", "iptables"),
+    )  # fmt: skip
+    far = tb.inet.ip6 or ""
+    for ns in (cli_a, cli_b):
+        ns.wait_ping(far, 15, procs=(srv_a, srv_b))
+
+    # A leaves first: B keeps forwarding IPv6 and the way out keeps its advertisements.
+    assert cl_a.stop(signal.SIGTERM) == 0
+    assert srv_a.stop(signal.SIGTERM) == 0
+    assert [tb.server.sysctl(k) for k in keys] == ["1", "2"]
+    assert testbed.nft_tables(tb.server) == []
+    stats = cli_b.ping(far, count=10, interval=0.1)
+    assert stats["received"] >= 9, stats
+
+    assert cl_b.stop(signal.SIGTERM) == 0
+    assert srv_b.stop(signal.SIGTERM) == 0
+    assert [tb.server.sysctl(k) for k in keys] == ["0", "1"]
+    assert not tb.changes(before), tb.changes(before)

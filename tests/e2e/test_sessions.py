@@ -5,7 +5,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-import testbed
+
+from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
 

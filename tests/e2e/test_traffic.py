@@ -6,7 +6,8 @@ import itertools
 import re
 
 import pytest
-import testbed
+
+from dsvpn import testbed
 
 pytestmark = pytest.mark.e2e
 

@@ -47,6 +47,9 @@ class CmdDialect:
 
     sysctl_keys = frozenset({"net.ipv4.ip_forward", "k"})
 
+    def is_sysctl_key(self, key: str) -> bool:
+        return key in self.sysctl_keys
+
     def sysctl_read(self, key: str) -> Argv:
         return ("sysctl", "-n", key)
 

@@ -277,3 +277,32 @@ class Pair(_Closes):
         self.cli.close()
         for s in (self.stun, self.speer, self.ctun, self.cpeer, self.lst):
             s.close()
+
+
+class PfsRawClient(RawClient):
+    """A --pfs client written in Python (dsvpn.pfs) for driving a server Loop: hello() sends
+    the extended hello, finish() checks the extended reply and keys the frame states."""
+
+    def __init__(
+        self,
+        lst: socket.socket,
+        key: bytes,
+        src: str = "127.0.0.1",
+        ts: int | None = None,
+        **hs: Any,
+    ) -> None:
+        from dsvpn import pfs
+
+        self.sock = dial(lst, src)
+        self.key = key
+        self.ts = int(time.time()) if ts is None else ts
+        self.hs = pfs.ClientHandshake(key, self.ts, **hs)
+        self.pkt1 = self.hs.hello
+
+    def finish(self) -> None:
+        from dsvpn import pfs
+
+        k = self.hs.finish(recv_exact(self.sock, pfs.REPLY_LEN))
+        self.session_key = k
+        self.tx = charm.Charm(k, bytes(16))
+        self.rx = charm.Charm(k, b"\x01" + bytes(15))

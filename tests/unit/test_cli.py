@@ -69,6 +69,19 @@ def test_options_anywhere_after_the_mode_word() -> None:
     assert cli.parse_args(["server", "k", "--dry-run", "--platform=openbsd"]).platform == "openbsd"
 
 
+def test_forward_secrecy_options() -> None:
+    inv = cli.parse_args(["client", "vpn.key", "--pfs", "h"])
+    assert isinstance(inv.config, ClientConfig) and inv.config.pfs
+    assert inv.config.server == "h"
+    inv = cli.parse_args(["client", "vpn.key", "h"])
+    assert isinstance(inv.config, ClientConfig) and not inv.config.pfs
+    inv = cli.parse_args(["server", "vpn.key", "--require-pfs"])
+    assert isinstance(inv.config, ServerConfig) and inv.config.require_pfs
+    inv = cli.parse_args(["server", "vpn.key"])
+    assert isinstance(inv.config, ServerConfig) and not inv.config.require_pfs
+    assert "--pfs" in cli.USAGE and "--require-pfs" in cli.USAGE
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -91,6 +104,9 @@ def test_options_anywhere_after_the_mode_word() -> None:
         (["server", "k", "--platform", "macos"], "only goes with --dry-run"),
         (["keygen"], "usage"),
         (["cleanup", "extra"], "no arguments"),
+        (["server", "k", "--pfs"], "--pfs is a client option .*--require-pfs"),
+        (["client", "k", "h", "--require-pfs"], "--require-pfs is a server option .*--pfs"),
+        (["keygen", "k", "--pfs"], "--pfs is a client option"),
     ],
 )
 def test_bad_input_is_a_usage_error(argv: list[str], message: str) -> None:
@@ -187,7 +203,8 @@ def test_cleanup_says_what_it_did(
     from dsvpn import tunnel
 
     monkeypatch.setattr(tunnel, "_has_net_admin", lambda: True)
-    monkeypatch.setattr(instances, "cleanup", lambda dialect, log: count)
+    monkeypatch.setattr(instances, "cleanup", lambda dialect, log, keep: count)
+    monkeypatch.setattr(instances, "kept_by_dead", lambda dialect: [])
     assert cli.main(["cleanup"]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Logging error" not in err
@@ -219,3 +236,54 @@ def test_keygen_from_the_command_line(
     assert len(path.read_bytes()) == 32
     assert cli.main(["keygen", str(path)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+# -- --firewall ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "firewall"),
+    [([], None), (["--firewall", "auto"], None), (["--firewall", "nft"], "nft"),
+     (["--firewall=iptables"], "iptables"), (["--firewall", "nft", "--firewall=auto"], None)],
+)  # fmt: skip
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_firewall_option(mode: str, given: list[str], firewall: str | None) -> None:
+    # Anywhere after the mode word, like every option; it leaves the positionals alone.
+    inv = cli.parse_args([mode, *given, "vpn.key", "h" if mode == "client" else "auto", "7443"])
+    assert inv.config is not None
+    assert inv.config.firewall == firewall
+    assert inv.config.port == 7443
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["server", "k", "--firewall"], "--firewall needs iptables, nft or auto"),
+        (["server", "k", "--firewall", "pf"], "invalid --firewall 'pf'"),
+        (["server", "k", "--firewall="], "invalid --firewall ''"),
+        (["cleanup", "--firewall", "nft"], "--firewall only goes with server or client"),
+        (["keygen", "k", "--firewall=nft"], "--firewall only goes with server or client"),
+    ],
+)
+def test_bad_firewall_option(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        cli.parse_args(argv)
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_dry_run_shows_the_nft_table(mode: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # <server address> <port> <tun> for either mode.
+    argv = [mode, "/nonexistent/key", "192.0.2.7" if mode == "client" else "auto", "auto", "tun9"]
+    assert cli.main([*argv, "--firewall", "nft", "--dry-run", "--platform", "linux"]) == 0
+    out = capsys.readouterr().out
+    assert "iptables" not in out
+    assert "nft 'add table inet dsvpn-tun9\ndelete table inet dsvpn-tun9\n" in out
+    assert "\tchain prerouting {\n\t\ttype filter hook prerouting priority raw;" in out
+    assert ("masquerade" in out) == (mode == "server")
+    assert "\n# on exit\n" in out and "\nnft delete table inet dsvpn-tun9\n" in out
+
+
+def test_firewall_elsewhere_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["server", "k", "--firewall=nft", "--dry-run", "--platform", "macos"]) == 2
+    err = capsys.readouterr().err
+    assert err == "dsvpn: --firewall has no effect on macos: it sets no packet filter\n"

@@ -15,10 +15,13 @@ import pytest
 from host_rig import DIALECT, FWD, A, B, C, D, FakeHost, dead_pid
 
 from dsvpn import instances
+from dsvpn.config import ServerConfig
 from dsvpn.errors import ConflictError, DsvpnError
 from dsvpn.instances import Identity, Instance, Record, RunDir, current_netns, process_start
 from dsvpn.plan import Plan
 from dsvpn.platform import by_name
+from dsvpn.platform._common import NetInfo
+from dsvpn.platform.linux import server_plan
 from dsvpn.runner import Applied, Runner
 
 LINUX = by_name("linux")
@@ -173,6 +176,48 @@ def test_a_good_dead_record_is_undone(run_dir: Path) -> None:
     assert not (run_dir / f"{pid}.json").exists()
 
 
+# A server with IPv6 NAT out of eth0.7 (accept_ra kept at 2), with either firewall.
+NET_RA = NetInfo("eth0", "198.51.100.1", ext_if6="eth0.7", ext6_accepts_ra=True)
+ACCEPT_RA = "net/ipv6/conf/eth0.7/accept_ra"
+NFT_PLAN = server_plan(ServerConfig(key_file="k"), "tun0", NET_RA, "nft")
+(NFT,) = [s for s in NFT_PLAN.steps if s.apply[0] == "nft"]
+IP6_MASQ = ("POSTROUTING", "-o", "eth0.7", "-s", "64:ff9b::192.168.192.1", "-j", "MASQUERADE")
+IP6_OUT = ("FORWARD", "-i", "tun0", "-o", "eth0.7", "-j", "ACCEPT")
+
+
+def plan_record_steps(plan: Plan, previous: dict[str, str]) -> list[dict[str, Any]]:
+    # As the runner records them: every step, sysctls with the value found before.
+    return [
+        step(s.apply, s.undo, sysctl=list(s.sysctl) if s.sysctl else None,
+             previous=previous[s.sysctl[0]] if s.sysctl else None)
+        for s in plan.steps
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("firewall", ["iptables", "nft"])
+def test_a_dead_record_of_ipv6_nat_is_undone(run_dir: Path, firewall: str) -> None:
+    # The control for the nft, ip6tables and accept_ra cases below: dsvpn's own steps run.
+    plan = server_plan(ServerConfig(key_file="k"), "tun0", NET_RA, firewall)  # type: ignore[arg-type]
+    before = {"net.ipv4.ip_forward": "0", "net.ipv6.conf.all.forwarding": "0", ACCEPT_RA: "1"}
+    put_raw(run_dir, dead_pid(), plan_record_steps(plan, before))
+    sysctls = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1", ACCEPT_RA: "2"}
+    host = FakeHost(sysctls)
+    assert instances.cleanup(LINUX, lambda _: None, run_dir=run_dir, run=host) == 1
+    if firewall == "nft":
+        rules = ["nft delete table inet dsvpn-tun0"]
+    else:
+        rules = [" ".join(s.undo) for s in reversed(plan.steps) if s.undo]
+        assert rules[0] == "ip6tables -t filter -D " + " ".join(IP6_OUT)
+        assert len(rules) == 8
+    assert host.calls == [
+        "sysctl net.ipv6.conf.all.forwarding=0",
+        f"sysctl {ACCEPT_RA}=1",
+        *rules,
+        "sysctl net.ipv4.ip_forward=0",
+    ]
+    assert host.sysctls == before
+
+
 def _hostile(kind: str, run_dir: Path) -> None:
     pid = dead_pid()
     good = good_record_steps()
@@ -223,6 +268,47 @@ def _hostile(kind: str, run_dir: Path) -> None:
     elif kind == "sysctl with an undo argv":
         sysctl = list(FWD.sysctl)
         put_raw(run_dir, pid, [step(FWD.apply, ("/bin/sh",), sysctl=sysctl, previous="0")])
+    elif kind == "nft undo deletes a table not ours":
+        put_raw(run_dir, pid, [step(NFT.apply, ("nft", "delete", "table", "inet",
+                                                "other-table-not-ours"))])  # fmt: skip
+    elif kind == "nft undo loads a file":
+        put_raw(run_dir, pid, [step(NFT.apply, ("nft", "-f", "/tmp/evil"))])
+    elif kind == "nft apply loads a file":
+        put_raw(run_dir, pid, [step(("nft", "-f", "/tmp/evil"), NFT.undo)])
+    elif kind == "nft undo names another dsvpn table":
+        put_raw(run_dir, pid, [step(NFT.apply, ("nft", "delete", "table", "inet", "dsvpn-tun1"))])
+    elif kind == "nft table not ours, apply and undo":
+        ruleset = NFT.apply[1].replace("dsvpn-tun0", "other-table-not-ours")
+        put_raw(run_dir, pid, [step(("nft", ruleset), ("nft", "delete", "table", "inet",
+                                                        "other-table-not-ours"))])  # fmt: skip
+    elif kind == "nft apply whose undo names a different table":
+        ruleset = NFT.apply[1].replace("dsvpn-tun0", "dsvpn-tun1", 1)  # the first line only
+        put_raw(run_dir, pid, [step(("nft", ruleset), ("nft", "delete", "table", "inet",
+                                                        "dsvpn-tun1"))])  # fmt: skip
+    elif kind == "nft flush in the undo":
+        put_raw(run_dir, pid, [step(NFT.apply, ("nft", "flush", "ruleset"))])
+    elif kind == "ip6tables shape dsvpn never makes":
+        rule = ("POSTROUTING", "-o", "eth0.7", "-j", "MASQUERADE")
+        put_raw(run_dir, pid, [step(("ip6tables", "-t", "nat", "-A", *rule),
+                                    ("ip6tables", "-t", "nat", "-D", *rule))])  # fmt: skip
+    elif kind == "ip6tables option as interface name":
+        rule = tuple("--modprobe=/tmp/x" if w == "eth0.7" else w for w in IP6_MASQ)
+        put_raw(run_dir, pid, [step(("ip6tables", "-t", "nat", "-A", *rule),
+                                    ("ip6tables", "-t", "nat", "-D", *rule))])  # fmt: skip
+    elif kind == "ip6tables undo of another rule":
+        put_raw(run_dir, pid, [step(("ip6tables", "-t", "nat", "-A", *IP6_MASQ),
+                                    ("ip6tables", "-t", "filter", "-D", *IP6_OUT))])  # fmt: skip
+    elif kind == "iptables undo of an ip6tables rule":
+        put_raw(run_dir, pid, [step(("ip6tables", "-t", "nat", "-A", *IP6_MASQ),
+                                    ("iptables", "-t", "nat", "-D", *IP6_MASQ))])  # fmt: skip
+    elif kind == "sysctl accept_ra of every interface":
+        key = "net.ipv6.conf.all.accept_ra"
+        put_raw(run_dir, pid, [step(("sysctl", f"{key}=2"), None, sysctl=[key, "2"],
+                                    previous="0")])  # fmt: skip
+    elif kind == "sysctl accept_ra path escape":
+        key = "net/ipv6/conf/../../../kernel/accept_ra"
+        put_raw(run_dir, pid, [step(("sysctl", f"{key}=2"), None, sysctl=[key, "2"],
+                                    previous="0")])  # fmt: skip
     elif kind == "not json":
         run_dir.mkdir(mode=0o700)
         (run_dir / f"{pid}.json").write_text("{not json")
@@ -236,6 +322,12 @@ HOSTILE = [
     "pid -1", "pid 0", "pid not an int", "no start stamp", "other version", "shell in undo",
     "undo not the apply's twin", "iptables shape dsvpn never makes", "option as interface name",
     "sysctl key dsvpn never sets", "sysctl crafted value", "sysctl with an undo argv", "not json",
+    "nft undo deletes a table not ours", "nft undo loads a file", "nft apply loads a file",
+    "nft undo names another dsvpn table", "nft table not ours, apply and undo",
+    "nft apply whose undo names a different table", "nft flush in the undo",
+    "ip6tables shape dsvpn never makes", "ip6tables option as interface name",
+    "ip6tables undo of another rule", "iptables undo of an ip6tables rule",
+    "sysctl accept_ra of every interface", "sysctl accept_ra path escape",
 ]  # fmt: skip
 
 

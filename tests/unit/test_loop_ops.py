@@ -159,12 +159,15 @@ def test_replaced_session_is_recorded() -> None:
         pump(rig.loop, lambda _: stat(rig.loop, "tun_tx_packets") == 1)
         second = RawClient(rig.lst, KEY)
         second.hello()
+        pump(rig.loop, lambda _: stat(rig.loop, "probation") == 1)
+        second.finish()
+        second.send(ip4_packet("10.0.0.2"))  # its first frame ends the probation
         pump(rig.loop, has(L.EV_SESSION_UP))
         ended = rig.loop.ended_session()
         assert ended is not None and ended["rx_packets"] == 1
         assert ended["reason"] == "replaced by a new session from the same address"
         session = rig.loop.session()
-        assert session is not None and session["rx_packets"] == 0
+        assert session is not None and session["rx_packets"] == 1 and not session["pfs"]
         for rc in (first, second):
             rc.sock.close()
 

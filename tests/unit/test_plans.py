@@ -4,14 +4,18 @@ nothing else is."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from dsvpn.config import ClientConfig, Config, ServerConfig
+from dsvpn.config import ClientConfig, ClientNetwork, Config, ServerConfig
+from dsvpn.errors import UsageError
 from dsvpn.plan import Plan
 from dsvpn.platform import NAMES, by_name
 from dsvpn.platform._common import NetInfo
 
 NET = NetInfo("eth0", "198.51.100.1")
+NET6 = NetInfo("eth0", "198.51.100.1", ext_if6="eth6")
 BSDS = ("macos", "openbsd", "freebsd", "netbsd", "dragonfly")
 
 
@@ -77,6 +81,9 @@ def test_linux_client_plan() -> None:
         "ip -6 addr add 64:ff9b::192.168.192.1 peer 64:ff9b::192.168.192.254/96 dev tun0",
         "ip route add default dev tun0 table 42069",
         "ip -6 route add default dev tun0 table 42069",
+        # Fail closed: these outlive the tun (kill -9) while the rules send traffic here.
+        "ip route add unreachable default metric 4294967295 table 42069",
+        "ip -6 route add unreachable default metric 4294967295 table 42069",
         "ip rule add not fwmark 42069 table 42069",
         "ip -6 rule add not fwmark 42069 table 42069",
         "ip rule add table main suppress_prefixlength 0",
@@ -87,6 +94,8 @@ def test_linux_client_plan() -> None:
         "ip rule delete table main suppress_prefixlength 0",
         "ip -6 rule delete table 42069",
         "ip rule delete table 42069",
+        "ip -6 route delete unreachable default metric 4294967295 table 42069",
+        "ip route delete unreachable default metric 4294967295 table 42069",
         f"iptables -t raw -D {RAW_C}",
         "restore net.ipv4.tcp_congestion_control",
     ]
@@ -171,7 +180,12 @@ def test_server_notes() -> None:
         assert line.startswith("NAT is not configured on ")
     for name in NAMES:
         assert by_name(name).notes(c, "tun0", NET) == []
-    assert by_name("linux").notes(s, "tun0", NET) == []
+    # Linux NATs IPv6 too when the server has an IPv6 route out, and says when it has none.
+    assert by_name("linux").notes(s, "tun0", NET) == [
+        "no IPv6 route out: clients' IPv6 traffic will not be forwarded"
+    ]
+    assert by_name("linux").notes(s, "tun0", NET6) == []
+    assert by_name("linux").notes(c, "tun0", NET) == []
 
 
 def test_only_a_new_gateway_changes_the_gateway_steps() -> None:
@@ -189,20 +203,238 @@ def test_only_a_new_gateway_changes_the_gateway_steps() -> None:
     assert not changed("openbsd", server_cfg(), NET, other)
 
 
+# -- Linux: IPv6 NAT and the nft firewall ------------------------------------------------------
+
+RAW6 = "PREROUTING ! -i tun0 -d 64:ff9b::192.168.192.254 -m addrtype ! --src-type LOCAL -j DROP"
+
+
+def linux_plan(cfg: Config, net: NetInfo, firewall: str | None) -> Plan:
+    cfg = dataclasses.replace(cfg, firewall=firewall)  # type: ignore[arg-type]
+    return by_name("linux").plan(cfg, "tun0", net)
+
+
+def test_linux_server_plan_with_ipv6_route_out() -> None:
+    plan = linux_plan(server_cfg(), NET6, "iptables")
+    seed = cmds(by_name("linux").plan(server_cfg(), "tun0", NET))
+    # The seed's commands first, unchanged; then the same for IPv6 out of eth6.
+    assert cmds(plan)[: len(seed)] == seed
+    assert cmds(plan)[len(seed) :] == [
+        f"ip6tables -t raw -I {RAW6}",
+        "ip6tables -t nat -A POSTROUTING -o eth6 -s 64:ff9b::192.168.192.1 -j MASQUERADE",
+        "ip6tables -t filter -A FORWARD -i eth6 -o tun0 -m state --state RELATED,ESTABLISHED"
+        " -j ACCEPT",
+        "ip6tables -t filter -A FORWARD -i tun0 -o eth6 -j ACCEPT",
+        # Its own client's address to its own tun, however many servers share 64:ff9b::/96.
+        "ip -6 route add 64:ff9b::192.168.192.1/128 dev tun0",
+        "sysctl net.ipv6.conf.all.forwarding=1",
+    ]
+    assert undos(plan)[:5] == [
+        "restore net.ipv6.conf.all.forwarding",
+        "ip6tables -t filter -D FORWARD -i tun0 -o eth6 -j ACCEPT",
+        "ip6tables -t filter -D FORWARD -i eth6 -o tun0 -m state --state RELATED,ESTABLISHED"
+        " -j ACCEPT",
+        "ip6tables -t nat -D POSTROUTING -o eth6 -s 64:ff9b::192.168.192.1 -j MASQUERADE",
+        f"ip6tables -t raw -D {RAW6}",
+    ]
+    assert undos(plan)[5:] == undos(by_name("linux").plan(server_cfg(), "tun0", NET))
+    assert plan.steps[-1].sysctl == ("net.ipv6.conf.all.forwarding", "1")
+
+
+@pytest.mark.parametrize(
+    ("ifname", "key"),
+    [("eth6", "net.ipv6.conf.eth6.accept_ra"), ("eth0.7", "net/ipv6/conf/eth0.7/accept_ra")],
+)
+def test_linux_server_keeps_router_advertisements(ifname: str, key: str) -> None:
+    # Turning forwarding on would drop the default route learnt from advertisements: the
+    # interface is told to keep taking them first, and is set back after forwarding.
+    net = NetInfo("eth0", "198.51.100.1", ext_if6=ifname, ext6_accepts_ra=True)
+    plan = linux_plan(server_cfg(), net, "iptables")
+    assert cmds(plan)[-2:] == [f"sysctl {key}=2", "sysctl net.ipv6.conf.all.forwarding=1"]
+    assert plan.steps[-2].sysctl == (key, "2")
+    assert undos(plan)[:2] == ["restore net.ipv6.conf.all.forwarding", f"restore {key}"]
+    # Without advertisements there is nothing to keep.
+    assert not any("accept_ra" in c for c in cmds(linux_plan(server_cfg(), NET6, "iptables")))
+
+
+def test_linux_server_auto_firewall_is_iptables_when_installed() -> None:
+    assert cmds(by_name("linux").plan(server_cfg(), "tun0", NET6)) == cmds(
+        linux_plan(server_cfg(), NET6, "iptables")
+    )
+
+
+NFT_SERVER_HEAD = """\
+add table inet dsvpn-tun0
+delete table inet dsvpn-tun0
+table inet dsvpn-tun0 {
+	chain prerouting {
+		type filter hook prerouting priority raw; policy accept;
+		iifname != "tun0" ip daddr 192.168.192.254 fib saddr type != local drop
+"""
+
+
+def test_linux_server_plan_nft_ipv4_only() -> None:
+    plan = linux_plan(server_cfg(), NET, "nft")
+    table = cmds(linux_plan(server_cfg(), NET, "iptables"))
+    # The four iptables commands become one nft command at the place of the first.
+    assert cmds(plan)[:4] == table[:4]
+    assert len(plan.steps) == 5
+    nft = plan.steps[4]
+    assert nft.apply[0] == "nft" and len(nft.apply) == 2
+    assert nft.apply[1] == NFT_SERVER_HEAD + (
+        "\t}\n"
+        "\tchain postrouting {\n"
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+        '\t\toifname "eth0" ip saddr 192.168.192.1 masquerade\n'
+        "\t}\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority filter; policy accept;\n"
+        '\t\tmeta nfproto ipv4 iifname "eth0" oifname "tun0" ct state related,established'
+        " accept\n"
+        '\t\tmeta nfproto ipv4 iifname "tun0" oifname "eth0" accept\n'
+        "\t}\n"
+        "}\n"
+    )
+    assert nft.undo == ("nft", "delete", "table", "inet", "dsvpn-tun0")
+    assert undos(plan) == ["nft delete table inet dsvpn-tun0", "restore net.ipv4.ip_forward"]
+    assert "ip6" not in nft.apply[1]
+
+
+def test_linux_server_plan_nft_with_ipv6() -> None:
+    plan = linux_plan(server_cfg(), NET6, "nft")
+    assert cmds(plan)[-2:] == [
+        "ip -6 route add 64:ff9b::192.168.192.1/128 dev tun0",
+        "sysctl net.ipv6.conf.all.forwarding=1",
+    ]
+    (nft,) = [s for s in plan.steps if s.apply[0] == "nft"]
+    assert nft.apply[1] == NFT_SERVER_HEAD + (
+        '\t\tiifname != "tun0" ip6 daddr 64:ff9b::c0a8:c0fe fib saddr type != local drop\n'
+        "\t}\n"
+        "\tchain postrouting {\n"
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+        '\t\toifname "eth0" ip saddr 192.168.192.1 masquerade\n'
+        '\t\toifname "eth6" ip6 saddr 64:ff9b::c0a8:c001 masquerade\n'
+        "\t}\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority filter; policy accept;\n"
+        '\t\tmeta nfproto ipv4 iifname "eth0" oifname "tun0" ct state related,established'
+        " accept\n"
+        '\t\tmeta nfproto ipv4 iifname "tun0" oifname "eth0" accept\n'
+        '\t\tmeta nfproto ipv6 iifname "eth6" oifname "tun0" ct state related,established'
+        " accept\n"
+        '\t\tmeta nfproto ipv6 iifname "tun0" oifname "eth6" accept\n'
+        "\t}\n"
+        "}\n"
+    )
+    assert undos(plan) == [
+        "restore net.ipv6.conf.all.forwarding",
+        "nft delete table inet dsvpn-tun0",
+        "restore net.ipv4.ip_forward",
+    ]
+    assert not any(s.apply[0] in ("iptables", "ip6tables") for s in plan.steps)
+
+
+def test_linux_client_plan_nft() -> None:
+    plan = linux_plan(client_cfg(), NET, "nft")
+    ipt = linux_plan(client_cfg(), NET, "iptables")
+    # Only the anti-spoof rule changes tool; everything else is the same plan.
+    assert [c for c in cmds(plan) if not c.startswith("nft")] == [
+        c for c in cmds(ipt) if not c.startswith("iptables")
+    ]
+    nft = plan.steps[2]
+    assert nft.apply == (
+        "nft",
+        "add table inet dsvpn-tun0\n"
+        "delete table inet dsvpn-tun0\n"
+        "table inet dsvpn-tun0 {\n"
+        "\tchain prerouting {\n"
+        "\t\ttype filter hook prerouting priority raw; policy accept;\n"
+        '\t\tiifname != "tun0" ip daddr 192.168.192.1 fib saddr type != local drop\n'
+        "\t}\n"
+        "}\n",
+    )
+    assert undos(plan)[-2:] == [
+        "nft delete table inet dsvpn-tun0",
+        "restore net.ipv4.tcp_congestion_control",
+    ]
+
+
+def test_render_linux_server_nft() -> None:
+    backend = by_name("linux")
+    cfg = dataclasses.replace(server_cfg(), firewall="nft")
+    plan = backend.plan(cfg, "tun0", backend.placeholder_net())
+    lines = "\n".join(plan.render(backend)).split("\n")
+    # The ruleset reads as it is, in single quotes (so the line also works in a shell).
+    start = lines.index("nft 'add table inet dsvpn-tun0")
+    end = lines.index("'")
+    assert lines[start + 1 : start + 3] == [
+        "delete table inet dsvpn-tun0",
+        "table inet dsvpn-tun0 {",
+    ]
+    assert '\t\toifname "<ext-if>" ip saddr 192.168.192.1 masquerade' in lines[start:end]
+    assert lines[end + 1 :] == [
+        "# on exit",
+        "nft delete table inet dsvpn-tun0",
+        "sysctl net.ipv4.ip_forward=<saved>",
+    ]
+
+
+@pytest.mark.parametrize("name", BSDS)
+def test_firewall_option_is_linux_only(name: str) -> None:
+    # Refused for a real run and a dry run alike (both prepare the config).
+    for cfg in (server_cfg(), client_cfg()):
+        with pytest.raises(UsageError, match=f"--firewall has no effect on {name}"):
+            by_name(name).prepare(dataclasses.replace(cfg, firewall="nft"))
+        by_name(name).prepare(cfg)
+
+
 # -- what the backends recognise in a record ------------------------------------------------------
 
 IPV6_NET = NetInfo("em0", "fe80::1%em0")
+RA_NETS = (
+    NetInfo("eth0", "198.51.100.1", ext_if6="eth6", ext6_accepts_ra=True),
+    NetInfo("eth0", "198.51.100.1", ext_if6="eth0.7", ext6_accepts_ra=True),
+)
 
 
 def every_plan(name: str) -> list[Plan]:
     backend = by_name(name)
-    return [
+    plans = [
         backend.plan(server_cfg(), "tun0", NET),
         backend.plan(client_cfg(), "tun0", NET),
         backend.plan(client_cfg("2001:db8::5"), "tun3", IPV6_NET),
         backend.plan(ServerConfig(key_file="k", local_tun_ip="10.8.0.1", remote_tun_ip="10.8.0.2"),
                      "dsvpn-a", NetInfo("wan0", "10.0.0.1")),
+        *client_network_plans(name),
     ]  # fmt: skip
+    if name == "linux":
+        # IPv6 NAT (ip6tables, accept_ra) and both firewalls.
+        for firewall in ("iptables", "nft"):
+            for net in (NET6, *RA_NETS):
+                plans.append(linux_plan(server_cfg(), net, firewall))
+                plans.append(linux_plan(client_cfg(), net, firewall))
+    return plans
+
+
+def client_network_plans(name: str) -> list[Plan]:
+    """The client's --route/--exclude/--no-routes/--dns/--kill-switch, every DNS method."""
+    backend = by_name(name)
+    net = NetInfo("eth0", "198.51.100.1", other_gateway="fe80::1%eth0")
+    methods = {"linux": ("resolved", "resolvconf", "openresolv", "file"), "macos": ("scutil",)}
+    plans = []
+    for method in methods.get(name, ("resolvconf", "openresolv", "file")):
+        options = ClientNetwork(
+            routes=("10.0.0.0/8", "2001:db8::/32"), excludes=("10.1.0.0/16", "fd00::/8"),
+            dns=("10.0.0.53", "192.0.2.53"), dns_via=method, dns_service="A1-B2",
+            kill_switch=backend.kill_switch, local_nets=("192.0.2.0/24", "2001:db8:1::/64"),
+        )  # fmt: skip
+        for network in (options, ClientNetwork(excludes=("192.168.0.0/16",), dns_via=method)):
+            for firewall in backend.firewalls or (None,):
+                cfg = ClientConfig(
+                    key_file="k", server="s", server_ip="203.0.113.5", network=network,
+                    firewall=firewall,  # type: ignore[arg-type]
+                )  # fmt: skip
+                plans.append(backend.plan(cfg, "tun0", net))
+    return plans
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -211,7 +443,7 @@ def test_every_planned_undo_is_recognised(name: str) -> None:
     for plan in every_plan(name):
         for step in plan.steps:
             if step.sysctl:
-                assert step.sysctl[0] in backend.sysctl_keys
+                assert backend.is_sysctl_key(step.sysctl[0]), step
                 assert step.apply == backend.sysctl_write(*step.sysctl)
                 assert step.undo is None
             elif step.undo is not None:
@@ -245,6 +477,32 @@ def test_every_planned_undo_is_recognised(name: str) -> None:
         ("route", "add", "-inet6", "2001:db8::5", "fe80::1%-x"),
         ("sysctl", "net.ipv4.ip_forward=1"),
         ("ifconfig", "tun0", "10.0.0.1", "10.0.0.2", "up"),
+        # ip6tables: only the shapes of the IPv6 rules, with IPv6 addresses.
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth6", "-s", "192.168.192.1",
+         "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth6", "-s", "64:ff9b::/96",
+         "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "nat", "-A", "POSTROUTING", "-o", "--modprobe=/x", "-s",
+         "64:ff9b::c0a8:c001", "-j", "MASQUERADE"),
+        ("ip6tables", "-t", "filter", "-A", "INPUT", "-i", "eth6", "-j", "ACCEPT"),
+        ("ip6tables", "-t", "filter", "-D", "FORWARD", "-i", "tun0", "-o", "eth6", "-j",
+         "ACCEPT"),
+        # nft: only the load of a dsvpn-<tun> table, as one ruleset argument.
+        ("nft", "-f", "/tmp/evil"),
+        ("nft", "delete table inet dsvpn-tun0"),
+        ("nft", "add table inet other-table-not-ours\ndelete table inet other-table-not-ours\n"
+         "table inet other-table-not-ours {\n}\n"),
+        ("nft", "add table inet dsvpn-tun0\ndelete table inet dsvpn-tun0\n"
+         "table inet dsvpn-tun1 {\n}\n"),
+        ("nft", "add table inet dsvpn-tun0\nflush ruleset\ntable inet dsvpn-tun0 {\n}\n"),
+        ("nft", "add table inet dsvpn-../x\ndelete table inet dsvpn-../x\n"
+         "table inet dsvpn-../x {\n}\n"),
+        ("nft", "add table ip dsvpn-tun0\ndelete table ip dsvpn-tun0\n"
+         "table ip dsvpn-tun0 {\n}\n"),
+        ("nft", "add table inet dsvpn-tun0\ndelete table inet dsvpn-tun0\n"
+         "table inet dsvpn-tun0 {\n}\n", "-f"),
+        ("nft", "add table inet dsvpn-tun0\ndelete table inet dsvpn-tun0\n"
+         "table inet dsvpn-tun0 {\n"),
     ],
 )  # fmt: skip
 def test_nothing_else_is_recognised(apply: tuple[str, ...]) -> None:
@@ -257,6 +515,7 @@ def test_sysctl_syntax_and_keys() -> None:
     assert by_name("freebsd").sysctl_write("k", "v") == ("sysctl", "-w", "k=v")
     assert by_name("linux").sysctl_keys == {
         "net.ipv4.ip_forward",
+        "net.ipv6.conf.all.forwarding",
         "net.ipv4.tcp_congestion_control",
     }
     for name in BSDS:
@@ -272,3 +531,53 @@ def test_mtu_commands() -> None:
     assert by_name("linux").mtu_argv("tun0", 9000) == ("ip", "link", "set", "dev", "tun0", "mtu",
                                                        "9000")  # fmt: skip
     assert by_name("netbsd").mtu_argv("tun1", 1500) == ("ifconfig", "tun1", "mtu", "1500")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "net.ipv6.conf.eth6.accept_ra",
+        "net/ipv6/conf/eth0.7/accept_ra",
+        "net.ipv6.conf.a-fifteen-chars.accept_ra",
+        "net.ipv6.conf.all.forwarding",
+    ],
+)
+def test_linux_sysctl_keys_it_plans(key: str) -> None:
+    assert by_name("linux").is_sysctl_key(key)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "kernel.core_pattern",
+        "net.ipv6.conf.eth6.forwarding",
+        "net.ipv6.conf.eth6.accept_ra.x",
+        "net.ipv6.conf.all.accept_ra",  # every interface, not one
+        "net.ipv6.conf.default.accept_ra",  # interfaces to come
+        "net/ipv6/conf/all/accept_ra",
+        "net.ipv6.conf.eth0.7.accept_ra",  # sysctl would read net.ipv6.conf.eth0 . 7...
+        "net/ipv6/conf/eth6/accept_ra",  # dsvpn writes the dot form for a name without dots
+        "net/ipv6/conf/../accept_ra",
+        "net/ipv6/conf/../x/accept_ra",
+        "net/ipv6/conf/./accept_ra",
+        "net.ipv6.conf..accept_ra",
+        "net.ipv6.conf.a-sixteen-chars!.accept_ra",
+        "net.ipv6.conf.-x.accept_ra",
+        "net.ipv6.conf.eth 6.accept_ra",
+        "net.ipv6.conf.eth6.accept_ra\n",
+        " net.ipv6.conf.eth6.accept_ra",
+    ],
+)
+def test_linux_sysctl_keys_it_does_not_plan(key: str) -> None:
+    assert not by_name("linux").is_sysctl_key(key)
+    for name in BSDS:
+        assert not by_name(name).is_sysctl_key(key)
+
+
+def test_accept_ra_key_refuses_what_it_could_not_read_back() -> None:
+    from dsvpn.errors import DsvpnError
+    from dsvpn.platform.linux import accept_ra_key
+
+    for ifname in ("all", "default", "-x", "a/b", "x" * 16, ""):
+        with pytest.raises(DsvpnError, match="cannot be used in a sysctl key"):
+            accept_ra_key(ifname)

@@ -4,6 +4,7 @@ checks shared by real and dry runs, and what platform/ may import."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import errno
 import fcntl
 import os
@@ -270,9 +271,23 @@ def test_linux_check_host(tmp_path: Path) -> None:
         everything.check_host(cfg)
     dev.touch()
     everything.check_host(cfg)
-    no_ipt = linux.LinuxBackend(which=lambda t: None if t == "iptables" else t, clone_dev=str(dev))
+
+    # auto: iptables when installed, else nft; neither is a one-line error (exit 69).
+    def without(*tools: str) -> linux.LinuxBackend:
+        return linux.LinuxBackend(which=lambda t: None if t in tools else t, clone_dev=str(dev))
+
+    without("iptables").check_host(cfg)
+    without("nft").check_host(cfg)
+    with pytest.raises(
+        PrerequisiteError,
+        match=r"^neither iptables nor nft found \(install iptables or nftables\)$",
+    ) as exc:
+        without("iptables", "nft").check_host(cfg)
+    assert exc.value.exit_code == 69
     with pytest.raises(PrerequisiteError, match=r"`iptables` not found \(install iptables\)"):
-        no_ipt.check_host(cfg)
+        without("iptables").check_host(dataclasses.replace(cfg, firewall="iptables"))
+    with pytest.raises(PrerequisiteError, match=r"`nft` not found \(install nftables\)"):
+        without("nft").check_host(dataclasses.replace(cfg, firewall="nft"))
     no_ip = linux.LinuxBackend(which=lambda t: None if t == "ip" else t, clone_dev=str(dev))
     with pytest.raises(PrerequisiteError, match="install iproute2"):
         no_ip.check_host(cfg)
@@ -396,12 +411,25 @@ DEFAULTS = {2: ("192.0.2.1", "eth0"), 10: ("2001:db8::1", "eth0")}
 
 
 def test_discover_server_default() -> None:
-    assert discover(make_cfg("server"), FakeNetifaces(DEFAULTS)) == NetInfo("eth0", "192.0.2.1")
+    assert discover(make_cfg("server"), FakeNetifaces(DEFAULTS)) == NetInfo(
+        "eth0", "192.0.2.1", ext_if6="eth0"
+    )
+    # The IPv6 route out may leave through another interface, or there may be none.
+    ni = FakeNetifaces({2: ("192.0.2.1", "eth0"), 10: ("fe80::1", "eth1")})
+    assert discover(make_cfg("server"), ni) == NetInfo("eth0", "192.0.2.1", ext_if6="eth1")
+    ni = FakeNetifaces({2: ("192.0.2.1", "eth0")})
+    assert discover(make_cfg("server"), ni) == NetInfo("eth0", "192.0.2.1", ext_if6=None)
 
 
 def test_discover_server_ext_ip() -> None:
     ni = FakeNetifaces(DEFAULTS)
-    assert discover(make_cfg("server", ext_ip="10.0.0.5"), ni) == NetInfo("eth1", "192.0.2.1")
+    assert discover(make_cfg("server", ext_ip="10.0.0.5"), ni) == NetInfo(
+        "eth1", "192.0.2.1", ext_if6="eth0"
+    )
+    # An external IPv6 address names the interface of both families.
+    assert discover(make_cfg("server", ext_ip="2001:db8::2"), ni) == NetInfo(
+        "eth0", "2001:db8::1", ext_if6="eth0"
+    )
     with pytest.raises(NetworkError, match=r"no interface has the external address 10\.9\.9\.9"):
         discover(make_cfg("server", ext_ip="10.9.9.9"), ni)
 
@@ -416,22 +444,57 @@ def test_discover_no_default_route() -> None:
 
 
 def test_discover_client() -> None:
+    # The other family's default gateway comes along (macOS/BSD route --exclude through it).
     ni = FakeNetifaces(DEFAULTS)
-    assert discover(make_cfg("client", server_ip="203.0.113.5"), ni) == NetInfo("eth0", "192.0.2.1")
+    assert discover(make_cfg("client", server_ip="203.0.113.5"), ni) == NetInfo(
+        "eth0", "192.0.2.1", other_gateway="2001:db8::1"
+    )
     assert discover(make_cfg("client", server_ip="2001:db8:5::5"), ni) == NetInfo(
-        "eth0", "2001:db8::1"
+        "eth0", "2001:db8::1", other_gateway="192.0.2.1"
     )
     # An explicit gateway: the interface whose subnet holds it.
     assert discover(make_cfg("client", "10.0.200.1", "203.0.113.5"), ni) == NetInfo(
-        "eth1", "10.0.200.1"
+        "eth1", "10.0.200.1", other_gateway="2001:db8::1"
     )
+    only4 = FakeNetifaces({2: DEFAULTS[2]})
+    assert discover(make_cfg("client", server_ip="203.0.113.5"), only4).other_gateway == ""
 
 
 def test_discover_via_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_common, "_netifaces", lambda: FakeNetifaces(DEFAULTS))
     backend = platform.by_name("linux")
-    assert backend.discover(make_cfg("server")) == NetInfo("eth0", "192.0.2.1")
-    assert backend.placeholder_net() == NetInfo("<ext-if>", "<gateway>")
+    assert backend.discover(make_cfg("server")) == NetInfo("eth0", "192.0.2.1", "eth0")
+    assert backend.placeholder_net() == NetInfo(
+        "<ext-if>", "<gateway>", other_gateway="<other-gateway>"
+    )
+    # The client has no use for the IPv6 route out (its other family's gateway it has).
+    assert backend.discover(make_cfg("client", server_ip="203.0.113.5")) == NetInfo(
+        "eth0", "192.0.2.1", other_gateway="2001:db8::1"
+    )
+
+
+@pytest.mark.parametrize(("accept_ra", "keeps"), [("1", True), ("0", False), ("2", True)])
+def test_linux_discover_reads_accept_ra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accept_ra: str, keeps: bool
+) -> None:
+    monkeypatch.setattr(_common, "_netifaces", lambda: FakeNetifaces(DEFAULTS))
+    conf = tmp_path / "net" / "ipv6" / "conf" / "eth0"
+    conf.mkdir(parents=True)
+    (conf / "accept_ra").write_text(accept_ra + "\n")
+    backend = linux.LinuxBackend(proc_sys=str(tmp_path))
+    assert backend.discover(make_cfg("server")) == NetInfo("eth0", "192.0.2.1", "eth0", keeps)
+    # An interface without the file (IPv6 off on it) counts as not taking advertisements.
+    (conf / "accept_ra").unlink()
+    assert not backend.discover(make_cfg("server")).ext6_accepts_ra
+
+
+def test_local_networks() -> None:
+    # Loopback is left out; IPv4 sorted before IPv6.
+    assert _common.local_networks(FakeNetifaces()) == (
+        "10.0.0.0/16",
+        "192.0.2.0/24",
+        "2001:db8::/64",
+    )
 
 
 # -- the config as each OS runs it ---------------------------------------------------------------
@@ -453,6 +516,21 @@ def test_prepare_checks_the_tun_name_and_sets_the_mtu(name: str, good: str, bad:
     with pytest.raises(UsageError, match="invalid tun device name"):
         backend.prepare(ServerConfig(key_file="k", tun_name=bad))
     assert backend.prepare(ClientConfig(key_file="k", server="h")).mtu == backend.default_mtu
+
+
+def test_linux_prepare_checks_the_tun_name_for_the_nft_table() -> None:
+    def backend(*installed: str) -> linux.LinuxBackend:
+        return linux.LinuxBackend(which=lambda t: f"/sbin/{t}" if t in installed else None)
+
+    cfg = ServerConfig(key_file="k", tun_name="vpn@1")  # a tun name, but no nft identifier
+    backend("iptables", "nft").prepare(cfg)
+    for nft, with_cfg in (
+        (backend("nft"), cfg),
+        (backend(), dataclasses.replace(cfg, firewall="nft")),
+    ):
+        with pytest.raises(UsageError, match=r"tun name 'vpn@1' cannot name an nft table"):
+            nft.prepare(with_cfg)
+    backend("nft").prepare(dataclasses.replace(cfg, tun_name="vpn-1"))
 
 
 def test_linux_tun_name_error_says_fifteen() -> None:

@@ -3,6 +3,7 @@ reconnecting and following the gateway."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -327,3 +328,112 @@ def test_server_lifecycle_claim_apply_loop_release(
         "[#] cmd a",
     ]
     assert os.listdir(run_dir) == [".lock"]  # the record is gone
+
+
+class AdoptLoop(FakeLoop):
+    """A client loop stand-in for --pfs: records adopt() and reports the session ending."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adopted: list[bytes] = []
+
+    def adopt(self, fd: int, key: bytes) -> None:
+        os.close(fd)
+        self.adopted.append(key)
+
+    def run(self, timeout_ms: int) -> tuple[int, str]:
+        from dsvpn._loop import EV_SESSION_DOWN
+
+        return EV_SESSION_DOWN, "connection closed by peer"
+
+
+def pfs_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve: Callable[[socket.socket], None]
+) -> tuple[tunnel.Tunnel, list[socket.socket]]:
+    """A --pfs client Tunnel whose every dial reaches a local listener handled by serve (one
+    thread per connection); returns (tunnel, dials)."""
+    cfg = dataclasses.replace(client_cfg(tmp_path), pfs=True)
+
+    class Backend:
+        def prepare(self, cfg: ClientConfig) -> ClientConfig:
+            return cfg
+
+    t = tunnel.Tunnel(cfg, Backend())  # type: ignore[arg-type]
+    monkeypatch.setattr(t, "_follow_gateway", lambda tun: None)
+    lst = socket.create_server(("127.0.0.1", 0))
+    dials: list[socket.socket] = []
+
+    def dial(signals: tunnel.Signals) -> socket.socket:
+        c = socket.create_connection(lst.getsockname(), timeout=5)
+        s, _ = lst.accept()
+        threading.Thread(target=serve, args=(s,), daemon=True).start()
+        c.setblocking(False)
+        dials.append(c)
+        return c
+
+    monkeypatch.setattr(t, "_dial", dial)
+    return t, dials
+
+
+def test_pfs_client_stops_when_the_server_does_not_accept_the_handshake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def c_dsvpn(s: socket.socket) -> None:
+        with s:
+            s.recv(72)  # a C server reads the classic length, finds no valid H1, closes
+
+    t, dials = pfs_client(tmp_path, monkeypatch, c_dsvpn)
+    loop = AdoptLoop()
+    t0 = time.monotonic()
+    with tunnel.Signals() as signals, pytest.raises(NetworkError) as info:
+        t._connect_forever(loop, signals, "tun0")  # type: ignore[arg-type]
+    assert str(info.value) == tunnel.PFS_NOT_ACCEPTED
+    assert str(info.value) == (
+        "the server did not accept the --pfs handshake: is it C DSVPN or an older dsvpn?"
+    )
+    assert len(dials) == 1 and loop.adopted == [] and loop.connected == []
+    assert time.monotonic() - t0 < 5
+
+
+def test_pfs_client_reconnects_after_other_failures_with_fresh_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dsvpn import pfs
+
+    key = bytes(32)  # client_cfg's key file
+    hellos: list[bytes] = []
+
+    def server(s: socket.socket) -> None:
+        with s:
+            s.settimeout(5)
+            hello = b""
+            while len(hello) < pfs.HELLO_LEN:
+                hello += s.recv(pfs.HELLO_LEN - len(hello))
+            hellos.append(hello)
+            if len(hellos) == 1:
+                s.sendall(bytes(pfs.REPLY_LEN))  # a reply that does not verify: reconnect
+                s.recv(1)
+                return
+            st = pfs.verify_hello(key, hello, int(time.time()))
+            reply, _ = pfs.server_reply(st, pfs.client_public(hello))
+            s.sendall(reply)
+            s.recv(1)
+
+    t, dials = pfs_client(tmp_path, monkeypatch, server)
+    loop = AdoptLoop()
+
+    class Stopper(tunnel.Signals):
+        def wait(
+            self, seconds: float, sock: socket.socket | None = None, readable: bool = False
+        ) -> bool:
+            if sock is None and len(loop.adopted) == 1:
+                self.received = signal.SIGTERM  # stop before a third connection
+            return super().wait(0 if sock is None else seconds, sock, readable)
+
+    with caplog.at_level(logging.WARNING, logger="dsvpn"), Stopper() as signals:
+        assert t._connect_forever(loop, signals, "tun0") == 0  # type: ignore[arg-type]
+    assert len(dials) == 2 and len(loop.adopted) == 1 and len(loop.adopted[0]) == 32
+    assert "the server's reply failed authentication: wrong key?" in caplog.text
+    assert pfs.client_public(hellos[0]) != pfs.client_public(hellos[1])
+    for c in dials:
+        c.close()

@@ -11,12 +11,19 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from dsvpn.config import DEFAULT_MTU, ClientConfig, Config, ServerConfig
-from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied, PrerequisiteError
+from dsvpn.errors import (
+    DsvpnError,
+    NetworkError,
+    PermissionDenied,
+    PrerequisiteError,
+    UsageError,
+)
 from dsvpn.plan import Argv, Plan, Run
 
 PLACEHOLDER_IF = "<ext-if>"
 PLACEHOLDER_GW = "<gateway>"
 PLACEHOLDER_SERVER = "<server-ip>"
+PLACEHOLDER_OTHER_GW = "<other-gateway>"
 
 
 class NetInfo(NamedTuple):
@@ -25,6 +32,14 @@ class NetInfo(NamedTuple):
 
     ext_if: str
     gateway: str
+    # server: the interface of the IPv6 route out (None: there is none, IPv6 is not NATed),
+    # and whether it takes router advertisements (Linux accept_ra 1 or 2), which turning
+    # forwarding on would stop unless accept_ra is 2.
+    ext_if6: str | None = None
+    ext6_accepts_ra: bool = False
+    # client: the default gateway of the other IP family ("" if none): macOS and the BSDs
+    # route --exclude prefixes of that family through it.
+    other_gateway: str = ""
 
 
 class TunFraming(NamedTuple):
@@ -47,8 +62,12 @@ class Backend(ABC):
     default_mtu: int = DEFAULT_MTU
     # (tool, what provides it) that check_host() requires on PATH.
     tools: tuple[tuple[str, str], ...] = ()
-    # Every sysctl key a plan of this backend sets.
+    # Every sysctl key of fixed name a plan of this backend sets (see is_sysctl_key).
     sysctl_keys: frozenset[str] = frozenset()
+    # The packet filters --firewall may name (Linux only).
+    firewalls: tuple[str, ...] = ()
+    # Whether its client plans have a --kill-switch.
+    kill_switch = False
 
     def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
         self._which = which
@@ -56,8 +75,11 @@ class Backend(ABC):
     def prepare(self, cfg: Config) -> Config:
         """The config as this OS runs it, for a real run and a dry run alike: the tun name
         checked as open_tun would (UsageError), and this OS's MTU."""
+        self.check_firewall(cfg)
         if cfg.tun_name is not None:
             self.check_tun_name(cfg.tun_name)
+        if isinstance(cfg, ClientConfig) and cfg.network.kill_switch and not self.kill_switch:
+            raise UsageError(f"--kill-switch is available on Linux and macOS, not on {self.name}")
         return dataclasses.replace(cfg, mtu=self.default_mtu)
 
     @abstractmethod
@@ -74,7 +96,14 @@ class Backend(ABC):
         return discover(cfg)
 
     def placeholder_net(self) -> NetInfo:
-        return NetInfo(PLACEHOLDER_IF, PLACEHOLDER_GW)
+        return NetInfo(PLACEHOLDER_IF, PLACEHOLDER_GW, other_gateway=PLACEHOLDER_OTHER_GW)
+
+    def needs_gateway(self, cfg: Config) -> bool:
+        """Whether the plan uses the default gateway (or interface): only then must discovery
+        succeed, and only then is it repeated when the client reconnects."""
+        if isinstance(cfg, ServerConfig):
+            return True
+        return bool(self.client_plan(cfg, "<tun>", self.placeholder_net()).gateway_steps())
 
     @abstractmethod
     def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
@@ -83,6 +112,11 @@ class Backend(ABC):
 
     @abstractmethod
     def mtu_argv(self, tun: str, mtu: int) -> Argv: ...
+
+    def check_firewall(self, cfg: Config) -> None:
+        """UsageError for a --firewall this OS does not have."""
+        if cfg.firewall is not None and cfg.firewall not in self.firewalls:
+            raise UsageError(f"--firewall has no effect on {self.name}: it sets no packet filter")
 
     def plan(self, cfg: Config, tun: str, net: NetInfo) -> Plan:
         if isinstance(cfg, ServerConfig):
@@ -101,6 +135,9 @@ class Backend(ABC):
 
     # -- plan.Dialect ------------------------------------------------------------------------
 
+    def is_sysctl_key(self, key: str) -> bool:
+        return key in self.sysctl_keys
+
     def sysctl_read(self, key: str) -> Argv:
         return ("sysctl", "-n", key)
 
@@ -110,6 +147,10 @@ class Backend(ABC):
     @abstractmethod
     def undo_of(self, apply: Sequence[str]) -> Argv | None:
         """The undo this backend plans for `apply`, or None if it plans no such step."""
+
+    def undo_input_fits(self, undo: Sequence[str], text: str) -> bool:
+        """Whether `text` is stdin this backend feeds to `undo` (none, unless it says so)."""
+        return False
 
 
 def server_address(cfg: ClientConfig) -> str:
@@ -204,7 +245,8 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
                 raise NetworkError(f"no interface has the external address {cfg.external_ip}")
             family = ni.AF_INET6 if is_ipv6(cfg.external_ip) else ni.AF_INET
             gateway = ni.gateways().get("default", {}).get(family, ("", ""))[0]
-            return NetInfo(ext_if, gateway)
+            ext_if6 = ext_if if is_ipv6(cfg.external_ip) else _route_out6(ni)
+            return NetInfo(ext_if, gateway, ext_if6)
         default = _default_route(ni, ni.AF_INET)
         if default is None:
             raise NetworkError(
@@ -212,16 +254,18 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
                 "traffic is unknown; give the external IP explicitly"
             )
         gateway, ext_if = default
-        return NetInfo(ext_if, gateway)
+        return NetInfo(ext_if, gateway, _route_out6(ni))
 
     server = server_address(cfg)
     family = ni.AF_INET6 if is_ipv6(server) else ni.AF_INET
+    other = _default_route(ni, ni.AF_INET if family == ni.AF_INET6 else ni.AF_INET6)
+    other_gateway = other[0] if other else ""
     if cfg.gateway_ip:
         ext_if = interface_reaching(ni, cfg.gateway_ip)
         if ext_if is None:
             default = _default_route(ni, family)
             ext_if = default[1] if default else ""
-        return NetInfo(ext_if, cfg.gateway_ip)
+        return NetInfo(ext_if, cfg.gateway_ip, other_gateway=other_gateway)
     default = _default_route(ni, family)
     if default is None:
         kind = "IPv6" if family == ni.AF_INET6 else "IPv4"
@@ -229,7 +273,13 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
             f"no default {kind} route towards the server {server}; give the gateway IP explicitly"
         )
     gateway, ext_if = default
-    return NetInfo(ext_if, gateway)
+    return NetInfo(ext_if, gateway, other_gateway=other_gateway)
+
+
+def _route_out6(ni: Any) -> str | None:
+    """The interface of the default IPv6 route, if there is one."""
+    default = _default_route(ni, ni.AF_INET6)
+    return default[1] if default else None
 
 
 def _default_route(ni: Any, family: int) -> tuple[str, str] | None:
@@ -264,21 +314,46 @@ def interface_with_address(ni: Any, address: str) -> str | None:
     return None
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(ni: Any, family: int) -> Iterable[tuple[str, Network]]:
+    """(interface, on-link subnet) of every address of one family."""
+    for name, a in _addresses(ni, family):
+        try:
+            host = a["addr"].split("%", 1)[0]
+            mask = a.get("netmask", "")
+            # netifaces gives IPv6 masks as "ffff:ffff::/64": only the prefix length counts.
+            prefix = mask.rsplit("/", 1)[1] if "/" in mask else mask
+            yield name, ipaddress.ip_network(f"{host}/{prefix}" if prefix else host, strict=False)
+        except (KeyError, ValueError):
+            continue
+
+
 def interface_reaching(ni: Any, address: str) -> str | None:
     """The interface whose on-link subnet contains `address` (the gateway)."""
     try:
         wanted = ipaddress.ip_address(address)
     except ValueError:
         return None
-    for name, a in _addresses(ni, _family(ni, address)):
-        try:
-            host = a["addr"].split("%", 1)[0]
-            mask = a.get("netmask", "")
-            # netifaces gives IPv6 masks as "ffff:ffff::/64": only the prefix length counts.
-            prefix = mask.rsplit("/", 1)[1] if "/" in mask else mask
-            net = ipaddress.ip_network(f"{host}/{prefix}" if prefix else host, strict=False)
-        except (KeyError, ValueError):
-            continue
+    for name, net in _networks(ni, _family(ni, address)):
         if wanted in net and net.num_addresses > 1:
             return name
     return None
+
+
+def local_networks(ni: Any = None) -> tuple[str, ...]:
+    """The subnets of this host's interfaces, sorted: what the kill switch lets through
+    besides the tunnel. Loopback, link-local (passed anyway) and single addresses (a
+    point-to-point link's own end) are left out."""
+    ni = ni if ni is not None else _netifaces()
+    found: set[Network] = set()
+    for family in (ni.AF_INET, ni.AF_INET6):
+        for _, net in _networks(ni, family):
+            if net.is_loopback or net.is_link_local or net.num_addresses == 1:
+                continue
+            found.add(net)
+    return tuple(
+        str(n)
+        for n in sorted(found, key=lambda n: (n.version, int(n.network_address), n.prefixlen))
+    )

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dsvpn.config import ClientConfig, Config, ServerConfig
-from dsvpn.errors import DsvpnError, UsageError
+from dsvpn.errors import DsvpnError, NetworkError, UsageError
 from dsvpn.plan import Argv, Plan, Run, Step
+from dsvpn.platform import _dns
 from dsvpn.platform._common import (
     Backend,
     NetInfo,
@@ -88,15 +90,54 @@ def _v6_half(half: str, remote6: str) -> Step:
     )
 
 
-def client_plan(cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
-    return Plan(
-        [
-            *address_steps(cfg, tun),
-            _host_route(server_address(cfg), net.gateway),
+def _net_route(prefix: str, via: str, gateway: bool = False) -> Step:
+    """A --route prefix through the tun's peer, or an --exclude one through the gateway of its
+    family (redone when it moves)."""
+    inet = ("-inet6",) if ":" in prefix else ()
+    return Step(
+        ("route", "add", *inet, "-net", prefix, via),
+        ("route", "delete", *inet, "-net", prefix),
+        gateway=gateway,
+    )
+
+
+def client_plan(cfg: ClientConfig, tun: str, net: NetInfo, platform: str = "freebsd") -> Plan:
+    """The routes of the client (everything, --route, --exclude, --no-routes) and --dns; the
+    kill switch is the backend's own (IfconfigBackend.kill_switch_steps)."""
+    opts = cfg.network
+    server = server_address(cfg)
+    steps = address_steps(cfg, tun)
+    if opts.full:
+        steps += [
+            _host_route(server, net.gateway),
             *(_v4_half(half, cfg.remote_tun_ip) for half in _V4_HALVES),
             *(_v6_half(half, cfg.remote_tun_ip6) for half in _V6_HALVES),
         ]
-    )
+    else:
+        carried = opts.carried()
+        if _covers(carried, server):
+            steps.append(_host_route(server, net.gateway))
+        for p in carried:
+            steps.append(_net_route(p, cfg.remote_tun_ip6 if ":" in p else cfg.remote_tun_ip))
+    for p in opts.excludes:
+        same_family = (":" in p) == is_ipv6(server)
+        gateway = net.gateway if same_family else net.other_gateway
+        if not gateway:
+            kind = "IPv6" if ":" in p else "IPv4"
+            raise NetworkError(f"no default {kind} route to send --exclude {p} around the tunnel")
+        steps.append(_net_route(p, gateway, gateway=True))
+    if opts.dns:
+        method = opts.dns_via or _dns.default_method(platform)
+        steps += _dns.steps(method, tun, opts.dns, opts.dns_service)
+    return Plan(steps)
+
+
+def _covers(prefixes: tuple[str, ...], address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return True  # a placeholder: show the route
+    return any(ip in ipaddress.ip_network(p) for p in prefixes if (":" in p) == (ip.version == 6))
 
 
 # Each shape with the function that makes its step from the apply argv: a record's undo is
@@ -112,12 +153,30 @@ _ROUTE_SHAPES: tuple[tuple[Shape, Callable[[Argv], Step]], ...] = (
 )
 
 
+def _prefix(version: int) -> Callable[[str], bool]:
+    def check(word: str) -> bool:
+        try:
+            return "/" in word and ipaddress.ip_network(word).version == version
+        except ValueError:
+            return False
+
+    return check
+
+
+_NET_ROUTE_SHAPES: tuple[Shape, ...] = (
+    ("route", "add", "-net", _prefix(4), word_gateway),
+    ("route", "add", "-inet6", "-net", _prefix(6), word_gateway),
+)
+
+
 def undo_of(apply: Sequence[str]) -> Argv | None:
     apply = tuple(apply)
     for shape, make in _ROUTE_SHAPES:
         if fits(apply, shape):
             return make(apply).undo
-    return None
+    if any(fits(apply, shape) for shape in _NET_ROUTE_SHAPES):
+        return _net_route(apply[-2], apply[-1]).undo
+    return _dns.undo_of(apply, resolved=False)
 
 
 class IfconfigBackend(Backend):
@@ -148,7 +207,14 @@ class IfconfigBackend(Backend):
         return server_plan(cfg, tun)
 
     def client_plan(self, cfg: ClientConfig, tun: str, net: NetInfo) -> Plan:
-        return client_plan(cfg, tun, net)
+        plan = client_plan(cfg, tun, net, self.name)
+        if cfg.network.kill_switch:
+            # Last: applied once the routes are in, undone first (see Tunnel).
+            plan.steps += self.kill_switch_steps(cfg, tun)
+        return plan
+
+    def kill_switch_steps(self, cfg: ClientConfig, tun: str) -> list[Step]:
+        raise UsageError(f"--kill-switch is available on Linux and macOS, not on {self.name}")
 
     def sysctl_write(self, key: str, value: str) -> Argv:
         return sysctl_write(key, value)

@@ -8,13 +8,14 @@ import fcntl
 import re
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from dsvpn.config import Config, ServerConfig
+from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, UsageError
-from dsvpn.plan import Run
-from dsvpn.platform._common import NetInfo, TunFraming, tun_open_error
+from dsvpn.plan import Argv, Run, Step
+from dsvpn.platform import _dns, _killswitch
+from dsvpn.platform._common import NetInfo, TunFraming, server_address, tun_open_error
 from dsvpn.platform._ifconfig import IfconfigBackend
 
 UTUN_CONTROL = "com.apple.net.utun_control"
@@ -41,6 +42,7 @@ def parse_utun_name(name: str) -> int:
 class DarwinBackend(IfconfigBackend):
     name = "macos"
     framing = TunFraming(header=True, af_inet=2, af_inet6=30)
+    kill_switch = True
 
     def __init__(
         self,
@@ -91,6 +93,18 @@ class DarwinBackend(IfconfigBackend):
             fd: int = sock.detach()
             return fd, name
         raise DsvpnError(f"no free utun device (tried utun0 .. utun{UTUN_UNITS - 1})")
+
+    def kill_switch_steps(self, cfg: ClientConfig, tun: str) -> list[Step]:
+        return _killswitch.pf_steps(cfg, tun, server_address(cfg))
+
+    def undo_of(self, apply: Sequence[str]) -> Argv | None:
+        apply = tuple(apply)
+        if apply == _dns.SCUTIL_STEP:
+            return _dns.SCUTIL_STEP
+        return _killswitch.pf_undo_of(apply) or super().undo_of(apply)
+
+    def undo_input_fits(self, undo: Sequence[str], text: str) -> bool:
+        return tuple(undo) == _dns.SCUTIL_STEP and _dns.scutil_undo_input_fits(text)
 
     def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
         if not isinstance(cfg, ServerConfig):

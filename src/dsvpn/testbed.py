@@ -1,6 +1,7 @@
 """A network-namespace testbed for dsvpn (end-to-end tests and the benchmark).
 
-No pytest dependency: ``tests/e2e`` and ``ci/bench.py`` both import it. Run as root.
+Used by ``dsvpn selftest``, the end-to-end tests and ``ci/bench.py``; it imports nothing beyond
+the standard library (no pytest, no compiled extension). Run as root.
 
 Topology built by :class:`Testbed` (``X`` is a per-run octet; every address and device exists
 only inside the testbed's own namespaces, the root namespace is never touched)::
@@ -18,12 +19,20 @@ The same links also carry IPv6, from a random ULA /48 ``U`` per run: ``U:1::/64`
 (server ``U:1::1``, clients ``U:1::2``, ``U:1::3``...) and ``U:2::/64`` between the server
 (``U:2::1``) and the inet host (``U:2::2``), with the same default routes (clients via
 ``U:1::1``, server via ``U:2::2``) and IPv6 forwarding off on the server. A client can thus
-reach the server over IPv6 (``Netns.ip6``); the inet host is reachable over IPv4 only through
-the VPN, as above (dsvpn does no IPv6 NAT). Duplicate address detection is off, and the
-testbed waits until no address is tentative, so every address is usable once it returns.
+reach the server over IPv6 (``Netns.ip6``); the inet host knows only ``U:2::/64``, so it
+answers a client over IPv6, as over IPv4, only through the VPN and the server's NAT (the
+server's IPv6 route out is its default route via the inet host). Duplicate address detection
+is off, and the testbed waits until no address is tentative, so every address is usable once
+it returns.
 
 ``Testbed.close()`` (also via ``with``) stops the processes it started, by PID, and deletes its
 namespaces, which removes their veths, tun devices, routes and netfilter rules.
+
+It never touches a namespace it did not create. Every namespace is recorded, before it is
+created, in a record file of this process (``/run/dsvpn-testbed/<pid>-<start>.json``, in a
+root-only directory); :func:`remove_stale_namespaces` deletes only the namespaces that such a
+record names once the process that wrote it is gone (same PID *and* start time), so a crashed
+run is cleaned up later without guessing from names.
 """
 
 from __future__ import annotations
@@ -31,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import importlib.util
 import ipaddress
 import json
 import os
@@ -39,16 +47,26 @@ import re
 import secrets
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 NS_PREFIX = "dsvt"
-REPO = Path(__file__).resolve().parent.parent
+# Where each testbed process records the namespaces it creates (see remove_stale_namespaces).
+RECORD_DIR = Path("/run/dsvpn-testbed")
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` mounts a named namespace
+# `ip netns exec NS` bind-mounts every file of /etc/netns/NS over /etc: each namespace gets a
+# resolv.conf of its own there before anything runs in it, so that nothing run inside (dsvpn
+# --dns included) can ever read or write the host's resolver configuration.
+NETNS_ETC = Path("/etc/netns")
+NS_RESOLV_CONF = "# dsvpn testbed namespace {name}\nnameserver 192.0.2.53\n"
 
 DEFAULT_PORT = 443
 SERVER_TUN_IP = "192.168.192.254"
@@ -146,6 +164,8 @@ class Netns:
         self.name = name
         self.role = role
         self.ip: str | None = None  # the host's main address, set by the testbed
+        # What /etc/resolv.conf is inside this namespace (see NETNS_ETC).
+        self.resolv_conf = NETNS_ETC / name / "resolv.conf"
         self.ip6: str | None = None  # its IPv6 (ULA) address on the same link, canonical form
 
     def __repr__(self) -> str:
@@ -180,10 +200,11 @@ class Netns:
         lines = proc.stdout.strip().splitlines()
         if not lines or not lines[-1].startswith("{"):
             raise TestbedError(f"ping {dest} from {self.name} failed: {proc.stderr.strip()}")
-        return json.loads(lines[-1])
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
 
     def ping_ok(self, dest: str, wait: float = 1.0) -> bool:
-        return self.ping(dest, 1, wait)["received"] == 1
+        return bool(self.ping(dest, 1, wait)["received"] == 1)
 
     def wait_ping(
         self, dest: str, timeout: float = 20, what: str | None = None, procs: Iterable[Proc] = ()
@@ -374,16 +395,22 @@ def reference(path: str | os.PathLike[str]) -> Impl:
 
 
 def python_env() -> dict[str, str]:
-    """Environment for ``python -m dsvpn``.
+    """Environment for ``python -m dsvpn``: the dsvpn that this module belongs to.
 
-    An installed dsvpn is used as it is (CI tests the installed package); only when none is
-    importable does an in-tree build (``setup.py build_ext --inplace``) get src/ on the path.
+    An installed dsvpn is found as it is; a checkout (``src/`` on sys.path, or an in-place
+    build) gets that directory on PYTHONPATH, so the child runs this very code.
     """
+    import site
+
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    src = REPO / "src"
-    if importlib.util.find_spec("dsvpn") is None and list((src / "dsvpn").glob("_loop*.so")):
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH")) if p)
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    site_dirs = {str(Path(p).resolve()) for p in site.getsitepackages()}
+    with contextlib.suppress(AttributeError):
+        site_dirs.add(str(Path(site.getusersitepackages()).resolve()))
+    if package_parent not in site_dirs:
+        paths = [package_parent, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
@@ -428,16 +455,39 @@ def _links(ns: Netns) -> str:
     return "\n".join(sorted(rows))
 
 
+# The tables iptables-nft keeps in nftables; iptables-save shows them.
+_XTABLES = {
+    f"table {family} {name}"
+    for family in ("ip", "ip6")
+    for name in ("filter", "nat", "raw", "mangle", "security")
+}
+
+
+def nft_tables(ns: Netns) -> list[str]:
+    """The nftables tables of ns that are not iptables-nft's ("table inet dsvpn-tun0")."""
+    if shutil.which("nft") is None:
+        return []
+    out = ns.run(["nft", "list", "tables"]).stdout
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    return sorted(line for line in lines if line not in _XTABLES)
+
+
+def _nft(ns: Netns) -> str:
+    return "\n".join(ns.run(["nft", "list", *t.split()]).stdout for t in nft_tables(ns))
+
+
 def snapshot(ns: Netns) -> dict[str, str]:
     """Everything dsvpn may change in a namespace, normalised for comparison."""
     snap = {
         "iptables": _normalise_iptables(ns.run(["iptables-save"]).stdout),
         "ip6tables": _normalise_iptables(ns.run(["ip6tables-save"]).stdout),
+        "nft": _nft(ns),
         "ip rule": ns.run(["ip", "rule"]).stdout.strip(),
         "ip -6 rule": ns.run(["ip", "-6", "rule"]).stdout.strip(),
         "ip route": ns.run(["ip", "route", "show", "table", "all"]).stdout.strip(),
         "ip -6 route": ns.run(["ip", "-6", "route", "show", "table", "all"]).stdout.strip(),
         "ip link": _links(ns),
+        "resolv.conf": ns.resolv_conf.read_text(),
     }
     for key in SYSCTLS:
         snap[key] = ns.sysctl(key)
@@ -603,16 +653,6 @@ time.sleep(float(sys.argv[3]))
 # The testbed
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _ipv6_not_ready(ns: Netns, dev: str | None = None) -> list[str]:
     """IPv6 addresses of ns (of dev) that cannot be used yet (tentative) or never will (DAD
     failed)."""
@@ -626,20 +666,246 @@ def _ipv6_not_ready(ns: Netns, dev: str | None = None) -> list[str]:
     return bad
 
 
-def remove_stale_namespaces() -> list[str]:
-    """Delete testbed namespaces whose creating process is gone (a crashed earlier run).
+# -- what this process created, so that only that is ever removed --------------------------------
 
-    Names are ``dsvt-<creator pid>-<random>-<role>``; a live creator's namespaces are kept.
+
+def start_stamp(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/PID/stat), None if there is none.
+
+    With the PID it names one process: a PID reused by a later process has another stamp.
     """
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and ")": split after its last ")".
+    return text.rsplit(")", 1)[1].split()[19]
+
+
+def _safe_dir(path: Path, create: bool) -> bool:
+    """True if ``path`` is a directory only this user (root) can write; create it if asked.
+
+    TestbedError if it exists but is anything else: records another user could write must
+    never decide which namespaces get deleted.
+    """
+    if create:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise TestbedError(f"{path} is not a directory private to uid {os.geteuid()}; remove it")
+    return True
+
+
+class _Record:
+    """This process's record of the namespaces it created, one JSON file in RECORD_DIR.
+
+    A name is recorded before ``ip netns add`` runs (then with its inode once it exists), and
+    dropped once the namespace is deleted; the file goes when nothing is left in it.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.pid = os.getpid()
+        self.start = start_stamp(self.pid)
+        self.directory = directory
+        self.path = directory / f"{self.pid}-{self.start or 'unknown'}.json"
+        self.namespaces: dict[str, int | None] = {}
+        self._lock = threading.Lock()
+
+    def set(self, name: str, inode: int | None) -> None:
+        with self._lock:
+            self.namespaces[name] = inode
+            self._save()
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            self.namespaces.pop(name, None)
+            self._save()
+
+    def _save(self) -> None:
+        if not self.namespaces:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        _safe_dir(self.directory, create=True)
+        data = {"pid": self.pid, "start": self.start, "namespaces": self.namespaces}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.path)
+
+
+_records: dict[int, _Record] = {}
+_records_lock = threading.Lock()
+
+
+def _record() -> _Record:
+    """The record of this process (a forked child gets its own)."""
+    with _records_lock:
+        pid = os.getpid()
+        if pid not in _records:
+            _records[pid] = _Record(RECORD_DIR)
+        return _records[pid]
+
+
+def netns_inode(name: str) -> int | None:
+    """The inode of a named namespace (the number in ``net:[...]``), None if there is none."""
+    try:
+        return os.stat(NETNS_DIR / name).st_ino
+    except OSError:
+        return None
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A record file's content if it is a regular file of ours with the expected shape."""
+    m = re.fullmatch(r"(\d+)-(\d+|unknown)\.json", path.name)
+    if not m:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None
+        try:
+            data = json.load(f)
+        except ValueError:
+            return None
+    if not isinstance(data, dict) or data.get("pid") != int(m.group(1)):
+        return None
+    if not isinstance(data.get("namespaces"), dict):
+        return None
+    return data
+
+
+def remove_stale_namespaces(directory: Path | None = None) -> list[str]:
+    """Delete the namespaces that testbed processes recorded and left behind when they died.
+
+    A record is acted on only when its process is gone: no process has its PID with the start
+    stamp it recorded. Then each namespace it names is deleted if it still exists and is the
+    same namespace (same inode; a name recorded just before a crash, without an inode, must
+    carry that process's PID). Namespaces that no record names are never touched.
+    Returns the names deleted.
+    """
+    directory = directory or RECORD_DIR
+    if not _safe_dir(directory, create=False):
+        return []
     removed = []
-    out = run(["ip", "netns", "list"], check=False).stdout
-    for line in out.splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = re.fullmatch(rf"{NS_PREFIX}-(\d+)-[0-9a-f]+-\w+", name)
-        if m and not _pid_alive(int(m.group(1))):
-            run(["ip", "netns", "del", name], check=False)
-            removed.append(name)
+    for path in sorted(directory.glob("*.json")):
+        data = _read_record(path)
+        if data is None:
+            continue
+        pid, start = int(data["pid"]), data.get("start")
+        alive = start_stamp(pid) == start if start else Path(f"/proc/{pid}").exists()
+        if pid == os.getpid() or alive:
+            continue
+        left = False
+        for name, inode in data["namespaces"].items():
+            if not re.fullmatch(rf"{NS_PREFIX}-{pid}-[0-9a-f]+-\w+", str(name)):
+                continue
+            now = netns_inode(name)
+            if now is not None and inode is not None and now != inode:
+                continue  # a namespace of the same name that is not the recorded one
+            if now is not None:
+                run(["ip", "netns", "del", name], check=False)
+                if netns_inode(name) is not None:
+                    left = True  # kept on record for the next sweep
+                    continue
+                removed.append(name)
+            # Gone: so is the resolv.conf that `ip netns exec` bind-mounted into it.
+            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+        if not left:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
     return removed
+
+
+class NotifyListener:
+    """Stands in for systemd's notification socket: the sd_notify datagrams a process sends
+    to $NOTIFY_SOCKET (``env()``), each kept with the time it was read.
+
+    A path, not an abstract name: abstract unix socket names belong to one network namespace.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def env(self) -> dict[str, str]:
+        return {"NOTIFY_SOCKET": str(self.path)}
+
+    def poll(self) -> list[dict[str, str]]:
+        """Read what has arrived; return the new messages (KEY=value lines as a dict)."""
+        new = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            lines = data.decode(errors="replace").split("\n")
+            fields = dict(line.split("=", 1) for line in lines if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+            new.append(fields)
+        return new
+
+    def last(self, key: str) -> str | None:
+        """The latest value sent for ``key`` (e.g. STATUS), None if never sent."""
+        self.poll()
+        for _, fields in reversed(self.messages):
+            if key in fields:
+                return fields[key]
+        return None
+
+    def wait_for(
+        self,
+        key: str,
+        value: str | Callable[[str], bool] | None = None,
+        timeout: float = 15,
+        procs: Iterable[Proc] = (),
+    ) -> dict[str, str]:
+        """The first message (new or already read) with ``key`` (equal to ``value``, or for
+        which ``value(v)`` holds)."""
+        checked = 0
+
+        def found() -> dict[str, str] | None:
+            nonlocal checked
+            self.poll()
+            for _, fields in self.messages[checked:]:
+                checked += 1
+                v = fields.get(key)
+                if v is None:
+                    continue
+                if value is None or (v == value if isinstance(value, str) else value(v)):
+                    return fields
+            return None
+
+        result: dict[str, str] = wait_until(
+            found, timeout, f"{key}={value or '...'} on {self.path}", 0.05, procs
+        )
+        return result
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _dsvpn_records_name(netns: str, run_dir: Path = Path("/run/dsvpn")) -> bool:
+    """Whether a dsvpn record in run_dir belongs to the network namespace ``netns``."""
+    for path in run_dir.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads(path.read_text()).get("identity", {}).get("netns") == netns:
+                return True
+    return False
 
 
 class Testbed:
@@ -660,8 +926,8 @@ class Testbed:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.tag}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.run_dir = self.workdir / "run"  # DSVPN_RUN_DIR shared by this testbed's instances
-        self.run_dir.mkdir(exist_ok=True)
+        self._record = _record()
+        self._listeners: list[NotifyListener] = []
         self.namespaces: list[Netns] = []
         self.procs: list[Proc] = []
         self.clients: list[Netns] = []
@@ -684,8 +950,25 @@ class Testbed:
 
     def _add_ns(self, role: str) -> Netns:
         ns = Netns(f"{self.tag}-{role}", role)
-        run(["ip", "netns", "add", ns.name])
+        # Recorded first: if this process dies right after `ip netns add`, a later run still
+        # knows the namespace was ours.
+        self._record.set(ns.name, None)
+        # Its resolv.conf before the namespace: `ip netns exec` must never find the host's
+        # (see NETNS_ETC).
+        etc = ns.resolv_conf.parent
+        created = not etc.exists()
+        try:
+            etc.mkdir(parents=True, exist_ok=True)
+            ns.resolv_conf.write_text(NS_RESOLV_CONF.format(name=ns.name))
+            run(["ip", "netns", "add", ns.name])
+        except BaseException:
+            # Not created (or the name was taken): it was never ours to remove.
+            self._record.drop(ns.name)
+            if created:
+                shutil.rmtree(etc, ignore_errors=True)
+            raise
         self.namespaces.append(ns)
+        self._record.set(ns.name, netns_inode(ns.name))
         # No IPv6 duplicate address detection: addresses are final at once, snapshots stable.
         for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
             ns.set_sysctl(key, "0")
@@ -743,7 +1026,7 @@ class Testbed:
         self._wait_ipv6_ready(self.server, "lan0")
         ns.run(["ip", "-6", "route", "add", "default", "via", self.addr6(1, 1)])
         self.clients.append(ns)
-        wait_until(lambda: ns.ping_ok(self.server.ip), 10, f"LAN link {ns.name} -> server")
+        wait_until(lambda: ns.ping_ok(self.server.ip or ""), 10, f"LAN link {ns.name} -> server")
         assert self.server.ip6
         wait_until(
             lambda: ns.ping_ok(self.server.ip6 or ""), 10, f"IPv6 LAN link {ns.name} -> server"
@@ -835,29 +1118,31 @@ class Testbed:
         return path
 
     def env(self, ns: Netns) -> dict[str, str]:
-        """Environment of a dsvpn process in ns: its own DSVPN_RUN_DIR under the workdir.
+        """Environment of a process in ns (dsvpn's records carry their network namespace, so
+        every namespace shares the one run directory, as separate hosts would not mind)."""
+        return python_env()
 
-        One run directory per namespace, as if each namespace were its own host: journals of
-        one namespace's instances must never be undone in another namespace.
-        """
-        env = python_env()
-        run_dir = self.run_dir / ns.role
-        run_dir.mkdir(exist_ok=True)
-        env["DSVPN_RUN_DIR"] = str(run_dir)
-        return env
-
-    def start(self, ns: Netns, argv: Sequence[str], name: str) -> Proc:
-        """Start a process in ns; its output goes to workdir/<name>.log."""
+    def start(
+        self, ns: Netns, argv: Sequence[str], name: str, env: dict[str, str] | None = None
+    ) -> Proc:
+        """Start a process in ns (``env``: extra variables); its output goes to
+        workdir/<name>.log."""
         log = self.workdir / f"{name}.log"
         shown = " ".join("<script>" if "\n" in a else a for a in argv)
         with open(log, "ab") as f:
             f.write(f"=== {time.strftime('%H:%M:%S')} [{ns.role}] {shown}\n".encode())
-        proc = Proc(name, ns, argv, log, env=self.env(ns))
+        proc = Proc(name, ns, argv, log, env={**self.env(ns), **(env or {})})
         self.procs.append(proc)
         return proc
 
+    def notify_listener(self, name: str) -> NotifyListener:
+        """A notification socket in the workdir, closed with the testbed."""
+        listener = NotifyListener(self.workdir / f"{name}.notify")
+        self._listeners.append(listener)
+        return listener
+
     def run_in(self, ns: Netns, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-        """Run a short command in ns with the testbed's environment (DSVPN_RUN_DIR)."""
+        """Run a short command in ns with the testbed's environment."""
         kw.setdefault("env", self.env(ns))
         return ns.run(argv, **kw)
 
@@ -872,11 +1157,12 @@ class Testbed:
         name: str = "server",
         port: int = DEFAULT_PORT,
         wait: bool = True,
+        env: dict[str, str] | None = None,
         **kw: Any,
     ) -> Proc:
         """Start a dsvpn server in the server namespace; wait until its port listens."""
         kw.setdefault("extra", ("-v",))
-        proc = self.start(self.server, impl.server_argv(key, port=port, **kw), name)
+        proc = self.start(self.server, impl.server_argv(key, port=port, **kw), name, env)
         if wait:
             self.wait_listening(proc, port)
         return proc
@@ -890,6 +1176,7 @@ class Testbed:
         name: str = "client",
         port: int = DEFAULT_PORT,
         server_ip: str | None = None,
+        env: dict[str, str] | None = None,
         **kw: Any,
     ) -> Proc:
         """Start a client connecting to ``server_ip`` (the server's LAN IPv4 address unless
@@ -898,7 +1185,7 @@ class Testbed:
         server_ip = server_ip or self.server.ip
         assert server_ip
         ns = ns or self.client
-        return self.start(ns, impl.client_argv(key, server_ip, port=port, **kw), name)
+        return self.start(ns, impl.client_argv(key, server_ip, port=port, **kw), name, env)
 
     def tunnel_up(
         self,
@@ -914,20 +1201,29 @@ class Testbed:
         timeout: float = 30,
         server_ip: str | None = None,
         listen: str = "auto",
+        extra: Sequence[str] = ("-v",),
     ) -> tuple[Proc, Proc]:
         """Start a server and a client; return once the client pings the server's tun address.
 
         ``net`` ("192.168.193") selects the tunnel addresses net.254 (server) and net.1 (client);
         None leaves them to the implementation's defaults (192.168.192.254 and .1).
         ``server_ip`` is the address the client connects to (default: the server's LAN IPv4),
-        ``listen`` the server's listen address (default: all, dual-stack).
+        ``listen`` the server's listen address (default: all, dual-stack), ``extra`` the
+        options of both (``--firewall nft``, say).
         """
         ns = ns or self.client
-        addrs: dict[str, str] = {}
+        addrs: dict[str, Any] = {}
         if net:
             addrs = {"local": f"{net}.254", "remote": f"{net}.1"}
         server = self.start_server(
-            impl, key, port=port, tun=tun, listen=listen, name=f"server{suffix}", **addrs
+            impl,
+            key,
+            port=port,
+            tun=tun,
+            listen=listen,
+            name=f"server{suffix}",
+            extra=extra,
+            **addrs,
         )
         if net:
             addrs = {"local": f"{net}.1", "remote": f"{net}.254"}
@@ -939,8 +1235,14 @@ class Testbed:
             tun=tun,
             name=f"client{suffix}",
             server_ip=server_ip,
+            extra=extra,
             **addrs,
         )
+        if not (client_impl or impl).reference:
+            # The ping alone proves little: until the server's anti-spoofing rule is in, its
+            # tun address answers over the LAN too. Ours says "session up" only once its
+            # whole plan is applied and the tunnel carries traffic.
+            self.wait_log(client, r"^session up", timeout)
         ns.wait_ping(
             f"{net or '192.168.192'}.254",
             timeout,
@@ -968,7 +1270,7 @@ class Testbed:
                     return line
             return None
 
-        return wait_until(found, timeout, f"/{pattern}/ in {proc.name} log")
+        return str(wait_until(found, timeout, f"/{pattern}/ in {proc.name} log"))
 
     def transfer(
         self,
@@ -995,15 +1297,18 @@ class Testbed:
                 rx.kill()
         return {"sent": json.loads(tx.stdout), "received": received}
 
-    def check_transfer_through_vpn(self, src: Netns, nbytes: int) -> None:
-        """src sends nbytes to the far host: the bytes and their sha256 match at both ends,
-        the far host sees the server's external address (NAT), and the server's tun carried
-        the bytes (the data really went through the tunnel). AssertionError otherwise."""
-        result = self.transfer(src, self.inet, self.inet.ip or "", nbytes)
+    def check_transfer_through_vpn(self, src: Netns, nbytes: int, ipv6: bool = False) -> None:
+        """src sends nbytes to the far host (its IPv6 address if ``ipv6``): the bytes and their
+        sha256 match at both ends, the far host sees the server's external address (NAT), and
+        the server's tun carried the bytes (the data really went through the tunnel).
+        AssertionError otherwise."""
+        dest = (self.inet.ip6 if ipv6 else self.inet.ip) or ""
+        result = self.transfer(src, self.inet, dest, nbytes)
         sent, received = result["sent"], result["received"]
         assert received["bytes"] == sent["bytes"] == nbytes, result
         assert received["sha256"] == sent["sha256"] == sent["echo"], result
-        assert received["peer"] == self.server_ext_ip, result
+        nat = self.server_ext_ip6 if ipv6 else self.server_ext_ip
+        assert ipaddress.ip_address(received["peer"]) == ipaddress.ip_address(nat), result
         tun = self.server.tun_links()
         assert len(tun) == 1, tun
         assert self.server.link_stats(tun[0])["rx_bytes"] >= nbytes
@@ -1015,15 +1320,38 @@ class Testbed:
                 with contextlib.suppress(Exception):
                     proc.kill()
         self.procs.clear()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for ns in reversed(self.namespaces):
             # Anything still inside our own namespace was started by this testbed.
             for pid in ns.pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            self._drop_dsvpn_records(ns)
             run(["ip", "netns", "del", ns.name], check=False)
+            if netns_inode(ns.name) is None:
+                shutil.rmtree(ns.resolv_conf.parent, ignore_errors=True)
+                self._record.drop(ns.name)  # kept otherwise, for a later sweep to retry
         self.namespaces.clear()
+        with contextlib.suppress(OSError):
+            NETNS_ETC.rmdir()  # only if no other testbed (or the admin) uses it
         if self._own_workdir and not os.environ.get("DSVPN_KEEP_LOGS"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _drop_dsvpn_records(self, ns: Netns) -> None:
+        """Let dsvpn undo and forget instances killed in ns before ns goes away.
+
+        Their records in the shared run directory name ns by its inode, which a later
+        namespace may reuse; `dsvpn cleanup` inside ns removes them (and undoes rules that
+        would vanish with ns anyway).
+        """
+        inode = netns_inode(ns.name)
+        if inode is None or not _dsvpn_records_name(f"net:[{inode}]"):
+            return
+        argv = [sys.executable, "-m", "dsvpn", "cleanup"]
+        with contextlib.suppress(TestbedError):
+            ns.run(argv, check=False, timeout=60, env=python_env())
 
     def logs(self) -> str:
         """Every process log of this testbed, for a failure report."""
