@@ -221,6 +221,9 @@ class Loop:
         """Test hook: the system's random source fails (EIO) while fail is True."""
     def _set_test_clock(self, t: int | None) -> None:
         """Test hook: fixed wall-clock seconds for the client timestamp and the server check."""
+    def _set_test_rx_queue_us(self, us: int | None = None) -> None:
+        """Test hook: how much of our own reading (microseconds at the rate we read) the
+        receive budget allows beyond the path's part; None restores the default."""
     def _set_test_refuse_uso(self, refuse: bool) -> None:
         """Test hook: writing a merged UDP packet to the tun fails as on a kernel without UDP
         segmentation offload (the datagrams then go one by one, and UDP is not merged again)."""

@@ -94,7 +94,9 @@ from dsvpn.loop_sys cimport (
     dsvpn_send,
     dsvpn_set_cloexec,
     dsvpn_set_nonblock,
+    dsvpn_set_rcvbuf,
     dsvpn_tcp_opts,
+    dsvpn_tcp_min_rtt_us,
     dsvpn_wall_s,
     dsvpn_write,
     iovec,
@@ -144,6 +146,13 @@ cdef enum:
     TUN_READ_MAX = MAX_PAYLOAD + 1  # one more, so that an oversized tun packet is detectable
     RX_READ = 65536             # one recv(): decrypted and written before anything else runs
     RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
+    # The receive budget (_rx_budget): every RXW_EVERY_MS the session's receive buffer is set to
+    # twice what the path holds (bytes read per round trip) plus RXW_QUEUE_US of our reading,
+    # shrinking by at most a quarter at a time.
+    RXW_EVERY_MS = 20
+    RXW_QUEUE_US = 1000
+    RXW_MIN = 65536
+    RXW_MAX = 33554432
     QUICK_MAX = 512             # a lone tun packet up to this size is sent at once (_tun_fill)
     DISCARD_PKTS = 64           # tun packets discarded per iteration when there is no session
     ACCEPT_BUDGET = 16          # accept() calls per iteration
@@ -317,6 +326,11 @@ cdef class Loop:
     cdef uint8_t* gsobuf            # vnet_hdr only: a TSO packet being cut into segments
     cdef size_t tx_off, tx_end
     cdef int64_t tx_since           # last send progress (or start of the wait)
+    # the receive budget (_rx_budget): its interval's start and bytes read then, the budget
+    # (0: none set yet), and whether the platform lets us set it
+    cdef int64_t rxw_since, rxw_queue_us
+    cdef uint64_t rxw_bytes, rxw
+    cdef bint rxw_off
     cdef bint congestion
     cdef uint8_t* rxbuf
     cdef size_t rx_len
@@ -395,6 +409,7 @@ cdef class Loop:
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
         self.connect_timeout_ms = TIMEOUT_MS
         self.send_timeout_ms = TIMEOUT_MS
+        self.rxw_queue_us = RXW_QUEUE_US
         self.require_pfs = require_pfs
         charm_init(&self.kx, &k[0], <const uint8_t*> KX_IV)
         charm_init(&self.pkx, &k[0], <const uint8_t*> PFS_IV)
@@ -567,6 +582,7 @@ cdef class Loop:
         memset(&self.rx_st, 0, sizeof(charm_state))
         self.tx_off = self.tx_end = 0
         dsvpn_fq_reset(&self.fq)
+        self.rxw = 0
         self.rx_len = 0
         self.gro.segs = 0
         self.congestion = False
@@ -1223,6 +1239,41 @@ cdef class Loop:
         out[3] = <uint8_t> af
         return out
 
+    cdef void _rx_budget(self, int64_t now) noexcept nogil:
+        """The session's receive buffer, sized as BQL sizes a NIC's queue: what the path needs
+        and little more. When we read slower than the peer sends, the excess then waits in the
+        peer's flow queue, where a sparse flow passes it, instead of in our socket's receive
+        queue, which every packet crosses in order. The path's part (twice the bytes read per
+        smallest round trip) keeps a long or fast path at full speed, growing as TCP's slow
+        start does; the rest is rxw_queue_us of our own reading."""
+        cdef int64_t rtt_us
+        cdef uint64_t got = self.c.t.rx_bytes - self.rxw_bytes
+        cdef int64_t dt = now - self.rxw_since
+        cdef uint64_t window
+        self.rxw_since = now
+        self.rxw_bytes = self.c.t.rx_bytes
+        if self.rxw_off:
+            return
+        rtt_us = dsvpn_tcp_min_rtt_us(self.sock)
+        if rtt_us < 0:
+            self.rxw_off = True
+            return
+        # bytes per ms x (2 round trips + the queue allowance) in ms
+        window = got * <uint64_t> (2 * rtt_us + self.rxw_queue_us) / <uint64_t> (1000 * dt)
+        # At once below what the peer may already have sent, the kernel would drop some of it.
+        if window < self.rxw - self.rxw / 4:
+            window = self.rxw - self.rxw / 4
+        if window < RXW_MIN:
+            window = RXW_MIN
+        elif window > RXW_MAX:
+            window = RXW_MAX
+        if window == self.rxw:
+            return
+        if dsvpn_set_rcvbuf(self.sock, <int> window) != 0:
+            self.rxw_off = True     # not allowed here: the kernel's autotuning stays
+            return
+        self.rxw = window
+
     # ---------------------------------------------------------------- the loop
 
     cdef inline bint _tx_waiting(self) noexcept nogil:
@@ -1360,6 +1411,8 @@ cdef class Loop:
                 return
             if r > 0:
                 self._dispatch(&ps, gen, now)
+            if self.sock >= 0 and now - self.rxw_since >= RXW_EVERY_MS:
+                self._rx_budget(now)
             if self.ev_count or (end >= 0 and now >= end):
                 return
 
@@ -1566,6 +1619,10 @@ cdef class Loop:
         """Test hook: fixed wall-clock seconds for the handshake timestamp and its check."""
         self.has_tclock = t is not None
         self.tclock = 0 if t is None else t
+
+    def _set_test_rx_queue_us(self, us=None):
+        """Test hook: the receive budget's allowance for our own reading (None: the default)."""
+        self.rxw_queue_us = RXW_QUEUE_US if us is None else us
 
     def _set_test_refuse_uso(self, bint refuse):
         """Test hook: UDP GSO writes to the tun fail as on a kernel without USO (EINVAL)."""

@@ -1,15 +1,24 @@
 """The flow queue between the tun and the socket (flowq.h): new (sparse) flows leave ahead of a
 bulk flow's backlog, bulk flows share by deficit round robin, and a full queue stops the loop
-reading the tun (the kernel's backpressure) instead of dropping."""
+reading the tun (the kernel's backpressure) instead of dropping. And the receive budget: the
+session's receive buffer follows the rate we read at."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+import socket
 import struct
+import sys
+import threading
+import time
 
-from loop_rig import Pair, ip4_packet, pump
+import pytest
+from loop_rig import KX_IV, ClientRig, Pair, ip4_packet, pump, recv_exact
 
 from dsvpn import _loop as L
+from dsvpn import charm
 
 KEY = bytes(range(1, 33))
 
@@ -105,3 +114,49 @@ def test_the_queue_empties_with_the_session():
         p.cli.disconnect()
         assert p.cli.stats()["tun_queued"] == 0 and p.cli.stats()["tx_queued"] == 0
         pump(p.srv, lambda e: e and e[-1][0] == L.EV_SESSION_DOWN)
+
+
+# ------------------------------------------------------------------------- receive budget
+
+RXW_MIN = 65536  # _loop.pyx
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() != 0,
+    reason="the receive budget needs Linux and SO_RCVBUFFORCE (root)",
+)
+def test_receive_budget_grows_with_reading_and_shrinks_gradually():
+    with ClientRig(KEY) as rig:
+        # a large allowance for our own reading: growth shows at any speed of this machine
+        rig.loop._set_test_rx_queue_us(200_000)
+        c = rig.connect(keep=True, tcp_options=True)
+        assert c is not None and rig.srv is not None
+        srv = rig.srv
+        pkt1 = recv_exact(srv, 72)
+        kx = charm.Charm(KEY, KX_IV)
+        assert kx.hash(pkt1[:40]) == pkt1[40:]
+        srv.sendall(bytes(32) + kx.hash(bytes(32)))
+        tx = charm.Charm(kx.hash(b""), b"\x01" + bytes(15))  # the server's sending state
+        pump(rig.loop, lambda e: e)
+        assert rig.loop.session_active
+
+        def frame(pt: bytes) -> bytes:
+            ct, tag = tx.encrypt(pt)
+            return struct.pack("<H", len(pt)) + tag[:6] + ct
+
+        blob = b"".join(frame(udp4(1000, 1400, i)) for i in range(3000))
+        sender = threading.Thread(target=srv.sendall, args=(blob,))
+        sender.start()
+        pump(rig.loop, lambda _: rig.loop.stats()["sock_rx_bytes"] == len(blob), timeout=20)
+        sender.join()
+        grown = c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert grown > 2 * RXW_MIN  # (the kernel reports twice what was set)
+        # Idle: the budget falls back to its floor, by at most a quarter at a time.
+        seen = [grown]
+        deadline = time.monotonic() + 10
+        while seen[-1] > 2 * RXW_MIN:
+            assert time.monotonic() < deadline, seen
+            rig.loop.run(25)
+            seen.append(c.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        assert all(b >= a - a // 4 - 2 for a, b in itertools.pairwise(seen)), seen
+        assert seen[-1] == 2 * RXW_MIN and len(seen) > 3
