@@ -97,6 +97,7 @@ from dsvpn.loop_sys cimport (
     dsvpn_set_rcvbuf,
     dsvpn_tcp_opts,
     dsvpn_tcp_min_rtt_us,
+    dsvpn_unread,
     dsvpn_wall_s,
     dsvpn_write,
     iovec,
@@ -1260,9 +1261,14 @@ cdef class Loop:
             return
         # bytes per ms x (2 round trips + the queue allowance) in ms
         window = got * <uint64_t> (2 * rtt_us + self.rxw_queue_us) / <uint64_t> (1000 * dt)
-        # At once below what the peer may already have sent, the kernel would drop some of it.
-        if window < self.rxw - self.rxw / 4:
-            window = self.rxw - self.rxw / 4
+        # Below what the peer may already send (the window it was given, which TCP never takes
+        # back), the kernel would have to drop some of it: shrink by an eighth at a time, and
+        # only while little waits unread.
+        if window < self.rxw:
+            if dsvpn_unread(self.sock) > <ssize_t> (self.rxw / 4):
+                window = self.rxw
+            elif window < self.rxw - self.rxw / 8:
+                window = self.rxw - self.rxw / 8
         if window < RXW_MIN:
             window = RXW_MIN
         elif window > RXW_MAX:

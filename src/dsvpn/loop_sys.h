@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -162,6 +163,13 @@ static inline int dsvpn_set_rcvbuf(int fd, int bytes)
     (void) bytes;
     return -1;
 #endif
+}
+
+/* Bytes waiting unread in a socket's receive queue, or -1. */
+static inline ssize_t dsvpn_unread(int fd)
+{
+    int n = 0;
+    return ioctl(fd, FIONREAD, &n) == 0 ? (ssize_t) n : -1;
 }
 
 #define DSVPN_IP_TEXT 46       /* INET6_ADDRSTRLEN */

@@ -35,6 +35,7 @@ cdef extern from "loop_sys.h" nogil:
     int dsvpn_tcp_opts(int fd, int mark, unsigned int user_timeout_ms, int notsent_lowat)
     int64_t dsvpn_tcp_min_rtt_us(int fd)
     int dsvpn_set_rcvbuf(int fd, int bytes)
+    ssize_t dsvpn_unread(int fd)
     int dsvpn_accept(int lfd, dsvpn_addr* peer)
     int dsvpn_peer(int fd, dsvpn_addr* peer)
     ssize_t dsvpn_read(int fd, void* buf, size_t n)
