@@ -221,6 +221,14 @@ class Loop:
         """Test hook: the system's random source fails (EIO) while fail is True."""
     def _set_test_clock(self, t: int | None) -> None:
         """Test hook: fixed wall-clock seconds for the client timestamp and the server check."""
+    def _set_test_queue(self, ring: int, pkts: int, limit: int) -> None:
+        """Test hook: a flow queue of ring bytes, pkts packets, read up to limit bytes (set
+        before the session: what is queued is lost)."""
+    def _test_fq_push(self, data: bytes, room: int = 0) -> bool:
+        """Test hook: queue data in the flow queue as a tun read of up to room bytes (default:
+        its length) would; False if the queue has no place for such a read."""
+    def _test_fq_pop(self) -> bytes | None:
+        """Test hook: the next packet the flow queue gives out (and frees), or None."""
     def _set_test_rx_queue_us(self, us: int | None = None) -> None:
         """Test hook: how much of our own reading (microseconds at the rate we read) the
         receive budget allows beyond the path's part; None restores the default."""

@@ -43,6 +43,7 @@ frame authenticates (or the live session ends), so a replayed hello cannot end a
 
 cimport cython
 from libc.errno cimport ECONNRESET, EINTR, EIO, errno
+from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc
@@ -62,19 +63,17 @@ from dsvpn.charm cimport (
     charm_state,
 )
 from dsvpn.flowq cimport (
-    DSVPN_FQ_CHUNK,
     DSVPN_FQ_HDR_MAX,
     dsvpn_fq,
     dsvpn_fq_commit,
-    dsvpn_fq_copy,
     dsvpn_fq_dequeue,
     dsvpn_fq_destroy,
     dsvpn_fq_init,
     dsvpn_fq_pkt,
-    dsvpn_fq_read_iov,
     dsvpn_fq_release,
     dsvpn_fq_reset,
     dsvpn_fq_room,
+    dsvpn_fq_slot,
 )
 from dsvpn.loop_sys cimport (
     DSVPN_ENDPOINT_TEXT,
@@ -138,9 +137,9 @@ cdef enum:
     TX_BATCH_BYTES = 65536
     TX_BATCH_PKTS = 128
     TUN_FILL_PKTS = 128         # tun reads per iteration
-    FQ_CHUNKS = 2048            # flow queue storage: 4 MiB in DSVPN_FQ_CHUNK chunks
+    FQ_RING = 4194304           # flow queue storage
+    FQ_PKTS = 4096              # and the most packets it holds
     FQ_LIMIT = 2097152          # queued bytes at which the tun is no longer read
-    FQ_IOV = 2 + (MAX_PAYLOAD + 1 + DSVPN_FQ_CHUNK - 1) / DSVPN_FQ_CHUNK
     # Slack after the batch limit: one 64 KiB TSO packet cut into segments of the smallest
     # MSS (88) with the largest headers (120) still fits (< 160 KiB; see _tun_gso).
     TX_CAP = TX_BATCH_BYTES + 262144
@@ -324,7 +323,6 @@ cdef class Loop:
     cdef dsvpn_addr peer_addr
     cdef dsvpn_fq fq                # tun packets waiting to be framed (flowq.h)
     cdef uint8_t* txbuf
-    cdef uint8_t* gsobuf            # vnet_hdr only: a TSO packet being cut into segments
     cdef size_t tx_off, tx_end
     cdef int64_t tx_since           # last send progress (or start of the wait)
     # the receive budget (_rx_budget): its interval's start and bytes read then, the budget
@@ -378,7 +376,7 @@ cdef class Loop:
         self.txbuf = <uint8_t*> malloc(TX_CAP)
         self.rxbuf = <uint8_t*> malloc(RX_CAP)
         if self.txbuf == NULL or self.rxbuf == NULL or \
-                dsvpn_fq_init(&self.fq, FQ_CHUNKS, FQ_LIMIT, seed) != 0:
+                dsvpn_fq_init(&self.fq, FQ_RING, FQ_PKTS, FQ_LIMIT, seed) != 0:
             raise MemoryError()
         cdef int i
         for i in range(MAX_PENDING):
@@ -418,10 +416,6 @@ cdef class Loop:
             self.prob_buf = <uint8_t*> malloc(PROB_CAP)
             if self.prob_buf == NULL:
                 raise MemoryError()
-        if vnet_hdr:
-            self.gsobuf = <uint8_t*> malloc(TUN_READ_MAX)
-            if self.gsobuf == NULL:
-                raise MemoryError()
         # The loop drains the tun until EAGAIN, so its reads must not block.
         if dsvpn_set_nonblock(tun_fd) != 0:
             raise OSError(errno, strerror(errno).decode())
@@ -450,7 +444,6 @@ cdef class Loop:
         self._close_all(b"loop closed")
         free(self.txbuf)
         free(self.rxbuf)
-        free(self.gsobuf)
         free(self.prob_buf)
         dsvpn_fq_destroy(&self.fq)
         free(self.trand)
@@ -1026,16 +1019,23 @@ cdef class Loop:
     cdef void _tun_fill(self, int64_t now) noexcept nogil:
         """Drain the tun into the flow queue (up to TUN_FILL_PKTS packets). A lone small packet
         arriving while nothing waits is sent at once."""
-        cdef int count = 0, niov
-        cdef ssize_t n
+        cdef int count = 0
+        cdef ssize_t n, slot
         cdef size_t plen, hoff = self._tun_hdr_len()
         cdef uint8_t hdr[DSVPN_FQ_HDR_MAX]
-        cdef iovec iov[FQ_IOV]
-        cdef const uint8_t* first
+        cdef iovec iov[2]
+        cdef uint8_t* pkt
         cdef bint idle
-        while count < TUN_FILL_PKTS and dsvpn_fq_room(&self.fq, TUN_READ_MAX):
-            niov = dsvpn_fq_read_iov(&self.fq, iov, hdr, hoff, TUN_READ_MAX)
-            n = dsvpn_readv(self.tun_fd, iov, niov)
+        while count < TUN_FILL_PKTS:
+            slot = dsvpn_fq_slot(&self.fq, TUN_READ_MAX)
+            if slot < 0:
+                return      # full: the tun's own queue holds the rest (backpressure)
+            pkt = self.fq.ring + slot
+            iov[0].iov_base = hdr
+            iov[0].iov_len = hoff
+            iov[1].iov_base = pkt
+            iov[1].iov_len = TUN_READ_MAX
+            n = dsvpn_readv(self.tun_fd, &iov[0] if hoff else &iov[1], 2 if hoff else 1)
             if n <= 0:
                 self._tun_stop(n)
                 return
@@ -1049,9 +1049,8 @@ cdef class Loop:
             idle = self.fq.packets == 0 and self.tx_end == self.tx_off
             if idle:
                 self.tx_since = now     # the send timeout counts from here
-            dsvpn_fq_commit(&self.fq, plen, hdr, hoff)
-            first = <const uint8_t*> iov[1 if hoff else 0].iov_base
-            if idle and count == 1 and plen <= QUICK_MAX and not bulk_ack(first, plen):
+            dsvpn_fq_commit(&self.fq, <size_t> slot, plen, hdr, hoff)
+            if idle and count == 1 and plen <= QUICK_MAX and not bulk_ack(pkt, plen):
                 # Latency: a lone small packet (ping, DNS, a keystroke, a request) goes out now,
                 # not after the read that would only confirm the tun is empty and one more
                 # poll() for room in the socket. Pure ACKs and large packets wait for the batch.
@@ -1077,11 +1076,12 @@ cdef class Loop:
         self.tx_end += FRAME_HDR_LEN + plen
         self.c.t.tx_packets += 1
 
-    cdef void _tun_gso(self, const dsvpn_vnet_hdr* vh, size_t plen) noexcept nogil:
-        """A TSO super-packet in gsobuf: cut it into ordinary packets, one frame each
-        (tun_vnet.h), appended to txbuf."""
+    cdef void _tun_gso(self, const dsvpn_vnet_hdr* vh, const uint8_t* src,
+                       size_t plen) noexcept nogil:
+        """A TSO super-packet (src, in the flow queue): cut it into ordinary packets, one frame
+        each (tun_vnet.h), appended to txbuf."""
         cdef size_t room = 0, i
-        cdef size_t nseg = dsvpn_gso_count(vh, self.gsobuf, plen, FRAME_HDR_LEN, &room)
+        cdef size_t nseg = dsvpn_gso_count(vh, src, plen, FRAME_HDR_LEN, &room)
         cdef uint8_t* p
         if nseg == 0 or self.tx_end + room > TX_CAP:
             self.c.t.drops[<int> DROP_OVERSIZE] += 1
@@ -1089,7 +1089,7 @@ cdef class Loop:
         self.c.tun_rx_packets += nseg - 1
         for i in range(nseg):
             p = self.txbuf + self.tx_end
-            self._emit(p, dsvpn_gso_segment(vh, self.gsobuf, plen, i, nseg, p + FRAME_HDR_LEN))
+            self._emit(p, dsvpn_gso_segment(vh, src, plen, i, nseg, p + FRAME_HDR_LEN))
 
     cdef void _tx_batch(self, int64_t now) noexcept nogil:
         """Frame packets from the flow queue into the empty txbuf, in the queue's order (TSO
@@ -1098,6 +1098,7 @@ cdef class Loop:
         cdef int32_t pi
         cdef size_t plen
         cdef uint8_t* p
+        cdef const uint8_t* src
         cdef dsvpn_fq_pkt* pkt
         cdef dsvpn_vnet_hdr vh
         vh.flags = vh.gso_type = 0
@@ -1108,15 +1109,15 @@ cdef class Loop:
             count += 1
             pkt = &self.fq.pkts[pi]
             plen = pkt.len
+            src = self.fq.ring + pkt.off
             p = self.txbuf + self.tx_end
             if self.vnet_hdr:
                 memcpy(&vh, pkt.hdr, DSVPN_VNET_HDR_LEN)
                 if vh.gso_type != 0:
-                    dsvpn_fq_copy(&self.fq, pi, self.gsobuf)
+                    self._tun_gso(&vh, src, plen)
                     dsvpn_fq_release(&self.fq, pi)
-                    self._tun_gso(&vh, plen)
                     continue
-            dsvpn_fq_copy(&self.fq, pi, p + FRAME_HDR_LEN)
+            memcpy(p + FRAME_HDR_LEN, src, plen)
             dsvpn_fq_release(&self.fq, pi)
             if self.vnet_hdr and (vh.flags & 1) and \
                     dsvpn_vnet_finish_csum(&vh, p + FRAME_HDR_LEN, plen) != 0:
@@ -1625,6 +1626,36 @@ cdef class Loop:
         """Test hook: fixed wall-clock seconds for the handshake timestamp and its check."""
         self.has_tclock = t is not None
         self.tclock = 0 if t is None else t
+
+    def _set_test_queue(self, size_t ring, int32_t pkts, size_t limit):
+        """Test hook: a flow queue of other sizes (before the session: packets queued are lost)."""
+        cdef uint32_t seed = self.fq.seed
+        dsvpn_fq_destroy(&self.fq)
+        if dsvpn_fq_init(&self.fq, ring, pkts, limit, seed) != 0:
+            raise MemoryError()
+
+    def _test_fq_push(self, data, size_t room=0):
+        """Test hook: queue data in the flow queue as a tun read of up to room bytes (default:
+        its length) would; False if the queue has no place for such a read."""
+        cdef const uint8_t[:] d = bytes(data)
+        cdef size_t n = d.shape[0]
+        cdef ptrdiff_t slot = dsvpn_fq_slot(&self.fq, room if room > n else n)
+        if slot < 0:
+            return False
+        if n:
+            memcpy(self.fq.ring + slot, &d[0], n)
+        dsvpn_fq_commit(&self.fq, <size_t> slot, n, NULL, 0)
+        return True
+
+    def _test_fq_pop(self):
+        """Test hook: the next packet the flow queue gives out, or None."""
+        cdef int32_t pi = dsvpn_fq_dequeue(&self.fq)
+        if pi < 0:
+            return None
+        cdef size_t off = self.fq.pkts[pi].off
+        out = (<char*> self.fq.ring)[off:off + self.fq.pkts[pi].len]
+        dsvpn_fq_release(&self.fq, pi)
+        return out
 
     def _set_test_rx_queue_us(self, us=None):
         """Test hook: the receive budget's allowance for our own reading (None: the default)."""

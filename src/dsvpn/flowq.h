@@ -8,12 +8,14 @@
  * flows first, as fq_codel's scheduler does: a bulk flow's backlog stays its own, and a flow
  * that sends less than a quantum at a time skips it.
  *
- * Storage: one arena of fixed chunks, a packet spanning as many as it needs (a tun read scatters
- * straight into free chunks), and one descriptor per packet. The queue drops nothing itself:
- * once it holds its limit (or has no room for one more read), the loop stops reading the tun,
- * and the kernel's own backpressure takes over (a local sender blocks on its socket buffer,
- * forwarded traffic is dropped by the tun queue), which costs no work for packets that could
- * not be sent anyway.
+ * Storage: a ring of bytes. A tun read lands whole at its tail (one contiguous read, and a TSO
+ * packet is cut straight from there); space comes back at its head once the oldest packets
+ * have been taken out, in whatever order the flows gave them up (round robin never leaves a
+ * packet behind for long). One descriptor per packet. The queue drops nothing itself: once it
+ * holds its limit (or has no room for one more read), the loop stops reading the tun, and the
+ * kernel's own backpressure takes over (a local sender blocks on its socket buffer, forwarded
+ * traffic is dropped by the tun queue), which costs no work for packets that could not be sent
+ * anyway.
  *
  * All functions are static inline, allocate only in dsvpn_fq_init and never touch Python. */
 #ifndef DSVPN_FLOWQ_H
@@ -23,18 +25,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/uio.h>
 
-#define DSVPN_FQ_CHUNK 2048
 #define DSVPN_FQ_FLOWS 1024 /* a power of two */
 #define DSVPN_FQ_QUANTUM 1514
 #define DSVPN_FQ_HDR_MAX 12 /* the tun's own header kept with each packet (vnet 10, AF 4) */
+#define DSVPN_FQ_ALIGN 16
 
 struct dsvpn_fq_pkt {
     int32_t  next;  /* next packet of the same flow, or of the free list; -1 */
-    int32_t  chunk; /* first chunk; the others follow in chunk_next */
+    int32_t  after; /* the packet stored after this one (ring order); -1 */
+    size_t   off;   /* where its bytes start in the ring */
     uint32_t len;
     uint32_t flow;
+    uint8_t  done; /* taken out, its space not yet given back (an older one is still queued) */
     uint8_t  hdr[DSVPN_FQ_HDR_MAX];
 };
 
@@ -47,12 +50,12 @@ struct dsvpn_fq_flow {
 };
 
 struct dsvpn_fq {
-    uint8_t             *arena;
-    int32_t             *chunk_next;
+    uint8_t             *ring;
+    size_t               cap, tail; /* tail: where the newest packet ends */
     struct dsvpn_fq_pkt *pkts;
-    int32_t              nchunks, free_chunk, free_chunks;
-    int32_t              free_pkt;
-    size_t               bytes, limit; /* queued packet bytes, and the most allowed */
+    int32_t              npkts, free_pkt;
+    int32_t              oldest, newest; /* packets in ring order */
+    size_t               bytes, limit;   /* queued packet bytes, and where reads stop */
     uint32_t             packets, seed;
     int32_t              new_head, new_tail, old_head, old_tail;
     struct dsvpn_fq_flow flows[DSVPN_FQ_FLOWS];
@@ -61,12 +64,12 @@ struct dsvpn_fq {
 static inline void dsvpn_fq_reset(struct dsvpn_fq *q)
 {
     int32_t i;
-    for (i = 0; i < q->nchunks; i++) {
-        q->chunk_next[i] = i + 1 < q->nchunks ? i + 1 : -1;
-        q->pkts[i].next = i + 1 < q->nchunks ? i + 1 : -1;
+    for (i = 0; i < q->npkts; i++) {
+        q->pkts[i].next = i + 1 < q->npkts ? i + 1 : -1;
     }
-    q->free_chunk = q->free_pkt = q->nchunks > 0 ? 0 : -1;
-    q->free_chunks = q->nchunks;
+    q->free_pkt = q->npkts > 0 ? 0 : -1;
+    q->tail = 0;
+    q->oldest = q->newest = -1;
     q->bytes = 0;
     q->packets = 0;
     q->new_head = q->new_tail = q->old_head = q->old_tail = -1;
@@ -78,22 +81,22 @@ static inline void dsvpn_fq_reset(struct dsvpn_fq *q)
     }
 }
 
-/* nchunks chunks of storage (a packet never has more descriptors than chunks); reads stop at
- * limit queued bytes (dsvpn_fq_room). 0, or -1 if out of memory. */
-static inline int dsvpn_fq_init(struct dsvpn_fq *q, int32_t nchunks, size_t limit, uint32_t seed)
+/* A ring of cap bytes and npkts descriptors; reads stop at limit queued bytes (dsvpn_fq_room).
+ * 0, or -1 if out of memory. */
+static inline int dsvpn_fq_init(struct dsvpn_fq *q, size_t cap, int32_t npkts, size_t limit,
+                                uint32_t seed)
 {
     memset(q, 0, sizeof *q);
-    q->arena = (uint8_t *) malloc((size_t) nchunks * DSVPN_FQ_CHUNK);
-    q->chunk_next = (int32_t *) malloc((size_t) nchunks * sizeof(int32_t));
-    q->pkts = (struct dsvpn_fq_pkt *) malloc((size_t) nchunks * sizeof(struct dsvpn_fq_pkt));
-    if (q->arena == NULL || q->chunk_next == NULL || q->pkts == NULL) {
-        free(q->arena);
-        free(q->chunk_next);
+    q->ring = (uint8_t *) malloc(cap);
+    q->pkts = (struct dsvpn_fq_pkt *) malloc((size_t) npkts * sizeof(struct dsvpn_fq_pkt));
+    if (q->ring == NULL || q->pkts == NULL) {
+        free(q->ring);
         free(q->pkts);
         memset(q, 0, sizeof *q);
         return -1;
     }
-    q->nchunks = nchunks;
+    q->cap = cap;
+    q->npkts = npkts;
     q->limit = limit;
     q->seed = seed;
     dsvpn_fq_reset(q);
@@ -102,8 +105,7 @@ static inline int dsvpn_fq_init(struct dsvpn_fq *q, int32_t nchunks, size_t limi
 
 static inline void dsvpn_fq_destroy(struct dsvpn_fq *q)
 {
-    free(q->arena);
-    free(q->chunk_next);
+    free(q->ring);
     free(q->pkts);
     memset(q, 0, sizeof *q);
 }
@@ -153,35 +155,34 @@ static inline uint32_t dsvpn_fq_flow_of(const struct dsvpn_fq *q, const uint8_t 
     return h & (DSVPN_FQ_FLOWS - 1);
 }
 
-/* Room for one more read of up to maxlen bytes (without the header), below the limit? */
-static inline int dsvpn_fq_room(const struct dsvpn_fq *q, size_t maxlen)
+/* Where a read of up to maxlen bytes can land, contiguous: its offset in the ring, or -1 if
+ * there is no room (or the queue holds its limit, or has no descriptor left). The ring is in
+ * use from its oldest packet to its tail, possibly wrapping (the end it skipped stays unused
+ * until the oldest packet wraps too). */
+static inline ptrdiff_t dsvpn_fq_slot(const struct dsvpn_fq *q, size_t maxlen)
 {
-    return q->bytes < q->limit
-           && (size_t) q->free_chunks >= (maxlen + DSVPN_FQ_CHUNK - 1) / DSVPN_FQ_CHUNK
-           && q->free_pkt >= 0;
+    size_t head, need = maxlen + DSVPN_FQ_ALIGN; /* a packet's bytes, rounded up */
+    if (q->bytes >= q->limit || q->free_pkt < 0 || need > q->cap) {
+        return -1;
+    }
+    if (q->oldest < 0) {
+        return 0; /* empty: start over at the beginning */
+    }
+    head = q->pkts[q->oldest].off;
+    if (q->tail > head) {
+        /* back to the beginning as soon as there is room there: the ring's low end stays in
+         * use (and in cache), however long the queue never empties */
+        if (head >= need) {
+            return 0;
+        }
+        return q->cap - q->tail >= need ? (ptrdiff_t) q->tail : -1;
+    }
+    return head - q->tail >= need ? (ptrdiff_t) q->tail : -1;
 }
 
-/* The iovecs of a read of up to maxlen bytes into free chunks, after iov[0] = the header
- * scratch hdr[0..hdr_len) when hdr_len > 0. Needs dsvpn_fq_room(q, maxlen). Returns the count. */
-static inline int dsvpn_fq_read_iov(struct dsvpn_fq *q, struct iovec *iov, uint8_t *hdr,
-                                    size_t hdr_len, size_t maxlen)
+static inline int dsvpn_fq_room(const struct dsvpn_fq *q, size_t maxlen)
 {
-    int     n = 0;
-    int32_t c = q->free_chunk;
-    if (hdr_len > 0) {
-        iov[n].iov_base = hdr;
-        iov[n].iov_len = hdr_len;
-        n++;
-    }
-    while (maxlen > 0 && c >= 0) {
-        size_t take = maxlen < DSVPN_FQ_CHUNK ? maxlen : DSVPN_FQ_CHUNK;
-        iov[n].iov_base = q->arena + (size_t) c * DSVPN_FQ_CHUNK;
-        iov[n].iov_len = take;
-        n++;
-        maxlen -= take;
-        c = q->chunk_next[c];
-    }
-    return n;
+    return dsvpn_fq_slot(q, maxlen) >= 0;
 }
 
 static inline void dsvpn_fq_link(struct dsvpn_fq *q, int32_t f, int list)
@@ -212,61 +213,32 @@ static inline void dsvpn_fq_unlink_head(struct dsvpn_fq *q, int list)
     q->flows[f].list = 0;
 }
 
-/* Free a dequeued (or dropped) packet's chunks and descriptor. */
-static inline void dsvpn_fq_release(struct dsvpn_fq *q, int32_t pi)
-{
-    struct dsvpn_fq_pkt *p = &q->pkts[pi];
-    int32_t              c = p->chunk, last = c, n = 1;
-    while (q->chunk_next[last] >= 0 && (uint32_t) n * DSVPN_FQ_CHUNK < p->len) {
-        last = q->chunk_next[last];
-        n++;
-    }
-    q->chunk_next[last] = q->free_chunk;
-    q->free_chunk = c;
-    q->free_chunks += n;
-    p->next = q->free_pkt;
-    q->free_pkt = pi;
-}
-
-/* Take the head packet off flow f (not empty); the caller releases it. */
-static inline int32_t dsvpn_fq_pop(struct dsvpn_fq *q, int32_t f)
-{
-    struct dsvpn_fq_flow *fl = &q->flows[f];
-    int32_t               pi = fl->head;
-    fl->head = q->pkts[pi].next;
-    if (fl->head < 0) {
-        fl->tail = -1;
-    }
-    fl->bytes -= q->pkts[pi].len;
-    q->bytes -= q->pkts[pi].len;
-    q->packets--;
-    return pi;
-}
-
-/* A read of len bytes landed in the chunks dsvpn_fq_read_iov gave: queue it as a packet, with
+/* A read of len bytes landed at offset off (dsvpn_fq_slot): queue it as a packet, with
  * hdr[0..hdr_len) kept beside it. */
-static inline void dsvpn_fq_commit(struct dsvpn_fq *q, size_t len, const uint8_t *hdr,
+static inline void dsvpn_fq_commit(struct dsvpn_fq *q, size_t off, size_t len, const uint8_t *hdr,
                                    size_t hdr_len)
 {
-    int32_t               pi = q->free_pkt, c = q->free_chunk, last = c;
-    int32_t               n = 1, f;
+    int32_t               pi = q->free_pkt, f;
     struct dsvpn_fq_pkt  *p = &q->pkts[pi];
     struct dsvpn_fq_flow *fl;
-    while ((uint32_t) n * DSVPN_FQ_CHUNK < len) {
-        last = q->chunk_next[last];
-        n++;
-    }
-    q->free_chunk = q->chunk_next[last];
-    q->free_chunks -= n;
     q->free_pkt = p->next;
-    p->chunk = c;
+    p->off = off;
     p->len = (uint32_t) len;
     p->next = -1;
+    p->after = -1;
+    p->done = 0;
     if (hdr_len > 0) {
         memcpy(p->hdr, hdr, hdr_len);
     }
-    f = (int32_t) dsvpn_fq_flow_of(q, q->arena + (size_t) c * DSVPN_FQ_CHUNK,
-                                   len < DSVPN_FQ_CHUNK ? len : DSVPN_FQ_CHUNK);
+    /* every packet takes at least DSVPN_FQ_ALIGN bytes: the tail always moves */
+    q->tail = off + ((len + DSVPN_FQ_ALIGN) & ~(size_t) (DSVPN_FQ_ALIGN - 1));
+    if (q->newest >= 0) {
+        q->pkts[q->newest].after = pi;
+    } else {
+        q->oldest = pi;
+    }
+    q->newest = pi;
+    f = (int32_t) dsvpn_fq_flow_of(q, q->ring + off, len);
     p->flow = (uint32_t) f;
     fl = &q->flows[f];
     if (fl->tail >= 0) {
@@ -284,7 +256,7 @@ static inline void dsvpn_fq_commit(struct dsvpn_fq *q, size_t len, const uint8_t
     }
 }
 
-/* The next packet to send (the caller copies it out and releases it), or -1 if none. */
+/* The next packet to send, or -1 if none; its bytes stay valid until dsvpn_fq_release. */
 static inline int32_t dsvpn_fq_dequeue(struct dsvpn_fq *q)
 {
     for (;;) {
@@ -311,24 +283,32 @@ static inline int32_t dsvpn_fq_dequeue(struct dsvpn_fq *q)
             }
             continue;
         }
-        pi = dsvpn_fq_pop(q, f);
+        pi = fl->head;
+        fl->head = q->pkts[pi].next;
+        if (fl->head < 0) {
+            fl->tail = -1;
+        }
+        fl->bytes -= q->pkts[pi].len;
         fl->deficit -= (int32_t) q->pkts[pi].len;
+        q->bytes -= q->pkts[pi].len;
+        q->packets--;
         return pi;
     }
 }
 
-/* Copy packet pi's bytes to out (len of them). */
-static inline void dsvpn_fq_copy(const struct dsvpn_fq *q, int32_t pi, uint8_t *out)
+/* A dequeued packet is done with: its space comes back once every older one's has. */
+static inline void dsvpn_fq_release(struct dsvpn_fq *q, int32_t pi)
 {
-    const struct dsvpn_fq_pkt *p = &q->pkts[pi];
-    size_t                     left = p->len;
-    int32_t                    c = p->chunk;
-    while (left > 0) {
-        size_t take = left < DSVPN_FQ_CHUNK ? left : DSVPN_FQ_CHUNK;
-        memcpy(out, q->arena + (size_t) c * DSVPN_FQ_CHUNK, take);
-        out += take;
-        left -= take;
-        c = q->chunk_next[c];
+    q->pkts[pi].done = 1;
+    while (q->oldest >= 0 && q->pkts[q->oldest].done) {
+        int32_t oi = q->oldest;
+        q->oldest = q->pkts[oi].after;
+        q->pkts[oi].next = q->free_pkt;
+        q->free_pkt = oi;
+    }
+    if (q->oldest < 0) {
+        q->newest = -1;
+        q->tail = 0;
     }
 }
 
