@@ -1,21 +1,31 @@
 """Benchmark dsvpn in network namespaces (run as root; everything it builds it removes).
 
     sudo python ci/bench.py [--runs 3] [--seconds 8] [--reference /path/to/c/dsvpn] [--soak 60]
+                            [--only tcp,latency,udp,bidir,flows,idle] [--variant NAME=SRC]
 
 Testbed (dsvpn.testbed): client host -> server host (NAT) -> far host, veth links, MTU 1500.
-Measured per implementation, on the same testbed:
+Measured per implementation, on the same testbed, and over the plain underlay (forwarding and
+NAT set by hand for that step) for comparison:
 
-- iperf3 throughput client -> far host and the reverse (-R), through the tunnel and over the
-  plain underlay (forwarding and NAT set by hand for that step); the ratio tunnel/underlay;
-- the inner TCP's retransmissions (iperf3 sum_sent.retransmits) and the tun devices' dropped
-  packets on both ends, per run;
-- ping RTT through the tunnel and over the underlay; 1-byte TCP request/response round trips
-  (TCP_NODELAY, 300 exchanges: p50, p99, max);
-- peak RSS (VmHWM) of the server and client processes after the load, CPU seconds per GB moved;
+- tcp: iperf3 throughput client -> far host and the reverse (-R); the inner TCP's
+  retransmissions (iperf3 sum_sent.retransmits) and the tun devices' dropped packets on both
+  ends per run; CPU seconds per GB moved by these runs, per process;
+- latency: ping RTT through the tunnel (p50, p99, max) while one iperf3 flow saturates it,
+  upload then download, and that flow's throughput against the unloaded one;
+- udp: iperf3 UDP offered at a fixed rate (1400-byte datagrams at 1.5 Gbit/s, 64-byte datagrams
+  at 300 k/s), each way: what the far end delivers, against the bare underlay;
+- bidir: iperf3 --bidir, the sum of both directions against one way alone;
+- flows: four parallel flows (-P 4) against one flow, each way;
+- idle: ping RTT and 1-byte TCP request/response round trips (TCP_NODELAY, p50, p99, max);
+- peak RSS (VmHWM) of the server and client processes after the load;
 - Charm throughput at 64/1500/9000 bytes if ci/bench_charm.py provides measure();
 - with --soak S: S seconds of iperf3 at full speed, RSS sampled every few seconds.
 
-Prints a table, then one JSON line with every figure.
+Each run (--runs) measures the underlay and then every implementation in turn, with a fresh
+tunnel each time, so that the implementations are interleaved (A/B/A/B...) on a shared, noisy
+machine; the table shows medians over the runs, the JSON line every run's figures. --variant
+adds another build of dsvpn (SRC: a directory holding an importable dsvpn package, such as a
+checkout's src/ after `setup.py build_ext --inplace`) as one more implementation.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,67 +58,202 @@ IPERF_PORT = 5201
 RR_PORT = 5301
 RR_COUNT = 300
 PING_COUNT = 300  # 30 cannot resolve the 20-40 µs differences that matter here
+PING_INTERVAL = 0.02
+LOAD_WARMUP = 1.0  # seconds of the saturating flow before the pings start (slow start)
 TUN_SERVER_IP = testbed.SERVER_TUN_IP
+
+MEASURES = ("tcp", "latency", "udp", "bidir", "flows", "idle")
+DIRECTIONS = (("fwd", False), ("rev", True))
+# name -> iperf3's datagram size and offered rate (payload bits per second), what the table says
+UDP_TESTS = {
+    "udp1400": ("1400", "1500M", "UDP 1400 B at 1.5 Gbit/s"),
+    "udp64": ("64", str(64 * 8 * 300_000), "UDP 64 B at 300 k/s"),
+}
 
 
 # --------------------------------------------------------------------------------------------
 # Measurements
 
 
-def iperf(tb: Testbed, seconds: int, reverse: bool, label: str) -> dict[str, float]:
-    """One iperf3 run client host -> far host (or back with reverse); Gbit/s and retransmits."""
-    argv = ["iperf3", "-c", tb.inet.ip or "", "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
-    if reverse:
-        argv.append("-R")
-    for attempt in range(2):  # one retry: a run can fail to start on a loaded machine
-        out = tb.client.run(argv, timeout=seconds + 60, check=False)
-        try:
-            data = json.loads(out.stdout)
-            end = data["end"]
-            return {
-                "gbps": end["sum_received"]["bits_per_second"] / 1e9,
-                "bytes": end["sum_received"]["bytes"],
-                "retransmits": end["sum_sent"].get("retransmits", 0),
-            }
-        except (ValueError, KeyError):
+class Measure:
+    """One implementation's (or the underlay's) figures of one run, and how to take them."""
+
+    def __init__(self, tb: Testbed, seconds: int, label: str) -> None:
+        self.tb = tb
+        self.seconds = seconds
+        self.label = label
+        self.far = tb.inet.ip or ""
+
+    def iperf(self, args: Sequence[str], seconds: int | None = None) -> dict[str, Any]:
+        """One iperf3 client run from the client host to the far host; its JSON "end"."""
+        seconds = seconds or self.seconds
+        argv = ["iperf3", "-c", self.far, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", *args]
+        error = ""
+        for attempt in range(2):  # one retry: a run can fail to start on a loaded machine
+            out = self.tb.client.run(argv, timeout=seconds + 60, check=False)
             try:
-                error = json.loads(out.stdout)["error"]
+                end: dict[str, Any] = json.loads(out.stdout)["end"]
+                if "sum_received" in end:
+                    return end
+                raise KeyError("sum_received")
             except (ValueError, KeyError):
-                error = f"{out.stdout[-300:]} {out.stderr[-300:]}".strip()
-            print(
-                f"{label}: iperf3 {' '.join(argv[1:])}: attempt {attempt + 1} failed: {error}",
-                file=sys.stderr,
+                error = iperf_error(out.stdout, out.stderr)
+                print(
+                    f"{self.label}: iperf3 {' '.join(argv[1:])}: attempt {attempt + 1} failed:"
+                    f" {error}",
+                    file=sys.stderr,
+                )
+                time.sleep(1)
+        raise testbed.TestbedError(f"iperf3 failed twice: {error}")
+
+    def tcp(self, reverse: bool) -> dict[str, float]:
+        end = self.iperf(["-R"] if reverse else [])
+        return {
+            "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+            "bytes": end["sum_received"]["bytes"],
+            "retransmits": end["sum_sent"].get("retransmits", 0),
+        }
+
+    def loaded_ping(self, reverse: bool) -> dict[str, Any]:
+        """Ping the far host through the path while one iperf3 flow saturates it (upload, or
+        download with reverse); the ping RTTs and that flow's throughput."""
+        argv = ["iperf3", "-c", self.far, "-p", str(IPERF_PORT), "-t", str(self.seconds), "-J"]
+        if reverse:
+            argv.append("-R")
+        error = ""
+        for attempt in range(2):  # one retry, as in iperf()
+            load = self.tb.start(self.tb.client, argv, f"load-{self.label}-{time.monotonic_ns()}")
+            try:
+                time.sleep(LOAD_WARMUP)
+                count = max(10, int((self.seconds - LOAD_WARMUP - 1) / PING_INTERVAL))
+                stats = self.tb.client.ping(self.far, count=count, interval=PING_INTERVAL)
+                load.wait(self.seconds + 30)
+            finally:
+                if load.alive():
+                    load.kill()
+            text = load.log().split("\n", 1)[-1]
+            try:
+                end = json.loads(text)["end"]
+                return rtt_stats(stats) | {
+                    "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+                    "retransmits": end["sum_sent"].get("retransmits", 0),
+                }
+            except (ValueError, KeyError):
+                error = iperf_error(text, "")
+                print(
+                    f"{self.label}: loaded iperf3: attempt {attempt + 1} failed: {error}",
+                    file=sys.stderr,
+                )
+                time.sleep(1)
+        raise testbed.TestbedError(f"loaded iperf3 failed twice: {error}")
+
+    def udp(self, size: str, rate: str, reverse: bool) -> dict[str, float]:
+        """UDP offered at rate (-b) in datagrams of size bytes: what the far end received."""
+        args = ["-u", "-l", size, "-b", rate, *(["-R"] if reverse else [])]
+        rx = self.iperf(args)["sum_received"]
+        received = rx["packets"] - rx["lost_packets"]
+        return {
+            "gbps": rx["bits_per_second"] / 1e9,
+            "kpps": received / rx["seconds"] / 1e3,
+            "lost_percent": rx["lost_percent"],
+        }
+
+    def bidir(self) -> dict[str, float]:
+        end = self.iperf(["--bidir"])
+        fwd = end["sum_received"]["bits_per_second"] / 1e9
+        rev = end["sum_received_bidir_reverse"]["bits_per_second"] / 1e9
+        return {"fwd_gbps": fwd, "rev_gbps": rev, "sum_gbps": fwd + rev}
+
+    def flows(self, reverse: bool) -> dict[str, float]:
+        end = self.iperf(["-P", "4", *(["-R"] if reverse else [])])
+        return {
+            "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+            "retransmits": end["sum_sent"].get("retransmits", 0),
+        }
+
+    def request_response(self) -> dict[str, float]:
+        """1-byte TCP round trips client host -> far host, both ends TCP_NODELAY."""
+        tb = self.tb
+        name = f"rr-server-{time.monotonic_ns()}"
+        server = tb.start_script(tb.inet, testbed.RR_SERVER, [RR_PORT], name)
+        try:
+            tb.wait_log(server, "listening", 10)
+            out = tb.client.run(
+                [sys.executable, "-c", testbed.RR_CLIENT, self.far, str(RR_PORT), str(RR_COUNT)],
+                timeout=120,
             )
-            time.sleep(1)
-    raise testbed.TestbedError(f"iperf3 failed twice: {error}")
+        finally:
+            server.kill()
+        rtts = sorted(r * 1000 for r in json.loads(out.stdout))
+        return {
+            "p50_ms": rtts[len(rtts) // 2],
+            "p99_ms": rtts[int(len(rtts) * 0.99) - 1],
+            "max_ms": rtts[-1],
+        }
+
+    def run(self, only: Sequence[str], procs: tuple[Proc, Proc] | None) -> dict[str, Any]:
+        """Every selected measure once; with procs (a tunnel), tun drops and CPU too."""
+        tb = self.tb
+        res: dict[str, Any] = {}
+        if "tcp" in only:
+            moved = 0
+            cpu0 = [cpu_seconds(p.pid) for p in procs] if procs else []
+            for direction, reverse in DIRECTIONS:
+                d0 = tun_drops(tb.client) + tun_drops(tb.server)
+                sample = self.tcp(reverse)
+                if procs:
+                    sample["tun_drops"] = tun_drops(tb.client) + tun_drops(tb.server) - d0
+                moved += sample["bytes"]
+                res[direction] = sample
+            if procs:
+                gb = moved / 1e9
+                res["cpu_s_per_gb"] = {
+                    who: (cpu_seconds(p.pid) - c0) / gb
+                    for who, p, c0 in zip(("server", "client"), procs, cpu0, strict=True)
+                }
+        if "latency" in only:
+            for direction, reverse in DIRECTIONS:
+                res[f"loaded_{direction}"] = self.loaded_ping(reverse)
+        if "udp" in only:
+            for name, (size, rate, _) in UDP_TESTS.items():
+                for direction, reverse in DIRECTIONS:
+                    res[f"{name}_{direction}"] = self.udp(size, rate, reverse)
+        if "bidir" in only:
+            res["bidir"] = self.bidir()
+        if "flows" in only:
+            for direction, reverse in DIRECTIONS:
+                res[f"flows4_{direction}"] = self.flows(reverse)
+        if "idle" in only:
+            res["ping"] = rtt_stats(tb.client.ping(self.far, count=PING_COUNT, interval=0.02))
+            if procs:
+                res["ping_server_tun"] = rtt_stats(
+                    tb.client.ping(TUN_SERVER_IP, count=PING_COUNT, interval=0.02)
+                )
+            res["rr"] = self.request_response()
+        return res
 
 
-def ping_rtt(ns: Netns, dest: str) -> dict[str, float]:
-    stats = ns.ping(dest, count=PING_COUNT, interval=0.02, wait=1.0)
+def iperf_error(stdout: str, stderr: str) -> str:
+    try:
+        return str(json.loads(stdout)["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"{stdout[-300:]} {stderr[-300:]}".strip()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of values."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil
+    return ordered[int(rank) - 1]
+
+
+def rtt_stats(stats: dict[str, Any]) -> dict[str, float]:
     rtts = stats["rtts_ms"] or [float("nan")]
     return {
-        "median_ms": statistics.median(rtts),
+        "p50_ms": statistics.median(rtts),
+        "p99_ms": percentile(rtts, 99),
         "max_ms": max(rtts),
         "lost": stats["sent"] - stats["received"],
-    }
-
-
-def request_response(tb: Testbed, dest: str) -> dict[str, float]:
-    """1-byte TCP round trips client host -> far host, both ends TCP_NODELAY."""
-    server = tb.start_script(tb.inet, testbed.RR_SERVER, [RR_PORT], f"rr-server-{time.time()}")
-    try:
-        tb.wait_log(server, "listening", 10)
-        out = tb.client.run(
-            [sys.executable, "-c", testbed.RR_CLIENT, dest, str(RR_PORT), str(RR_COUNT)],
-            timeout=120,
-        )
-    finally:
-        server.kill()
-    rtts = sorted(r * 1000 for r in json.loads(out.stdout))
-    return {
-        "p50_ms": rtts[len(rtts) // 2],
-        "p99_ms": rtts[int(len(rtts) * 0.99) - 1],
-        "max_ms": rtts[-1],
     }
 
 
@@ -131,36 +277,8 @@ def tun_drops(ns: Netns) -> int:
     )
 
 
-def throughput_runs(
-    tb: Testbed, runs: int, seconds: int, procs: tuple[Proc, Proc] | None, label: str
-) -> dict[str, Any]:
-    """Forward and reverse iperf3 runs; with procs, also tun drops and CPU per GB."""
-    result: dict[str, Any] = {}
-    moved = 0
-    cpu0 = [cpu_seconds(p.pid) for p in procs] if procs else []
-    for direction, reverse in (("fwd", False), ("rev", True)):
-        samples, drops = [], []
-        for _ in range(runs):
-            d0 = (tun_drops(tb.client), tun_drops(tb.server)) if procs else (0, 0)
-            sample = iperf(tb, seconds, reverse, label)
-            if procs:
-                drops.append(tun_drops(tb.client) - d0[0] + tun_drops(tb.server) - d0[1])
-            samples.append(sample)
-            moved += sample["bytes"]
-        result[direction] = {
-            "gbps": statistics.median(s["gbps"] for s in samples),
-            "retransmits": statistics.median(s["retransmits"] for s in samples),
-            "tun_drops": statistics.median(drops) if drops else None,
-            "runs_gbps": [round(s["gbps"], 3) for s in samples],
-        }
-    if procs:
-        gb = moved / 1e9
-        server, client = procs
-        result["cpu_s_per_gb"] = {
-            "server": (cpu_seconds(server.pid) - cpu0[0]) / gb,
-            "client": (cpu_seconds(client.pid) - cpu0[1]) / gb,
-        }
-    return result
+def load_average() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,29 +298,23 @@ def underlay(tb: Testbed):
         tb.server.set_sysctl("net.ipv4.ip_forward", "0")
 
 
-def bench_underlay(tb: Testbed, runs: int, seconds: int) -> dict[str, Any]:
+def bench_underlay(tb: Testbed, seconds: int, only: Sequence[str]) -> dict[str, Any]:
     with underlay(tb):
         tb.client.wait_ping(tb.inet.ip or "", 10)
-        res = throughput_runs(tb, runs, seconds, None, "underlay")
-        res["ping"] = ping_rtt(tb.client, tb.inet.ip or "")
-        res["rr"] = request_response(tb, tb.inet.ip or "")
-    return res
+        return Measure(tb, seconds, "underlay").run(only, None)
 
 
 def bench_tunnel(
-    tb: Testbed, impl: Impl, key: Path, runs: int, seconds: int, soak: int
+    tb: Testbed, impl: Impl, key: Path, seconds: int, only: Sequence[str], soak: int
 ) -> dict[str, Any]:
-    server, client = tb.tunnel_up(impl, key, suffix=f"-{impl.name}")
+    server, client = tb.tunnel_up(impl, key, suffix=f"-{impl.name}-{time.monotonic_ns()}")
     try:
         tb.client.wait_ping(tb.inet.ip or "", 15, procs=(server, client))
-        res = throughput_runs(tb, runs, seconds, (server, client), impl.name)
+        res = Measure(tb, seconds, impl.name).run(only, (server, client))
         res["rss_peak_kib"] = {
             "server": proc_status(server.pid, "VmHWM"),
             "client": proc_status(client.pid, "VmHWM"),
         }
-        res["ping"] = ping_rtt(tb.client, tb.inet.ip or "")
-        res["ping_server_tun"] = ping_rtt(tb.client, TUN_SERVER_IP)
-        res["rr"] = request_response(tb, tb.inet.ip or "")
         if soak:
             res["soak"] = soak_test(tb, (server, client), soak)
         for proc in (client, server):
@@ -219,7 +331,7 @@ def bench_tunnel(
 def soak_test(tb: Testbed, procs: tuple[Proc, Proc], seconds: int) -> dict[str, Any]:
     """iperf3 at full speed for ``seconds``; VmRSS of both processes every few seconds."""
     argv = ["iperf3", "-c", tb.inet.ip or "", "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
-    load = tb.start(tb.client, argv, f"soak-{time.time()}")
+    load = tb.start(tb.client, argv, f"soak-{time.monotonic_ns()}")
     samples: dict[str, list[int]] = {"server": [], "client": []}
     step = max(1.0, seconds / 20)
     while load.alive():
@@ -252,8 +364,42 @@ def bench_charm() -> dict[str, Any] | None:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def variant(spec: str) -> Impl:
+    """--variant NAME=SRC: our dsvpn imported from SRC instead of the installed package."""
+    name, sep, src = spec.partition("=")
+    path = Path(src).resolve()
+    if not sep or not name or not (path / "dsvpn" / "__init__.py").is_file():
+        raise testbed.TestbedError(f"--variant {spec!r}: want NAME=DIR, DIR holding dsvpn/")
+    return Impl(name, ("env", f"PYTHONPATH={path}", sys.executable, "-m", "dsvpn"))
+
+
 # --------------------------------------------------------------------------------------------
-# Report
+# Summary
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over runs of every number in the runs' nested dicts (maxima stay medians of
+    per-run maxima; the per-run figures are in the JSON line)."""
+
+    def merge(values: list[Any]) -> Any:
+        present = [v for v in values if v is not None]
+        if not present:
+            return None
+        if all(isinstance(v, dict) for v in present):
+            keys = {k for v in present for k in v}
+            return {k: merge([v.get(k) for v in present]) for k in sorted(keys)}
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+            return statistics.median(present)
+        return present[-1]
+
+    return merge(runs) or {}
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    try:
+        return float(a) / float(b)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def _f(value: Any, fmt: str = "{:.3f}") -> str:
@@ -264,53 +410,104 @@ def _f(value: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(value)
 
 
-def table(results: dict[str, Any]) -> str:
-    cols = ["underlay", *results["tunnel"]]
-    data = {"underlay": results["underlay"], **results["tunnel"]}
-    base = results["underlay"]
+def _pct(value: float | None) -> str:
+    return "" if value is None else f" ({100 * value:.0f}%)"
 
-    def row(label: str, get: Any) -> str:
+
+def table(results: dict[str, Any]) -> str:
+    data: dict[str, dict[str, Any]] = {"underlay": results["underlay"], **results["tunnel"]}
+    cols = list(data)
+    base = results["underlay"]
+    width = max(20, *(len(c) + 2 for c in cols))
+
+    def row(label: str, get: Callable[[dict[str, Any]], str]) -> str:
         cells = []
         for col in cols:
             try:
-                cells.append(get(data[col], col))
+                cells.append(get(data[col]))
             except (KeyError, TypeError, ZeroDivisionError):
                 cells.append("-")
-        return f"{label:<38}" + "".join(f"{c:>20}" for c in cells)
+        if all(c == "-" for c in cells):
+            return ""  # not measured in this run (--only)
+        return f"{label:<44}" + "".join(f"{c:>{width}}" for c in cells)
 
-    lines = [f"{'':<38}" + "".join(f"{c:>20}" for c in cols)]
-    for d, name in (("fwd", "client -> far"), ("rev", "far -> client")):
-        lines.append(row(f"Gbit/s {name}", lambda r, c, d=d: _f(r[d]["gbps"])))
+    def ms3(r: dict[str, Any]) -> str:
+        return f"{r['p50_ms']:.3f}/{r['p99_ms']:.2f}/{r['max_ms']:.2f}"
+
+    lines = [f"{'':<44}" + "".join(f"{c:>{width}}" for c in cols)]
+    names = {"fwd": "client -> far", "rev": "far -> client"}
+    for d, name in names.items():
         lines.append(
             row(
-                "  share of the underlay",
-                lambda r, c, d=d: _f(100 * r[d]["gbps"] / base[d]["gbps"], "{:.1f}%"),
+                f"Gbit/s {name} (share of the underlay)",
+                lambda r, d=d: (
+                    _f(r[d]["gbps"])
+                    + ("" if r is base else _pct(_ratio(r[d]["gbps"], base[d]["gbps"])))
+                ),
+            )
+        )
+        lines.append(
+            row("  inner TCP retransmits / run", lambda r, d=d: _f(r[d]["retransmits"], "{:.0f}"))
+        )
+        lines.append(
+            row("  tun drops (both ends) / run", lambda r, d=d: _f(r[d]["tun_drops"], "{:.0f}"))
+        )
+    for d, name in (("fwd", "upload"), ("rev", "download")):
+        lines.append(
+            row(
+                f"ping ms p50/p99/max during a saturating {name}",
+                lambda r, d=d: ms3(r[f"loaded_{d}"]),
             )
         )
         lines.append(
             row(
-                "  inner TCP retransmits / run", lambda r, c, d=d: _f(r[d]["retransmits"], "{:.0f}")
+                f"  that {name}, Gbit/s (share of unloaded)",
+                lambda r, d=d: (
+                    _f(r[f"loaded_{d}"]["gbps"])
+                    + _pct(_ratio(r[f"loaded_{d}"]["gbps"], r[d]["gbps"]))
+                ),
             )
         )
+    for test, unit, key, fmt in (
+        ("udp1400", "Gbit/s", "gbps", "{:.3f}"),
+        ("udp64", "k/s", "kpps", "{:.0f}"),
+    ):
+        what = UDP_TESTS[test][2]
+        for d, name in names.items():
+            lines.append(
+                row(
+                    f"{what} {name}, {unit}",
+                    lambda r, d=d, k=f"{test}_{d}", key=key, fmt=fmt: (
+                        _f(r[k][key], fmt)
+                        + ("" if r is base else _pct(_ratio(r[k][key], base[k][key])))
+                    ),
+                )
+            )
+    lines.append(
+        row(
+            "bidir Gbit/s fwd+rev (share of one way)",
+            lambda r: (
+                f"{r['bidir']['fwd_gbps']:.2f}+{r['bidir']['rev_gbps']:.2f}"
+                + _pct(_ratio(r["bidir"]["sum_gbps"], (r["fwd"]["gbps"] + r["rev"]["gbps"]) / 2))
+            ),
+        )
+    )
+    for d, name in names.items():
         lines.append(
-            row("  tun drops (both ends) / run", lambda r, c, d=d: _f(r[d]["tun_drops"], "{:.0f}"))
+            row(
+                f"4 flows Gbit/s {name} (share of 1 flow)",
+                lambda r, d=d: (
+                    _f(r[f"flows4_{d}"]["gbps"])
+                    + _pct(_ratio(r[f"flows4_{d}"]["gbps"], r[d]["gbps"]))
+                ),
+            )
         )
-    lines.append(
-        row(
-            "ping to far host ms (median/max)",
-            lambda r, c: f"{r['ping']['median_ms']:.3f}/{r['ping']['max_ms']:.3f}",
-        )
-    )
-    lines.append(
-        row(
-            "1-byte RR ms (p50/p99/max)",
-            lambda r, c: f"{r['rr']['p50_ms']:.3f}/{r['rr']['p99_ms']:.3f}/{r['rr']['max_ms']:.2f}",
-        )
-    )
+    lines.append(row("idle ping to far host ms p50/p99/max", lambda r: ms3(r["ping"])))
+    lines.append(row("1-byte RR ms p50/p99/max", lambda r: ms3(r["rr"])))
     lines.append(
         row(
             "peak RSS MiB (server/client)",
-            lambda r, c: (
+            lambda r: (
                 f"{r['rss_peak_kib']['server'] / 1024:.1f}/{r['rss_peak_kib']['client'] / 1024:.1f}"
             ),
         )
@@ -318,7 +515,7 @@ def table(results: dict[str, Any]) -> str:
     lines.append(
         row(
             "CPU s per GB (server/client)",
-            lambda r, c: f"{r['cpu_s_per_gb']['server']:.2f}/{r['cpu_s_per_gb']['client']:.2f}",
+            lambda r: f"{r['cpu_s_per_gb']['server']:.2f}/{r['cpu_s_per_gb']['client']:.2f}",
         )
     )
     if any("soak" in r for r in results["tunnel"].values()):
@@ -326,25 +523,39 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 row(
                     f"soak RSS MiB {who} (first/last/peak)",
-                    lambda r, c, w=who: "{:.1f}/{:.1f}/{:.1f}".format(
+                    lambda r, w=who: "{:.1f}/{:.1f}/{:.1f}".format(
                         *(r["soak"][w][k] / 1024 for k in ("first_kib", "last_kib", "peak_kib"))
                     ),
                 )
             )
-        lines.append(row("soak Gbit/s", lambda r, c: _f(r["soak"]["gbps"])))
+        lines.append(row("soak Gbit/s", lambda r: _f(r["soak"]["gbps"])))
+    lines.append(
+        f"runs: {results['runs']} x {results['seconds']} s; load average before / after:"
+        f" {results['load_before']} / {results['load_after']}"
+    )
     charm = results.get("charm")
     if charm is not None:
         lines.append(f"Charm: {json.dumps(charm)}")
-    else:
-        lines.append("Charm: skipped (ci/bench_charm.py with measure() not found)")
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="iperf3 runs per direction (median)")
+    ap.add_argument("--runs", type=int, default=3, help="runs of every measure (median)")
     ap.add_argument("--seconds", type=int, default=8, help="seconds per iperf3 run")
     ap.add_argument("--reference", help="path of a C DSVPN binary: adds a column")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="another build of dsvpn (SRC holds its dsvpn package): adds a column",
+    )
+    ap.add_argument(
+        "--only",
+        default=",".join(MEASURES),
+        help=f"comma-separated measures (default: all of {','.join(MEASURES)})",
+    )
     ap.add_argument(
         "--soak",
         type=int,
@@ -352,37 +563,58 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="also run iperf3 for S seconds and sample RSS",
     )
-    ap.add_argument("--no-ours", action="store_true", help="only the reference (with --reference)")
+    ap.add_argument("--no-ours", action="store_true", help="leave out the installed dsvpn")
     ap.add_argument("--no-charm", action="store_true")
     args = ap.parse_args(argv)
 
+    only = [m for m in args.only.split(",") if m]
+    unknown = sorted(set(only) - set(MEASURES))
+    if unknown or args.runs < 1 or args.seconds < 3:
+        what = f"unknown measure {', '.join(unknown)}" if unknown else "--runs >= 1, --seconds >= 3"
+        print(f"bench: {what}", file=sys.stderr)
+        return 2
     missing = testbed.missing_prerequisites() or (
         None if shutil.which("iperf3") else "needs iperf3"
     )
     if missing:
         print(f"bench: {missing}", file=sys.stderr)
         return 2
+    try:
+        impls: list[Impl] = [] if args.no_ours else [testbed.ours()]
+        impls += [variant(spec) for spec in args.variant]
+        if args.reference:
+            impls.append(testbed.reference(args.reference))
+    except testbed.TestbedError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
 
-    impls: list[Impl] = [] if args.no_ours else [testbed.ours()]
-    if args.reference:
-        impls.append(testbed.reference(args.reference))
-    results: dict[str, Any] = {"runs": args.runs, "seconds": args.seconds, "tunnel": {}}
+    results: dict[str, Any] = {
+        "runs": args.runs,
+        "seconds": args.seconds,
+        "only": only,
+        "load_before": load_average(),
+    }
+    per_run: dict[str, list[dict[str, Any]]] = {"underlay": [], **{i.name: [] for i in impls}}
     t0 = time.monotonic()
     with Testbed() as tb:
         iperf_server = tb.start(tb.inet, ["iperf3", "-s", "-p", str(IPERF_PORT)], "iperf3-server")
         tb.wait_listening(iperf_server, IPERF_PORT)
         key = tb.write_key()
         try:
-            results["underlay"] = bench_underlay(tb, args.runs, args.seconds)
-            for impl in impls:
-                results["tunnel"][impl.name] = bench_tunnel(
-                    tb, impl, key, args.runs, args.seconds, args.soak
-                )
+            for n in range(args.runs):
+                per_run["underlay"].append(bench_underlay(tb, args.seconds, only))
+                for impl in impls:
+                    soak = args.soak if n == 0 else 0  # memory over time: once is enough
+                    per_run[impl.name].append(bench_tunnel(tb, impl, key, args.seconds, only, soak))
         except (testbed.TestbedError, subprocess.SubprocessError):
             print(tb.logs(), file=sys.stderr)
             raise
+    results["underlay"] = summarise(per_run["underlay"])
+    results["tunnel"] = {i.name: summarise(per_run[i.name]) for i in impls}
+    results["per_run"] = per_run
     if not args.no_charm:
         results["charm"] = bench_charm()
+    results["load_after"] = load_average()
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
     print(table(results))
     print(json.dumps(results, sort_keys=True))

@@ -211,7 +211,9 @@ class Loop:
         packets < 20 bytes not written), handshakes_ok, handshakes_failed, handshakes_pfs
         (completed forward-secret handshakes, also in handshakes_ok), probation (1 while a
         connection is on probation), probation_closed (connections closed on probation: bad
-        first frame, closed, or superseded), pending_handshakes, rx_buffered, tx_queued."""
+        first frame, closed, or superseded), pending_handshakes, rx_buffered, tx_queued
+        (framed bytes not yet sent), tun_queued (bytes read from the tun waiting in the flow
+        queue to be framed)."""
     def _set_test_random(self, data: bytes | None) -> None:
         """Test hook: the next handshakes take their 32 random bytes from data, 32 at a time
         (then the OS again)."""
@@ -219,6 +221,20 @@ class Loop:
         """Test hook: the system's random source fails (EIO) while fail is True."""
     def _set_test_clock(self, t: int | None) -> None:
         """Test hook: fixed wall-clock seconds for the client timestamp and the server check."""
+    def _set_test_queue(self, ring: int, pkts: int, limit: int) -> None:
+        """Test hook: a flow queue of ring bytes, pkts packets, read up to limit bytes (set
+        before the session: what is queued is lost)."""
+    def _test_fq_push(self, data: bytes, room: int = 0) -> bool:
+        """Test hook: queue data in the flow queue as a tun read of up to room bytes (default:
+        its length) would; False if the queue has no place for such a read."""
+    def _test_fq_pop(self) -> bytes | None:
+        """Test hook: the next packet the flow queue gives out (and frees), or None."""
+    def _set_test_rx_queue_us(self, us: int | None = None) -> None:
+        """Test hook: how much of our own reading (microseconds at the rate we read) the
+        receive budget allows beyond the path's part; None restores the default."""
+    def _set_test_refuse_uso(self, refuse: bool) -> None:
+        """Test hook: writing a merged UDP packet to the tun fails as on a kernel without UDP
+        segmentation offload (the datagrams then go one by one, and UDP is not merged again)."""
     def _set_test_timeouts(
         self,
         accept_ms: int | None = None,

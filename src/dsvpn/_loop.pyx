@@ -6,10 +6,14 @@ happens without the GIL, without Python objects and without allocation per packe
 returns to Python only for events (the Event enum of _loop.pxd; _loop.pyi says what each carries).
 
 Buffers (allocated once per Loop):
-- tx: tun packets are read straight into ``txbuf`` at ``tx_end + 8`` (room for LEN||TAG),
-  encrypted in place, and the whole batch goes out with one send(). ``tx_off`` tracks partial
-  sends. The tun is read only while ``tx`` is empty, so when the socket is full the packets wait
-  in the kernel's tun queue, not in our memory (backpressure), and there is never a memmove.
+- fq (flowq.h): the tun is drained into per-flow queues as soon as it has packets, so that a
+  bulk flow's backlog waits there, in its own queue, and not in the kernel's tun FIFO in front
+  of everything else; packets leave in deficit round robin, new (sparse) flows first. At
+  FQ_LIMIT bytes the tun is no longer read, and the kernel's backpressure takes over.
+- tx: when the socket can take more (POLLOUT), a batch is taken from fq into ``txbuf`` at
+  ``tx_end + 8`` (room for LEN||TAG), encrypted in place, and goes out with one send().
+  ``tx_off`` tracks partial sends; fq is not read again until the batch is out, so what waits
+  in FIFO order (our batch and the socket's unsent bytes, TCP_NOTSENT_LOWAT) stays small.
 - rx: one large recv() into ``rxbuf``; frames are decrypted in place and written to the tun
   straight from the buffer; the trailing partial frame is moved to the front once per recv().
 - vnet_hdr (Linux, tun_vnet.h): consecutive TCP segments decrypted from one recv() are written
@@ -39,7 +43,8 @@ frame authenticates (or the live session ends), so a replayed hello cannot end a
 
 cimport cython
 from libc.errno cimport ECONNRESET, EINTR, EIO, errno
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stddef cimport ptrdiff_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memmove, memset, strerror
@@ -56,6 +61,19 @@ from dsvpn.charm cimport (
     charm_hash,
     charm_init,
     charm_state,
+)
+from dsvpn.flowq cimport (
+    DSVPN_FQ_HDR_MAX,
+    dsvpn_fq,
+    dsvpn_fq_commit,
+    dsvpn_fq_dequeue,
+    dsvpn_fq_destroy,
+    dsvpn_fq_init,
+    dsvpn_fq_pkt,
+    dsvpn_fq_release,
+    dsvpn_fq_reset,
+    dsvpn_fq_room,
+    dsvpn_fq_slot,
 )
 from dsvpn.loop_sys cimport (
     DSVPN_ENDPOINT_TEXT,
@@ -75,7 +93,10 @@ from dsvpn.loop_sys cimport (
     dsvpn_send,
     dsvpn_set_cloexec,
     dsvpn_set_nonblock,
+    dsvpn_set_rcvbuf,
     dsvpn_tcp_opts,
+    dsvpn_tcp_min_rtt_us,
+    dsvpn_unread,
     dsvpn_wall_s,
     dsvpn_write,
     iovec,
@@ -110,18 +131,29 @@ from dsvpn.wire cimport (
 # The events as module attributes too (EV_SESSION_UP, ...), straight from the one enum.
 globals().update(Event.__members__)
 
-# Budgets. A tx batch stops at TX_BATCH_BYTES or TX_BATCH_PKTS; TCP_NOTSENT_LOWAT caps what one
-# send() takes anyway, so larger batches would only sit in our buffer.
+# Budgets. A tx batch stops at TX_BATCH_BYTES or TX_BATCH_PKTS: what is in a batch waits in
+# FIFO order, so it is kept small; TCP_NOTSENT_LOWAT caps what one send() takes anyway.
 cdef enum:
-    TX_BATCH_BYTES = 196608
+    TX_BATCH_BYTES = 65536
     TX_BATCH_PKTS = 128
+    TUN_FILL_PKTS = 128         # tun reads per iteration
+    FQ_RING = 4194304           # flow queue storage
+    FQ_PKTS = 4096              # and the most packets it holds
+    FQ_LIMIT = 2097152          # queued bytes at which the tun is no longer read
     # Slack after the batch limit: one 64 KiB TSO packet cut into segments of the smallest
     # MSS (88) with the largest headers (120) still fits (< 160 KiB; see _tun_gso).
     TX_CAP = TX_BATCH_BYTES + 262144
     TUN_READ_MAX = MAX_PAYLOAD + 1  # one more, so that an oversized tun packet is detectable
-    RX_READ = 262144
+    RX_READ = 65536             # one recv(): decrypted and written before anything else runs
     RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
-    QUICK_MAX = 512             # a lone tun packet up to this size is sent at once (_tun_batch)
+    # The receive budget (_rx_budget): every RXW_EVERY_MS the session's receive buffer is set to
+    # twice what the path holds (bytes read per round trip) plus RXW_QUEUE_US of our reading,
+    # shrinking by at most a quarter at a time.
+    RXW_EVERY_MS = 20
+    RXW_QUEUE_US = 1000
+    RXW_MIN = 65536
+    RXW_MAX = 33554432
+    QUICK_MAX = 512             # a lone tun packet up to this size is sent at once (_tun_fill)
     DISCARD_PKTS = 64           # tun packets discarded per iteration when there is no session
     ACCEPT_BUDGET = 16          # accept() calls per iteration
     MAX_PENDING = 8             # concurrent server-side handshakes; the oldest is dropped
@@ -137,9 +169,9 @@ cdef enum:
 
 # BUFFERBLOAT_CONTROL (docs/protocol.md, Congestion drop): when a send() of a fresh batch could take
 # nothing at all (EAGAIN), the next tun packet read is discarded, as the reference does after
-# a write that fails with EAGAIN. Partial sends do not set it (same as the reference). With
-# batched sends and the tun not being read while our buffer is non-empty, this fires rarely;
-# the main congestion signal is the kernel's tun queue filling up while we wait for POLLOUT.
+# a write that fails with EAGAIN. Partial sends do not set it (same as the reference). Batches
+# are sent only once poll() reports room (a lone small packet excepted), so this fires rarely;
+# the main congestion signal is the kernel's tun queue filling up once the flow queue is full.
 cdef enum:
     BUFFERBLOAT_CONTROL = 1
 
@@ -290,10 +322,15 @@ cdef class Loop:
     cdef uint64_t gen               # bumped whenever the session socket changes
     cdef charm_state tx_st, rx_st
     cdef dsvpn_addr peer_addr
+    cdef dsvpn_fq fq                # tun packets waiting to be framed (flowq.h)
     cdef uint8_t* txbuf
-    cdef uint8_t* gsobuf            # vnet_hdr only: a TSO packet being cut into segments
     cdef size_t tx_off, tx_end
     cdef int64_t tx_since           # last send progress (or start of the wait)
+    # the receive budget (_rx_budget): its interval's start and bytes read then, the budget
+    # (0: none set yet), and whether the platform lets us set it
+    cdef int64_t rxw_since, rxw_queue_us
+    cdef uint64_t rxw_bytes, rxw
+    cdef bint rxw_off
     cdef bint congestion
     cdef uint8_t* rxbuf
     cdef size_t rx_len
@@ -335,9 +372,12 @@ cdef class Loop:
         self.sock = -1
         self.hs_fd = -1
         self.prob_fd = -1
+        cdef uint32_t seed = 0
+        dsvpn_random(<uint8_t*> &seed, sizeof(seed))  # flow hashing only: any value works
         self.txbuf = <uint8_t*> malloc(TX_CAP)
         self.rxbuf = <uint8_t*> malloc(RX_CAP)
-        if self.txbuf == NULL or self.rxbuf == NULL:
+        if self.txbuf == NULL or self.rxbuf == NULL or \
+                dsvpn_fq_init(&self.fq, FQ_RING, FQ_PKTS, FQ_LIMIT, seed) != 0:
             raise MemoryError()
         cdef int i
         for i in range(MAX_PENDING):
@@ -369,16 +409,13 @@ cdef class Loop:
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
         self.connect_timeout_ms = TIMEOUT_MS
         self.send_timeout_ms = TIMEOUT_MS
+        self.rxw_queue_us = RXW_QUEUE_US
         self.require_pfs = require_pfs
         charm_init(&self.kx, &k[0], <const uint8_t*> KX_IV)
         charm_init(&self.pkx, &k[0], <const uint8_t*> PFS_IV)
         if is_server:
             self.prob_buf = <uint8_t*> malloc(PROB_CAP)
             if self.prob_buf == NULL:
-                raise MemoryError()
-        if vnet_hdr:
-            self.gsobuf = <uint8_t*> malloc(TUN_READ_MAX)
-            if self.gsobuf == NULL:
                 raise MemoryError()
         # The loop drains the tun until EAGAIN, so its reads must not block.
         if dsvpn_set_nonblock(tun_fd) != 0:
@@ -408,8 +445,8 @@ cdef class Loop:
         self._close_all(b"loop closed")
         free(self.txbuf)
         free(self.rxbuf)
-        free(self.gsobuf)
         free(self.prob_buf)
+        dsvpn_fq_destroy(&self.fq)
         free(self.trand)
         memset(&self.kx, 0, sizeof(charm_state))
         memset(&self.pkx, 0, sizeof(charm_state))
@@ -539,6 +576,8 @@ cdef class Loop:
         memset(&self.tx_st, 0, sizeof(charm_state))
         memset(&self.rx_st, 0, sizeof(charm_state))
         self.tx_off = self.tx_end = 0
+        dsvpn_fq_reset(&self.fq)
+        self.rxw = 0
         self.rx_len = 0
         self.gro.segs = 0
         self.congestion = False
@@ -980,45 +1019,53 @@ cdef class Loop:
             self.c.tun_rx_bytes += <uint64_t> n
             self.c.t.drops[<int> DROP_NO_SESSION] += 1
 
-    cdef ssize_t _tun_read(self, uint8_t* p, dsvpn_vnet_hdr* vh) noexcept nogil:
-        """Read one tun packet so that it starts at p + 8. Returns its length (without the
-        tun's own header), SHORT_READ for a packet shorter than that header (counted), or
-        what dsvpn_read returned (0, -1, DSVPN_IO_AGAIN)."""
-        cdef ssize_t n
-        cdef size_t hoff
-        cdef iovec iov[2]
+    cdef size_t _tun_hdr_len(self) noexcept nogil:
+        """The tun's own header before each packet: a vnet header, an AF header, or none."""
         if self.vnet_hdr:
-            # A 10-byte vnet header does not fit in front of the packet (it would hit the
-            # previous frame), so it goes to its own iovec.
-            iov[0].iov_base = vh
-            iov[0].iov_len = DSVPN_VNET_HDR_LEN
-            iov[1].iov_base = p + FRAME_HDR_LEN
-            iov[1].iov_len = TUN_READ_MAX
-            n = dsvpn_readv(self.tun_fd, iov, 2)
-            hoff = DSVPN_VNET_HDR_LEN
-        else:
-            # An AF header lands at p + 4..p + 8, where LEN||TAG will overwrite it.
-            hoff = AF_HDR_LEN if self.tun_header else 0
-            n = dsvpn_read(self.tun_fd, p + FRAME_HDR_LEN - hoff, TUN_READ_MAX + hoff)
-        if n <= 0:
-            return n
-        self.c.tun_rx_packets += 1
-        if <size_t> n < hoff:
-            self.c.short_drops += 1
-            return SHORT_READ
-        self.c.tun_rx_bytes += <uint64_t> n - hoff
-        return n - <ssize_t> hoff
+            return DSVPN_VNET_HDR_LEN
+        return AF_HDR_LEN if self.tun_header else 0
 
-    cdef bint _tun_offload(self, const dsvpn_vnet_hdr* vh, uint8_t* p, size_t plen) noexcept nogil:
-        """vnet_hdr: a TSO packet is cut into frames here, a partial checksum completed.
-        True if the packet was consumed (cut, or dropped)."""
-        if vh.gso_type != 0:
-            self._tun_gso(vh, p + FRAME_HDR_LEN, plen)
-            return True
-        if (vh.flags & 1) and dsvpn_vnet_finish_csum(vh, p + FRAME_HDR_LEN, plen) != 0:
-            self.c.t.drops[<int> DROP_OVERSIZE] += 1
-            return True
-        return False
+    cdef void _tun_fill(self, int64_t now) noexcept nogil:
+        """Drain the tun into the flow queue (up to TUN_FILL_PKTS packets). A lone small packet
+        arriving while nothing waits is sent at once."""
+        cdef int count = 0
+        cdef ssize_t n, slot
+        cdef size_t plen, hoff = self._tun_hdr_len()
+        cdef uint8_t hdr[DSVPN_FQ_HDR_MAX]
+        cdef iovec iov[2]
+        cdef uint8_t* pkt
+        cdef bint idle
+        while count < TUN_FILL_PKTS:
+            slot = dsvpn_fq_slot(&self.fq, TUN_READ_MAX)
+            if slot < 0:
+                return      # full: the tun's own queue holds the rest (backpressure)
+            pkt = self.fq.ring + slot
+            iov[0].iov_base = hdr
+            iov[0].iov_len = hoff
+            iov[1].iov_base = pkt
+            iov[1].iov_len = TUN_READ_MAX
+            n = dsvpn_readv(self.tun_fd, &iov[0] if hoff else &iov[1], 2 if hoff else 1)
+            if n <= 0:
+                self._tun_stop(n)
+                return
+            count += 1
+            self.c.tun_rx_packets += 1
+            if <size_t> n < hoff:
+                self.c.short_drops += 1
+                continue
+            plen = <size_t> n - hoff
+            self.c.tun_rx_bytes += plen
+            idle = self.fq.packets == 0 and self.tx_end == self.tx_off
+            if idle:
+                self.tx_since = now     # the send timeout counts from here
+            dsvpn_fq_commit(&self.fq, <size_t> slot, plen, hdr, hoff)
+            if idle and count == 1 and plen <= QUICK_MAX and not bulk_ack(pkt, plen):
+                # Latency: a lone small packet (ping, DNS, a keystroke, a request) goes out now,
+                # not after the read that would only confirm the tun is empty and one more
+                # poll() for room in the socket. Pure ACKs and large packets wait for the batch.
+                self._tx_batch(now)
+                if self.sock < 0:
+                    return
 
     cdef void _emit(self, uint8_t* p, size_t plen) noexcept nogil:
         """Turn the tun packet at p + 8 (p = txbuf + tx_end) into a frame and append it."""
@@ -1038,52 +1085,54 @@ cdef class Loop:
         self.tx_end += FRAME_HDR_LEN + plen
         self.c.t.tx_packets += 1
 
-    cdef void _tun_gso(self, const dsvpn_vnet_hdr* vh, uint8_t* src, size_t plen) noexcept nogil:
-        """A TSO super-packet read to src (= txbuf + tx_end + 8): cut it into ordinary packets,
-        one frame each (tun_vnet.h). The segments grow (headers repeat), so src is moved out
-        to gsobuf first."""
+    cdef void _tun_gso(self, const dsvpn_vnet_hdr* vh, const uint8_t* src,
+                       size_t plen) noexcept nogil:
+        """A TSO super-packet (src, in the flow queue): cut it into ordinary packets, one frame
+        each (tun_vnet.h), appended to txbuf."""
         cdef size_t room = 0, i
         cdef size_t nseg = dsvpn_gso_count(vh, src, plen, FRAME_HDR_LEN, &room)
         cdef uint8_t* p
         if nseg == 0 or self.tx_end + room > TX_CAP:
             self.c.t.drops[<int> DROP_OVERSIZE] += 1
             return
-        memcpy(self.gsobuf, src, plen)
         self.c.tun_rx_packets += nseg - 1
         for i in range(nseg):
             p = self.txbuf + self.tx_end
-            self._emit(p, dsvpn_gso_segment(vh, self.gsobuf, plen, i, nseg, p + FRAME_HDR_LEN))
+            self._emit(p, dsvpn_gso_segment(vh, src, plen, i, nseg, p + FRAME_HDR_LEN))
 
-    cdef void _tun_batch(self, int64_t now) noexcept nogil:
-        """Read ready tun packets into txbuf, encrypt them in place, send the batch at once."""
+    cdef void _tx_batch(self, int64_t now) noexcept nogil:
+        """Frame packets from the flow queue into the empty txbuf, in the queue's order (TSO
+        packets cut, partial checksums completed), and send the batch."""
         cdef int count = 0
-        cdef ssize_t n
+        cdef int32_t pi
         cdef size_t plen
         cdef uint8_t* p
+        cdef const uint8_t* src
+        cdef dsvpn_fq_pkt* pkt
         cdef dsvpn_vnet_hdr vh
+        vh.flags = vh.gso_type = 0
         while count < TX_BATCH_PKTS and self.tx_end < TX_BATCH_BYTES:
-            p = self.txbuf + self.tx_end
-            n = self._tun_read(p, &vh)
-            if n == SHORT_READ:
-                count += 1
-                continue
-            if n <= 0:
-                self._tun_stop(n)
+            pi = dsvpn_fq_dequeue(&self.fq)
+            if pi < 0:
                 break
             count += 1
-            plen = <size_t> n
-            if self.vnet_hdr and self._tun_offload(&vh, p, plen):
+            pkt = &self.fq.pkts[pi]
+            plen = pkt.len
+            src = self.fq.ring + pkt.off
+            p = self.txbuf + self.tx_end
+            if self.vnet_hdr:
+                memcpy(&vh, pkt.hdr, DSVPN_VNET_HDR_LEN)
+                if vh.gso_type != 0:
+                    self._tun_gso(&vh, src, plen)
+                    dsvpn_fq_release(&self.fq, pi)
+                    continue
+            memcpy(p + FRAME_HDR_LEN, src, plen)
+            dsvpn_fq_release(&self.fq, pi)
+            if self.vnet_hdr and (vh.flags & 1) and \
+                    dsvpn_vnet_finish_csum(&vh, p + FRAME_HDR_LEN, plen) != 0:
+                self.c.t.drops[<int> DROP_OVERSIZE] += 1
                 continue
             self._emit(p, plen)
-            if count == 1 and plen <= QUICK_MAX and self.tx_end > 0 \
-                    and not bulk_ack(p + FRAME_HDR_LEN, plen):
-                # Latency: a lone small packet (ping, DNS, a keystroke, a request) goes out now,
-                # not after the read that would only confirm the tun is empty. Pure ACKs and
-                # TSO packets still wait for the batch, so bulk transfers keep one send().
-                self.tx_since = now
-                self._flush(now)
-                if self.sock < 0 or self.tx_end != 0:
-                    return      # session gone, or socket full: backpressure as below
         if self.tx_end > self.tx_off:
             if self.tx_off == 0 and self.tx_since < now:
                 self.tx_since = now
@@ -1201,7 +1250,51 @@ cdef class Loop:
         out[3] = <uint8_t> af
         return out
 
+    cdef void _rx_budget(self, int64_t now) noexcept nogil:
+        """The session's receive buffer, sized as BQL sizes a NIC's queue: what the path needs
+        and little more. When we read slower than the peer sends, the excess then waits in the
+        peer's flow queue, where a sparse flow passes it, instead of in our socket's receive
+        queue, which every packet crosses in order. The path's part (twice the bytes read per
+        smallest round trip) keeps a long or fast path at full speed, growing as TCP's slow
+        start does; the rest is rxw_queue_us of our own reading."""
+        cdef int64_t rtt_us
+        cdef uint64_t got = self.c.t.rx_bytes - self.rxw_bytes
+        cdef int64_t dt = now - self.rxw_since
+        cdef uint64_t window
+        self.rxw_since = now
+        self.rxw_bytes = self.c.t.rx_bytes
+        if self.rxw_off:
+            return
+        rtt_us = dsvpn_tcp_min_rtt_us(self.sock)
+        if rtt_us < 0:
+            self.rxw_off = True
+            return
+        # bytes per ms x (2 round trips + the queue allowance) in ms
+        window = got * <uint64_t> (2 * rtt_us + self.rxw_queue_us) / <uint64_t> (1000 * dt)
+        # Below what the peer may already send (the window it was given, which TCP never takes
+        # back), the kernel would have to drop some of it: shrink by an eighth at a time, and
+        # only while little waits unread.
+        if window < self.rxw:
+            if dsvpn_unread(self.sock) > <ssize_t> (self.rxw / 4):
+                window = self.rxw
+            elif window < self.rxw - self.rxw / 8:
+                window = self.rxw - self.rxw / 8
+        if window < RXW_MIN:
+            window = RXW_MIN
+        elif window > RXW_MAX:
+            window = RXW_MAX
+        if window == self.rxw:
+            return
+        if dsvpn_set_rcvbuf(self.sock, <int> window) != 0:
+            self.rxw_off = True     # not allowed here: the kernel's autotuning stays
+            return
+        self.rxw = window
+
     # ---------------------------------------------------------------- the loop
+
+    cdef inline bint _tx_waiting(self) noexcept nogil:
+        """Something waits to be sent: a batch, or packets in the flow queue."""
+        return self.tx_end > self.tx_off or self.fq.packets > 0
 
     cdef void _deadlines(self, int64_t now) noexcept nogil:
         cdef int i
@@ -1213,7 +1306,7 @@ cdef class Loop:
                     self._pending_fail(i, b"handshake timeout from %s", b"")
         if self.hs_fd >= 0 and now >= self.hs_deadline:
             self._client_fail(b"handshake timed out")
-        if (self.sock >= 0 and self.tx_end > self.tx_off
+        if (self.sock >= 0 and self._tx_waiting()
                 and now - self.tx_since >= self.send_timeout_ms):
             self._session_down(b"send timeout")
         self._probation_orphan()
@@ -1225,7 +1318,7 @@ cdef class Loop:
                 limit = self.pend[i].deadline
         if self.hs_fd >= 0 and self.hs_deadline < limit:
             limit = self.hs_deadline
-        if (self.sock >= 0 and self.tx_end > self.tx_off
+        if (self.sock >= 0 and self._tx_waiting()
                 and self.tx_since + self.send_timeout_ms < limit):
             limit = self.tx_since + self.send_timeout_ms
         return limit
@@ -1238,11 +1331,11 @@ cdef class Loop:
         ps.control = poll_add(ps, self.control_fd, POLLIN) if self.control_fd >= 0 else -1
         ps.sock = -1
         if self.sock >= 0:
-            ps.sock = poll_add(ps, self.sock,
-                               POLLIN | POLLOUT if self.tx_end > self.tx_off else POLLIN)
-        # Backpressure: with a session, read the tun only once our buffer is empty.
+            ps.sock = poll_add(ps, self.sock, POLLIN | POLLOUT if self._tx_waiting() else POLLIN)
+        # Backpressure: the tun is read while the flow queue has room (always without a session:
+        # the packets are discarded).
         ps.tun = -1
-        if self.sock < 0 or self.tx_end == self.tx_off:
+        if self.sock < 0 or dsvpn_fq_room(&self.fq, TUN_READ_MAX):
             ps.tun = poll_add(ps, self.tun_fd, POLLIN)
         ps.hs = -1
         if self.hs_fd >= 0:
@@ -1265,6 +1358,7 @@ cdef class Loop:
         cdef uint64_t wrote = self.c.tun_tx_packets
         cdef short rev
         cdef int i
+        cdef bint room = False
         if revents(ps, ps.wake):
             self._drain_wake()
         if revents(ps, ps.control):
@@ -1273,16 +1367,22 @@ cdef class Loop:
         if rev and gen == self.gen:
             if rev & (POLLIN | POLLHUP | POLLERR):
                 self._sock_read()
-            if gen == self.gen and (rev & POLLOUT) and self.tx_end > self.tx_off:
-                self._flush(now)
+            if gen == self.gen and (rev & POLLOUT):
+                room = True
+                if self.tx_end > self.tx_off:
+                    self._flush(now)
         # Writing to the tun usually makes the answer (a forwarded reply, the local stack's
         # ACK) ready at once, in the same call: read it now, not after one more poll() round.
         if ps.tun >= 0 and (revents(ps, ps.tun) or (
                 self.c.tun_tx_packets != wrote and self.sock >= 0)):
             if self.sock < 0:
                 self._tun_discard()
-            elif self.tx_end == self.tx_off:
-                self._tun_batch(now)
+            else:
+                self._tun_fill(now)
+        # A new batch only when poll() said the socket has room: a send that could take
+        # nothing would cost a packet (BUFFERBLOAT_CONTROL).
+        if room and gen == self.gen and self.tx_end == self.tx_off and self.fq.packets > 0:
+            self._tx_batch(now)
         rev = revents(ps, ps.hs)
         if rev and self.hs_fd == ps.fds[ps.hs].fd:
             self._client_io(rev)
@@ -1327,6 +1427,8 @@ cdef class Loop:
                 return
             if r > 0:
                 self._dispatch(&ps, gen, now)
+            if self.sock >= 0 and now - self.rxw_since >= RXW_EVERY_MS:
+                self._rx_budget(now)
             if self.ev_count or (end >= 0 and now >= end):
                 return
 
@@ -1503,6 +1605,7 @@ cdef class Loop:
             "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
             "rx_buffered": self.rx_len,
             "tx_queued": self.tx_end - self.tx_off,
+            "tun_queued": self.fq.bytes,
         }
         for i, name in _DROP_NAMES.items():
             out[f"{name}_drops"] = self.c.t.drops[i]
@@ -1532,6 +1635,44 @@ cdef class Loop:
         """Test hook: fixed wall-clock seconds for the handshake timestamp and its check."""
         self.has_tclock = t is not None
         self.tclock = 0 if t is None else t
+
+    def _set_test_queue(self, size_t ring, int32_t pkts, size_t limit):
+        """Test hook: a flow queue of other sizes (before the session: packets queued are lost)."""
+        cdef uint32_t seed = self.fq.seed
+        dsvpn_fq_destroy(&self.fq)
+        if dsvpn_fq_init(&self.fq, ring, pkts, limit, seed) != 0:
+            raise MemoryError()
+
+    def _test_fq_push(self, data, size_t room=0):
+        """Test hook: queue data in the flow queue as a tun read of up to room bytes (default:
+        its length) would; False if the queue has no place for such a read."""
+        cdef const uint8_t[:] d = bytes(data)
+        cdef size_t n = d.shape[0]
+        cdef ptrdiff_t slot = dsvpn_fq_slot(&self.fq, room if room > n else n)
+        if slot < 0:
+            return False
+        if n:
+            memcpy(self.fq.ring + slot, &d[0], n)
+        dsvpn_fq_commit(&self.fq, <size_t> slot, n, NULL, 0)
+        return True
+
+    def _test_fq_pop(self):
+        """Test hook: the next packet the flow queue gives out, or None."""
+        cdef int32_t pi = dsvpn_fq_dequeue(&self.fq)
+        if pi < 0:
+            return None
+        cdef size_t off = self.fq.pkts[pi].off
+        out = (<char*> self.fq.ring)[off:off + self.fq.pkts[pi].len]
+        dsvpn_fq_release(&self.fq, pi)
+        return out
+
+    def _set_test_rx_queue_us(self, us=None):
+        """Test hook: the receive budget's allowance for our own reading (None: the default)."""
+        self.rxw_queue_us = RXW_QUEUE_US if us is None else us
+
+    def _set_test_refuse_uso(self, bint refuse):
+        """Test hook: UDP GSO writes to the tun fail as on a kernel without USO (EINVAL)."""
+        self.gro.test_refuse_uso = refuse
 
     def _set_test_timeouts(self, accept_ms=None, connect_ms=None, send_ms=None):
         """Test hook: shorten the handshake and send deadlines (None restores the default)."""

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -116,6 +117,59 @@ static inline int dsvpn_tcp_opts(int fd, int mark, unsigned int user_timeout_ms,
 #endif
     }
     return 0;
+}
+
+/* The smallest round-trip time seen on a TCP connection (the path's own, without the queues
+ * and delayed ACKs in the smoothed one), in microseconds; -1 where the platform does not tell
+ * (the loop then leaves the receive buffer to the kernel). */
+#define DSVPN_TCPI_MIN_RTT_AT 148 /* offset of tcpi_min_rtt in Linux's struct tcp_info (4.10+),
+                                    which libc's copy of the struct stops short of */
+static inline int64_t dsvpn_tcp_min_rtt_us(int fd)
+{
+#if defined(__linux__) && defined(TCP_INFO)
+    union {
+        struct tcp_info ti;
+        uint8_t         raw[256];
+    } u;
+    socklen_t len = sizeof u;
+    uint32_t  min_rtt;
+    memset(&u, 0, sizeof u);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &u, &len) != 0) {
+        return -1;
+    }
+    if (len >= DSVPN_TCPI_MIN_RTT_AT + 4) {
+        memcpy(&min_rtt, u.raw + DSVPN_TCPI_MIN_RTT_AT, 4);
+        if (min_rtt != 0 && min_rtt != UINT32_MAX) {
+            return (int64_t) min_rtt;
+        }
+    }
+    return (int64_t) u.ti.tcpi_rtt;
+#else
+    (void) fd;
+    return -1;
+#endif
+}
+
+/* Set the receive buffer of a socket: what it may hold unread plus what is still on its way
+ * (Linux doubles the value for its bookkeeping, and no longer grows the buffer by itself).
+ * SO_RCVBUFFORCE, so that net.core.rmem_max does not cap it; 0, or -1 if that is not allowed
+ * (not root, not Linux): the caller then leaves the buffer to the kernel. */
+static inline int dsvpn_set_rcvbuf(int fd, int bytes)
+{
+#ifdef SO_RCVBUFFORCE
+    return setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes);
+#else
+    (void) fd;
+    (void) bytes;
+    return -1;
+#endif
+}
+
+/* Bytes waiting unread in a socket's receive queue, or -1. */
+static inline ssize_t dsvpn_unread(int fd)
+{
+    int n = 0;
+    return ioctl(fd, FIONREAD, &n) == 0 ? (ssize_t) n : -1;
 }
 
 #define DSVPN_IP_TEXT 46       /* INET6_ADDRSTRLEN */

@@ -7,6 +7,13 @@
  * does), so the kernel walks its stack once per up to 64 KB and splits the packet again only
  * where it must (a veth delivers it whole to the far host's TCP).
  *
+ * UDP likewise: consecutive datagrams of one flow (same addresses and ports) with the same
+ * payload size (a shorter one ends the group) go out as one UDP GSO packet (USO, Linux 6.2+),
+ * which the receiving socket splits into the original datagrams. Only datagrams with DF set
+ * and a checksum are merged (DF: the IP ID of such a packet carries nothing; the checksum: a
+ * merged packet gets a fresh one for every datagram). A kernel without USO refuses that write
+ * with EINVAL: the group is then written datagram by datagram and UDP is never merged again.
+ *
  * Nothing changes on the wire: frames still carry exactly the IP packets the peer's tun gave
  * it; merging happens only after decryption, on the way into our own tun. The merge rules
  * follow the kernel's own GRO (tcp_gro_receive): same addresses, ports, IP header fields, ACK,
@@ -52,6 +59,9 @@ struct dsvpn_gro {
     size_t                gso_size;
     uint32_t              next_seq;
     int                   v6, psh, closed;
+    int                   udp;    /* the pending group is UDP (else TCP) */
+    int                   no_uso; /* the kernel refused a UDP GSO write: merge TCP only */
+    int                   test_refuse_uso; /* test hook: UDP GSO writes fail as without USO */
     uint64_t              writes, errors, merged; /* tun writes, failed ones, segments merged */
 };
 
@@ -104,10 +114,14 @@ static inline uint32_t dsvpn_be32(const uint8_t *p)
     return ((uint32_t) p[0] << 24) | ((uint32_t) p[1] << 16) | ((uint32_t) p[2] << 8) | p[3];
 }
 
-/* Pseudo-header sum (not folded) for TCP over the given L4 length. */
-static inline uint64_t dsvpn_pseudo(const uint8_t *pkt, int v6, size_t l4len)
+#define DSVPN_GSO_TCPV4 1
+#define DSVPN_GSO_TCPV6 4
+#define DSVPN_GSO_UDP_L4 5
+
+/* Pseudo-header sum (not folded) for TCP or UDP (proto) over the given L4 length. */
+static inline uint64_t dsvpn_pseudo(const uint8_t *pkt, int v6, size_t l4len, uint8_t proto)
 {
-    uint8_t  tail[4] = { 0, 6, 0, 0 }; /* zero, protocol (TCP) / length, as 16-bit words */
+    uint8_t  tail[4] = { 0, 0, 0, 0 }; /* zero, protocol / length, as 16-bit words */
     uint8_t  len4[4];
     uint64_t s;
     if (v6) {
@@ -117,56 +131,80 @@ static inline uint64_t dsvpn_pseudo(const uint8_t *pkt, int v6, size_t l4len)
         len4[2] = (uint8_t) (l4len >> 8);
         len4[3] = (uint8_t) l4len;
         s = dsvpn_csum_add(s, len4, 4);
-        tail[0] = 0;
-        tail[1] = 0;
-        tail[2] = 0;
-        tail[3] = 6;
+        tail[3] = proto;
         return dsvpn_csum_add(s, tail, 4);
     }
     s = dsvpn_csum_add(0, pkt + 12, 8);
+    tail[1] = proto;
     tail[2] = (uint8_t) (l4len >> 8);
     tail[3] = (uint8_t) l4len;
     return dsvpn_csum_add(s, tail, 4);
 }
 
-/* If pkt is a TCP segment that may be merged, fill *iphl, *hl and return 1. */
-static inline int dsvpn_gro_candidate(const uint8_t *pkt, size_t len, size_t *iphl, size_t *hl)
+/* The IP header of a packet that may be merged: IPv4 with IHL 5, DF set, not a fragment, or
+ * IPv6 without extension headers; protocol proto and length exact. Its length, or 0. */
+static inline size_t dsvpn_gro_ip(const uint8_t *pkt, size_t len, uint8_t proto, int *v6)
+{
+    if ((pkt[0] >> 4) == 4) {
+        if (pkt[0] != 0x45 || pkt[9] != proto || (dsvpn_be16(pkt + 6) & 0x7fff) != 0x4000
+            || dsvpn_be16(pkt + 2) != len
+            || dsvpn_csum_fold(dsvpn_csum_add(0, pkt, 20)) != 0xffff) {
+            return 0;
+        }
+        *v6 = 0;
+        return 20;
+    }
+    if ((pkt[0] >> 4) == 6 && len >= 40 && pkt[6] == proto
+        && (size_t) dsvpn_be16(pkt + 4) + 40 == len) {
+        *v6 = 1;
+        return 40;
+    }
+    return 0;
+}
+
+static inline int dsvpn_l4_csum_ok(const uint8_t *pkt, int v6, size_t ipl, size_t len,
+                                   uint8_t proto)
+{
+    return dsvpn_csum_fold(
+               dsvpn_csum_add(dsvpn_pseudo(pkt, v6, len - ipl, proto), pkt + ipl, len - ipl))
+           == 0xffff;
+}
+
+/* If pkt is a TCP segment or UDP datagram that may be merged, fill *iphl, *hl (IP + L4
+ * header), *udp and return 1. */
+static inline int dsvpn_gro_candidate(const uint8_t *pkt, size_t len, int no_uso, size_t *iphl,
+                                      size_t *hl, int *udp)
 {
     size_t ipl, thl;
     int    v6;
-    if (len < 40) {
+    if (len < 28) {
         return 0;
     }
-    if ((pkt[0] >> 4) == 4) {
-        /* IHL 5, TCP, DF set, not a fragment, total length exact */
-        if (pkt[0] != 0x45 || pkt[9] != 6 || (dsvpn_be16(pkt + 6) & 0x7fff) != 0x4000
-            || dsvpn_be16(pkt + 2) != len) {
+    if ((ipl = dsvpn_gro_ip(pkt, len, 6, &v6)) != 0) {
+        if (len < ipl + 20) {
             return 0;
         }
-        if (dsvpn_csum_fold(dsvpn_csum_add(0, pkt, 20)) != 0xffff) {
+        thl = (size_t) (pkt[ipl + 12] >> 4) * 4;
+        if (thl < 20 || ipl + thl >= len) {
+            return 0; /* no payload: pure ACKs go as they are */
+        }
+        /* only ACK, optionally PSH; no urgent pointer */
+        if ((pkt[ipl + 13] & ~0x08) != 0x10 || pkt[ipl + 18] || pkt[ipl + 19]) {
             return 0;
         }
-        ipl = 20;
-        v6 = 0;
-    } else if ((pkt[0] >> 4) == 6) {
-        if (len < 60 || pkt[6] != 6 || (size_t) dsvpn_be16(pkt + 4) + 40 != len) {
+        *udp = 0;
+    } else if (!no_uso && (ipl = dsvpn_gro_ip(pkt, len, 17, &v6)) != 0) {
+        thl = 8;
+        /* some payload, the UDP length exact, a checksum (0: none, IPv4 only) */
+        if (len <= ipl + thl || dsvpn_be16(pkt + ipl + 4) != len - ipl
+            || dsvpn_be16(pkt + ipl + 6) == 0) {
             return 0;
         }
-        ipl = 40;
-        v6 = 1;
+        *udp = 1;
     } else {
         return 0;
     }
-    thl = (size_t) (pkt[ipl + 12] >> 4) * 4;
-    if (thl < 20 || ipl + thl >= len) {
-        return 0; /* no payload: pure ACKs go as they are */
-    }
-    /* only ACK, optionally PSH; no urgent pointer */
-    if ((pkt[ipl + 13] & ~0x08) != 0x10 || pkt[ipl + 18] || pkt[ipl + 19]) {
-        return 0;
-    }
-    if (dsvpn_csum_fold(dsvpn_csum_add(dsvpn_pseudo(pkt, v6, len - ipl), pkt + ipl, len - ipl))
-        != 0xffff) {
+    if (!dsvpn_l4_csum_ok(pkt, v6, ipl, len, *udp ? 17 : 6)) {
         return 0;
     }
     *iphl = ipl;
@@ -174,7 +212,7 @@ static inline int dsvpn_gro_candidate(const uint8_t *pkt, size_t len, size_t *ip
     return 1;
 }
 
-static inline void dsvpn_tun_writev(int fd, struct dsvpn_gro *g, struct iovec *iov, int n)
+static inline ssize_t dsvpn_tun_writev(int fd, struct dsvpn_gro *g, struct iovec *iov, int n)
 {
     ssize_t r;
     do {
@@ -184,6 +222,7 @@ static inline void dsvpn_tun_writev(int fd, struct dsvpn_gro *g, struct iovec *i
     if (r < 0) {
         g->errors++;
     }
+    return r;
 }
 
 /* Write one packet unchanged, with an empty header. */
@@ -198,11 +237,28 @@ static inline void dsvpn_vnet_write1(int fd, struct dsvpn_gro *g, uint8_t *pkt, 
     dsvpn_tun_writev(fd, g, iov, 2);
 }
 
+/* The kernel refused a UDP GSO write (no USO): put the first datagram's header back (saved in
+ * hdr, hl bytes) and write the datagrams one by one; each one's header sits in front of its
+ * payload, where it arrived. */
+static inline void dsvpn_gro_unmerge(int fd, struct dsvpn_gro *g, const uint8_t *hdr)
+{
+    int i;
+    g->errors--; /* not lost: written again below */
+    g->no_uso = 1;
+    memcpy(g->first, hdr, g->hl);
+    dsvpn_vnet_write1(fd, g, g->first, g->iov[1].iov_len);
+    for (i = 2; i <= g->segs; i++) {
+        uint8_t *pkt = (uint8_t *) g->iov[i].iov_base - g->hl;
+        dsvpn_vnet_write1(fd, g, pkt, g->hl + g->iov[i].iov_len);
+    }
+}
+
 static inline void dsvpn_gro_flush(int fd, struct dsvpn_gro *g)
 {
     uint8_t *p = g->first;
     size_t   iphl = g->iphl;
     uint16_t c;
+    uint8_t  saved[48]; /* the first datagram's IP + UDP header, for dsvpn_gro_unmerge */
     if (g->segs == 0) {
         return;
     }
@@ -210,6 +266,9 @@ static inline void dsvpn_gro_flush(int fd, struct dsvpn_gro *g)
         dsvpn_vnet_write1(fd, g, p, g->iov[1].iov_len);
         g->segs = 0;
         return;
+    }
+    if (g->udp) {
+        memcpy(saved, p, g->hl);
     }
     if (g->v6) {
         dsvpn_put_be16(p + 4, (uint16_t) (g->total - 40));
@@ -219,22 +278,33 @@ static inline void dsvpn_gro_flush(int fd, struct dsvpn_gro *g)
         c = (uint16_t) ~dsvpn_csum_fold(dsvpn_csum_add(0, p, 20));
         memcpy(p + 10, &c, 2); /* native-order sum stored as is = network order result */
     }
-    if (g->psh) {
+    if (g->udp) {
+        /* the UDP length covers all datagrams, as the pseudo-header's does: the kernel
+         * adjusts both for each datagram it cuts */
+        dsvpn_put_be16(p + iphl + 4, (uint16_t) (g->total - iphl));
+    } else if (g->psh) {
         p[iphl + 13] |= 0x08;
     }
     /* CHECKSUM_PARTIAL convention: the field holds the folded pseudo-header sum */
-    c = dsvpn_csum_fold(dsvpn_pseudo(p, g->v6, g->total - iphl));
-    memcpy(p + iphl + 16, &c, 2);
+    c = dsvpn_csum_fold(dsvpn_pseudo(p, g->v6, g->total - iphl, g->udp ? 17 : 6));
+    memcpy(p + iphl + (g->udp ? 6 : 16), &c, 2);
     g->hdr.flags = 1;
-    g->hdr.gso_type = g->v6 ? 4 : 1;
+    g->hdr.gso_type = g->udp ? DSVPN_GSO_UDP_L4 : g->v6 ? DSVPN_GSO_TCPV6 : DSVPN_GSO_TCPV4;
     g->hdr.hdr_len = (uint16_t) g->hl;
     g->hdr.gso_size = (uint16_t) g->gso_size;
     g->hdr.csum_start = (uint16_t) iphl;
-    g->hdr.csum_offset = 16;
+    g->hdr.csum_offset = g->udp ? 6 : 16;
     g->iov[0].iov_base = &g->hdr;
     g->iov[0].iov_len = DSVPN_VNET_HDR_LEN;
-    dsvpn_tun_writev(fd, g, g->iov, g->segs + 1);
-    g->merged += (uint64_t) g->segs;
+    if (g->udp && g->test_refuse_uso) {
+        g->writes++;
+        g->errors++;
+        dsvpn_gro_unmerge(fd, g, saved);
+    } else if (dsvpn_tun_writev(fd, g, g->iov, g->segs + 1) < 0 && g->udp && errno == EINVAL) {
+        dsvpn_gro_unmerge(fd, g, saved);
+    } else {
+        g->merged += (uint64_t) g->segs;
+    }
     g->segs = 0;
 }
 
@@ -245,16 +315,21 @@ static inline int dsvpn_gro_fits(const struct dsvpn_gro *g, const uint8_t *p, si
     const uint8_t *f = g->first;
     size_t         pay = len - hl;
     if (g->closed || iphl != g->iphl || hl != g->hl || pay > g->gso_size
-        || g->segs >= DSVPN_GRO_MAX_SEGS || g->total + pay > DSVPN_GRO_MAX_LEN
-        || dsvpn_be32(p + iphl + 4) != g->next_seq) {
+        || g->segs >= DSVPN_GRO_MAX_SEGS || g->total + pay > DSVPN_GRO_MAX_LEN) {
         return 0;
     }
     if (g->v6) {
         if (memcmp(f, p, 4) || memcmp(f + 6, p + 6, 34)) {
-            return 0;
+            return 0; /* version/class/label, next header/hop limit, addresses */
         }
     } else if (memcmp(f, p, 2) || memcmp(f + 6, p + 6, 4) || memcmp(f + 12, p + 12, 8)) {
         return 0; /* version/IHL/TOS, flags/TTL/protocol, addresses */
+    }
+    if (g->udp) {
+        return memcmp(f + iphl, p + iphl, 4) == 0; /* ports; the protocol matched above */
+    }
+    if (dsvpn_be32(p + iphl + 4) != g->next_seq) {
+        return 0;
     }
     /* ports; ACK number; data offset; flags other than PSH; window; options */
     return memcmp(f + iphl, p + iphl, 4) == 0 && memcmp(f + iphl + 8, p + iphl + 8, 5) == 0
@@ -267,13 +342,14 @@ static inline int dsvpn_gro_fits(const struct dsvpn_gro *g, const uint8_t *p, si
 static inline void dsvpn_gro_add(int fd, struct dsvpn_gro *g, uint8_t *pkt, size_t len)
 {
     size_t iphl, hl, pay;
-    if (!dsvpn_gro_candidate(pkt, len, &iphl, &hl)) {
+    int    udp;
+    if (!dsvpn_gro_candidate(pkt, len, g->no_uso, &iphl, &hl, &udp)) {
         dsvpn_gro_flush(fd, g);
         dsvpn_vnet_write1(fd, g, pkt, len);
         return;
     }
     pay = len - hl;
-    if (g->segs > 0 && dsvpn_gro_fits(g, pkt, len, iphl, hl)) {
+    if (g->segs > 0 && udp == g->udp && dsvpn_gro_fits(g, pkt, len, iphl, hl)) {
         g->iov[g->segs + 1].iov_base = pkt + hl;
         g->iov[g->segs + 1].iov_len = pay;
         g->segs++;
@@ -285,6 +361,7 @@ static inline void dsvpn_gro_add(int fd, struct dsvpn_gro *g, uint8_t *pkt, size
         g->total = hl;
         g->gso_size = pay;
         g->v6 = (pkt[0] >> 4) == 6;
+        g->udp = udp;
         g->psh = 0;
         g->closed = 0;
         g->iov[1].iov_base = pkt;
@@ -292,10 +369,12 @@ static inline void dsvpn_gro_add(int fd, struct dsvpn_gro *g, uint8_t *pkt, size
         g->segs = 1;
     }
     g->total += pay;
-    g->next_seq = dsvpn_be32(pkt + iphl + 4) + (uint32_t) pay;
-    if (pkt[iphl + 13] & 0x08) {
-        g->psh = 1;
-        g->closed = 1;
+    if (!udp) {
+        g->next_seq = dsvpn_be32(pkt + iphl + 4) + (uint32_t) pay;
+        if (pkt[iphl + 13] & 0x08) {
+            g->psh = 1;
+            g->closed = 1;
+        }
     }
     if (pay < g->gso_size) {
         g->closed = 1;
@@ -321,38 +400,60 @@ static inline int dsvpn_vnet_finish_csum(const struct dsvpn_vnet_hdr *h, uint8_t
     return 0;
 }
 
-/* TSO on the read side (TUNSETOFFLOAD TSO4/TSO6): the local stack hands the tun up to 64 KB
- * TCP super-packets, walking its own path once per 64 KB instead of once per segment. Each
+/* TSO and USO on the read side (TUNSETOFFLOAD TSO4/TSO6, USO4/USO6): the local stack hands the
+ * tun up to 64 KB TCP super-packets, walking its own path once per 64 KB instead of once per
+ * segment, and UDP super-packets from sockets that send with UDP_SEGMENT (QUIC stacks). Each
  * one is cut here into the ordinary packets the kernel would have produced (as
- * tcp_gso_segment does), so every frame on the wire still carries one IP packet <= MTU.
- * The header's gso_size is what the peer's stack allows per segment (MSS), so segments
- * never exceed the tun MTU. */
+ * tcp_gso_segment and __udp_gso_segment do), so every frame on the wire still carries one IP
+ * packet <= MTU. The header's gso_size is what goes in each segment after the TCP or UDP
+ * header, so segments never exceed the tun MTU. */
+
+/* The IP header length, TCP/UDP header length and protocol of a GSO packet we can split. */
+static inline int dsvpn_gso_headers(const struct dsvpn_vnet_hdr *h, const uint8_t *pkt, size_t len,
+                                    size_t *iphl, size_t *hl, int *udp)
+{
+    int t = h->gso_type & 0x7f, v6;
+    if (h->gso_size == 0 || len < 20) {
+        return 0;
+    }
+    v6 = (pkt[0] >> 4) == 6;
+    if ((pkt[0] >> 4) == 4) {
+        *iphl = (size_t) (pkt[0] & 15) * 4;
+        if (*iphl < 20) {
+            return 0;
+        }
+    } else if (v6 && len >= 40) {
+        *iphl = 40;
+    } else {
+        return 0;
+    }
+    if (((t == DSVPN_GSO_TCPV4 && !v6) || (t == DSVPN_GSO_TCPV6 && v6))
+        && pkt[v6 ? 6 : 9] == 6) {
+        if (*iphl + 20 > len) {
+            return 0;
+        }
+        *hl = *iphl + (size_t) (pkt[*iphl + 12] >> 4) * 4;
+        if (*hl < *iphl + 20) {
+            return 0;
+        }
+        *udp = 0;
+    } else if (t == DSVPN_GSO_UDP_L4 && pkt[v6 ? 6 : 9] == 17) {
+        *hl = *iphl + 8;
+        *udp = 1;
+    } else {
+        return 0;
+    }
+    return *hl < len;
+}
 
 /* Number of segments of the GSO packet pkt[0..len) and the room they take as frames with
- * frame_hdr bytes before each; 0 if it is not a TCP GSO packet we can split. */
+ * frame_hdr bytes before each; 0 if it is not a TCP or UDP GSO packet we can split. */
 static inline size_t dsvpn_gso_count(const struct dsvpn_vnet_hdr *h, const uint8_t *pkt, size_t len,
                                      size_t frame_hdr, size_t *room)
 {
     size_t iphl, hl, pay, n, gso = h->gso_size;
-    int    t = h->gso_type & 0x7f;
-    if (gso == 0 || len < 20) {
-        return 0;
-    }
-    if (t == 1 && (pkt[0] >> 4) == 4 && pkt[9] == 6) {
-        iphl = (size_t) (pkt[0] & 15) * 4;
-        if (iphl < 20) {
-            return 0;
-        }
-    } else if (t == 4 && (pkt[0] >> 4) == 6 && len >= 40 && pkt[6] == 6) {
-        iphl = 40;
-    } else {
-        return 0;
-    }
-    if (iphl + 20 > len) {
-        return 0;
-    }
-    hl = iphl + (size_t) (pkt[iphl + 12] >> 4) * 4;
-    if (hl < iphl + 20 || hl >= len) {
+    int    udp;
+    if (!dsvpn_gso_headers(h, pkt, len, &iphl, &hl, &udp)) {
         return 0;
     }
     pay = len - hl;
@@ -361,18 +462,20 @@ static inline size_t dsvpn_gso_count(const struct dsvpn_vnet_hdr *h, const uint8
     return n;
 }
 
-/* Write segment i of the GSO packet src[0..len) at out; returns its length. */
+/* Write segment i of the GSO packet src[0..len) (dsvpn_gso_count said nseg) at out; returns
+ * its length. */
 static inline size_t dsvpn_gso_segment(const struct dsvpn_vnet_hdr *h, const uint8_t *src,
                                        size_t len, size_t i, size_t nseg, uint8_t *out)
 {
-    size_t   gso = h->gso_size;
-    int      v6 = (src[0] >> 4) == 6;
-    size_t   iphl = v6 ? 40 : (size_t) (src[0] & 15) * 4;
-    size_t   hl = iphl + (size_t) (src[iphl + 12] >> 4) * 4;
-    size_t   off = hl + i * gso;
-    size_t   chunk = len - off < gso ? len - off : gso;
-    uint8_t *th = out + iphl;
+    size_t   gso = h->gso_size, iphl = 0, hl = 0;
+    int      udp = 0, v6 = (src[0] >> 4) == 6;
+    size_t   off, chunk;
+    uint8_t *th;
     uint16_t c;
+    (void) dsvpn_gso_headers(h, src, len, &iphl, &hl, &udp);
+    off = hl + i * gso;
+    chunk = len - off < gso ? len - off : gso;
+    th = out + iphl;
     memcpy(out, src, hl);
     memcpy(out + hl, src + off, chunk);
     if (v6) {
@@ -383,6 +486,17 @@ static inline size_t dsvpn_gso_segment(const struct dsvpn_vnet_hdr *h, const uin
         out[10] = out[11] = 0;
         c = (uint16_t) ~dsvpn_csum_fold(dsvpn_csum_add(0, out, iphl));
         memcpy(out + 10, &c, 2);
+    }
+    if (udp) {
+        dsvpn_put_be16(th + 4, (uint16_t) (8 + chunk));
+        th[6] = th[7] = 0;
+        c = (uint16_t) ~dsvpn_csum_fold(
+            dsvpn_csum_add(dsvpn_pseudo(out, v6, 8 + chunk, 17), th, 8 + chunk));
+        if (c == 0) {
+            c = 0xffff; /* a computed zero is sent as all ones: zero means "no checksum" */
+        }
+        memcpy(th + 6, &c, 2);
+        return hl + chunk;
     }
     {
         uint32_t seq = dsvpn_be32(src + iphl + 4) + (uint32_t) (i * gso);
@@ -399,7 +513,7 @@ static inline size_t dsvpn_gso_segment(const struct dsvpn_vnet_hdr *h, const uin
     }
     th[16] = th[17] = 0;
     c = (uint16_t) ~dsvpn_csum_fold(
-        dsvpn_csum_add(dsvpn_pseudo(out, v6, hl - iphl + chunk), th, hl - iphl + chunk));
+        dsvpn_csum_add(dsvpn_pseudo(out, v6, hl - iphl + chunk, 6), th, hl - iphl + chunk));
     memcpy(th + 16, &c, 2);
     return hl + chunk;
 }

@@ -10,6 +10,7 @@ cdef extern from "tun_vnet.h" nogil:
         uint8_t gso_type
     struct dsvpn_gro:
         int segs
+        int no_uso, test_refuse_uso
         uint64_t writes, errors, merged
     void dsvpn_gro_add(int fd, dsvpn_gro* g, uint8_t* pkt, size_t len)
     void dsvpn_gro_flush(int fd, dsvpn_gro* g)

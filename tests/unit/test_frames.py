@@ -292,9 +292,10 @@ def test_bufferbloat_control(vectors):
         assert stat(loop, "tx_queued") == len(A) + 8  # EAGAIN: held in our buffer
         peer_tun.send(B)
         peer_tun.send(C)
-        loop.run(50)
-        # backpressure: the tun is not read while the socket cannot take the batch
-        assert stat(loop, "tun_rx_packets") == 1
+        pump(loop, lambda _: stat(loop, "tun_rx_packets") == 3)
+        # B and C wait in the flow queue, unframed, while the socket cannot take more
+        assert stat(loop, "tun_queued") == len(B) + len(C)
+        assert stat(loop, "frames_tx") == 1 and stat(loop, "tx_queued") == len(A) + 8
         want = junk + 2 * (len(A) + 8)
         got = bytearray()
         deadline = time.monotonic() + 10

@@ -326,7 +326,7 @@ def test_linux_open_tun_ioctls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     os.close(fd)
     assert name == "tun4"
     (req1, ifr1), (req2, offloads) = seen
-    assert req2 == linux.TUNSETOFFLOAD and offloads == linux.TUN_OFFLOADS
+    assert req2 == linux.TUNSETOFFLOAD and offloads == linux.TUN_OFFLOADS | linux.TUN_USO
     assert req1 == linux.TUNSETIFF and len(ifr1) == 40
     assert ifr1[:16] == b"\0" * 16
     assert int.from_bytes(ifr1[16:18], sys.byteorder) == (
@@ -334,6 +334,26 @@ def test_linux_open_tun_ioctls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     )
     # The MTU goes through the runner, which prints it as it runs.
     assert run.calls == [["ip", "link", "set", "dev", "tun4", "mtu", "9000"]]
+
+
+def test_linux_open_tun_without_uso(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel before 6.2 refuses the USO flags: the tun gets TCP offloads only."""
+    dev = tmp_path / "tun"
+    dev.touch()
+    offloads: list[int] = []
+
+    def ioctl(fd: int, request: int, arg: Any) -> Any:
+        if request == linux.TUNSETIFF:
+            return b"tun4".ljust(16, b"\0") + arg[16:]
+        offloads.append(arg)
+        if arg & linux.TUN_USO:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return 0
+
+    monkeypatch.setattr(fcntl, "ioctl", ioctl)
+    fd, _ = linux.LinuxBackend(clone_dev=str(dev)).open_tun(None, 9000, Commands())
+    os.close(fd)
+    assert offloads == [linux.TUN_OFFLOADS | linux.TUN_USO, linux.TUN_OFFLOADS]
 
 
 def test_linux_open_tun_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,6 +50,8 @@ TUNSETOFFLOAD = 0x400454D0
 # TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN: the stack may hand us 64 KiB TCP
 # packets with partial checksums; the loop cuts them into ordinary packets (tun_vnet.h).
 TUN_OFFLOADS = 0x01 | 0x02 | 0x04 | 0x08
+# TUN_F_USO4 | TUN_F_USO6 (Linux 6.2+): UDP super-packets too (from sockets using UDP_SEGMENT).
+TUN_USO = 0x20 | 0x40
 IFNAMSIZ = 16
 
 TABLE = str(ROUTING_TABLE)
@@ -524,7 +526,10 @@ class LinuxBackend(Backend):
             name = ifr[:IFNAMSIZ].split(b"\0", 1)[0].decode()
             # TSO on the tun is only a speed-up: without it the kernel sends ordinary packets.
             with contextlib.suppress(OSError):
-                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_OFFLOADS)
+                try:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_OFFLOADS | TUN_USO)
+                except OSError:  # a kernel without USO refuses the whole set: TCP only
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_OFFLOADS)
             run(self.mtu_argv(name, mtu))
         except BaseException:
             os.close(fd)
