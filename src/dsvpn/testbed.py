@@ -1362,6 +1362,8 @@ class Testbed:
         for path in sorted(self.workdir.glob("*.log")):
             text = path.read_text(errors="replace").splitlines()[-60:]
             parts.append(f"----- {path.name}\n" + "\n".join(text))
+        for ns in (self.server, *self.clients):
+            parts.append(f"----- sockets and TCP counters in {ns.name}\n" + _net_state(ns))
         return "\n".join(parts)
 
     def __enter__(self) -> Testbed:
@@ -1369,6 +1371,25 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _net_state(ns: Netns) -> str:
+    """What a failure report needs to tell a lost connection from a stuck process: the TCP
+    sockets with their queues, and the kernel's TCP drop and failure counters."""
+    lines = []
+    for argv in (["ss", "-tanoi"], ["nstat", "-asz"]):
+        try:
+            out = ns.run(argv, check=False, timeout=10).stdout
+        except (OSError, TestbedError) as exc:
+            out = f"{argv[0]}: {exc}"
+        if argv[0] == "nstat":
+            keep = ("Drop", "Fail", "Overflow", "Retrans", "Reset", "Defer", "Listen")
+            out = "\n".join(
+                line for line in out.splitlines()
+                if any(word in line for word in keep) and line.split()[1:2] != ["0"]
+            )  # fmt: skip
+        lines.append(out.rstrip())
+    return "\n".join(lines)
 
 
 def missing_prerequisites() -> str | None:
