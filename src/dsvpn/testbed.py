@@ -987,6 +987,10 @@ class Testbed:
         inet.run(["ip", "link", "set", "eth0", "up"])
         # The LAN is a bridge so that several clients share one subnet with different IPs.
         srv.run(["ip", "link", "add", "lan0", "type", "bridge", "forward_delay", "0"])
+        # A bridge without an address of its own takes the lowest of its ports' and changes it
+        # as ports join: a client that resolved the old one would be cut off until its ARP
+        # entry expires (half a minute), and its frames be dropped meanwhile.
+        srv.run(["ip", "link", "set", "dev", "lan0", "address", "02:00:00:00:01:01"])
         srv.run(["ip", "addr", "add", f"{self.lan}.1/24", "dev", "lan0"])
         srv.run(["ip", "link", "set", "lan0", "up"])
         srv.run(["ip", "route", "add", "default", "via", f"{self.wan}.2"])
