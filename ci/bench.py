@@ -507,7 +507,11 @@ def _pct(value: float | None) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    data: dict[str, dict[str, Any]] = {"underlay": results["underlay"], **results["tunnel"]}
+    # No underlay column when nothing was measured over it (--only multi).
+    data: dict[str, dict[str, Any]] = (
+        {"underlay": results["underlay"]} if results["underlay"] else {}
+    )
+    data |= results["tunnel"]
     cols = list(data)
     base = results["underlay"]
     width = max(20, *(len(c) + 2 for c in cols))
