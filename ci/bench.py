@@ -1,7 +1,7 @@
 """Benchmark dsvpn in network namespaces (run as root; everything it builds it removes).
 
     sudo python ci/bench.py [--runs 3] [--seconds 8] [--reference /path/to/c/dsvpn] [--soak 60]
-                            [--only tcp,latency,udp,bidir,flows,idle] [--variant NAME=SRC]
+                            [--only tcp,latency,udp,bidir,flows,idle,multi] [--variant NAME=SRC]
 
 Testbed (dsvpn.testbed): client host -> server host (NAT) -> far host, veth links, MTU 1500.
 Measured per implementation, on the same testbed, and over the plain underlay (forwarding and
@@ -17,6 +17,11 @@ NAT set by hand for that step) for comparison:
 - bidir: iperf3 --bidir, the sum of both directions against one way alone;
 - flows: four parallel flows (-P 4) against one flow, each way;
 - idle: ping RTT and 1-byte TCP request/response round trips (TCP_NODELAY, p50, p99, max);
+- multi: a server of a peers file with two peers, a client host each: one client alone, then
+  both at once (same start, same duration), each way; total / alone, Jain's fairness index,
+  the server's cores used meanwhile, against issue 10's goals (bench_multi.py); and the
+  handshake cost with 1, 100 and 10,000 peers (bench_handshake.py, the installed dsvpn). Ours
+  only: the C reference has no peers file;
 - peak RSS (VmHWM) of the server and client processes after the load;
 - Charm throughput at 64/1500/9000 bytes if ci/bench_charm.py provides measure();
 - with --soak S: S seconds of iperf3 at full speed, RSS sampled every few seconds.
@@ -41,15 +46,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # bench_charm
+sys.path.insert(0, str(HERE))  # bench_charm, bench_multi, bench_handshake
 try:
     import dsvpn  # noqa: F401
 except ImportError:  # a checkout with an in-place build, not installed
     sys.path.insert(0, str(HERE.parent / "src"))
+
+import bench_multi  # noqa: E402
 
 from dsvpn import testbed  # noqa: E402
 from dsvpn.testbed import Impl, Netns, Proc, Testbed  # noqa: E402
@@ -62,7 +70,8 @@ PING_INTERVAL = 0.02
 LOAD_WARMUP = 1.0  # seconds of the saturating flow before the pings start (slow start)
 TUN_SERVER_IP = testbed.SERVER_TUN_IP
 
-MEASURES = ("tcp", "latency", "udp", "bidir", "flows", "idle")
+MEASURES = ("tcp", "latency", "udp", "bidir", "flows", "idle", "multi")
+CPU_WARMUP = 1.0  # seconds of load before the server's CPU is sampled (connections, slow start)
 DIRECTIONS = (("fwd", False), ("rev", True))
 # name -> iperf3's datagram size and offered rate (payload bits per second), what the table says
 UDP_TESTS = {
@@ -84,13 +93,21 @@ class Measure:
         self.label = label
         self.far = tb.inet.ip or ""
 
-    def iperf(self, args: Sequence[str], seconds: int | None = None) -> dict[str, Any]:
-        """One iperf3 client run from the client host to the far host; its JSON "end"."""
+    def iperf(
+        self,
+        args: Sequence[str],
+        seconds: int | None = None,
+        ns: Netns | None = None,
+        port: int = IPERF_PORT,
+        attempts: int = 2,  # one retry: a run can fail to start on a loaded machine
+    ) -> dict[str, Any]:
+        """One iperf3 client run from a client host (default: the first) to the iperf3
+        server at port on the far host; its JSON "end"."""
         seconds = seconds or self.seconds
-        argv = ["iperf3", "-c", self.far, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", *args]
+        argv = ["iperf3", "-c", self.far, "-p", str(port), "-t", str(seconds), "-J", *args]
         error = ""
-        for attempt in range(2):  # one retry: a run can fail to start on a loaded machine
-            out = self.tb.client.run(argv, timeout=seconds + 60, check=False)
+        for attempt in range(attempts):
+            out = (ns or self.tb.client).run(argv, timeout=seconds + 60, check=False)
             try:
                 end: dict[str, Any] = json.loads(out.stdout)["end"]
                 if "sum_received" in end:
@@ -104,7 +121,34 @@ class Measure:
                     file=sys.stderr,
                 )
                 time.sleep(1)
-        raise testbed.TestbedError(f"iperf3 failed twice: {error}")
+        raise testbed.TestbedError(f"iperf3 failed {attempts} time(s): {error}")
+
+    def at_once(self, args: Sequence[str], server_pid: int) -> tuple[list[float], float]:
+        """iperf3 from the first two client hosts at once, each to its own server port: each
+        one's received Gbit/s, and the server process's cores used while both ran."""
+        clients = self.tb.clients[:2]
+        error = ""
+        for attempt in range(2):  # both again, so that the two runs stay simultaneous
+            with ThreadPoolExecutor(len(clients)) as pool:
+                runs = [
+                    pool.submit(self.iperf, args, ns=ns, port=IPERF_PORT + i, attempts=1)
+                    for i, ns in enumerate(clients)
+                ]
+                # CPU sampled inside the transfers: after their start, before their end.
+                time.sleep(CPU_WARMUP)
+                wall0, cpu0 = time.monotonic(), cpu_seconds(server_pid)
+                time.sleep(max(0.5, self.seconds - CPU_WARMUP - 0.5))
+                wall1, cpu1 = time.monotonic(), cpu_seconds(server_pid)
+                try:
+                    rates = [r.result()["sum_received"]["bits_per_second"] / 1e9 for r in runs]
+                except testbed.TestbedError as exc:
+                    error = str(exc)
+                    print(
+                        f"{self.label}: both at once: attempt {attempt + 1} failed", file=sys.stderr
+                    )
+                    continue
+            return rates, bench_multi.cores_used(cpu1 - cpu0, wall1 - wall0)
+        raise testbed.TestbedError(f"two iperf3 at once failed twice: {error}")
 
     def tcp(self, reverse: bool) -> dict[str, float]:
         end = self.iperf(["-R"] if reverse else [])
@@ -328,6 +372,54 @@ def bench_tunnel(
     return res
 
 
+def bench_two_clients(tb: Testbed, impl: Impl, seconds: int) -> dict[str, Any]:
+    """--only multi: a server of a peers file with two peers (``dsvpn peer add``), a client on
+    each of the first two client hosts; one client alone, then both at once, each way."""
+    tag = f"{impl.name}-{time.monotonic_ns()}"
+    peers = tb.workdir / f"multi-{tag}" / "peers"
+    peers.parent.mkdir()
+    names = ("one", "two")
+    addresses = []
+    for name in names:
+        argv = [*impl.base, "peer", "add", str(peers), name]
+        # It prints the client's command, whose last two words are the client's tunnel
+        # address and the server's.
+        addresses.append(tb.run_in(tb.server, argv, timeout=60).stdout.split()[-2:])
+    server = tb.start_server(impl, peers, name=f"server-multi-{tag}")
+    procs = [server]
+    res: dict[str, Any] = {}
+    try:
+        for i, (local, remote) in enumerate(addresses):
+            procs.append(
+                tb.start_client(
+                    impl,
+                    peers.parent / f"{names[i]}.key",
+                    ns=tb.clients[i],
+                    name=f"client{i + 1}-multi-{tag}",
+                    local=local,
+                    remote=remote,
+                )
+            )
+        for ns, client in zip(tb.clients, procs[1:], strict=False):
+            tb.wait_log(client, testbed.SESSION_UP, 30)
+            ns.wait_ping(tb.inet.ip or "", 15, procs=(server, client))
+        m = Measure(tb, seconds, f"{impl.name} multi")
+        for direction, reverse in DIRECTIONS:
+            args = ["-R"] if reverse else []
+            alone = m.iperf(args)["sum_received"]["bits_per_second"] / 1e9
+            rates, cores = m.at_once(args, server.pid)
+            res[direction] = bench_multi.figures(alone, rates, cores)
+        for proc in reversed(procs):
+            rc = proc.stop(signal.SIGTERM)
+            if rc != 0:
+                res.setdefault("errors", []).append(f"{proc.name} exited {rc}")
+    finally:
+        for proc in procs:
+            if proc.alive():
+                proc.kill()
+    return res
+
+
 def soak_test(tb: Testbed, procs: tuple[Proc, Proc], seconds: int) -> dict[str, Any]:
     """iperf3 at full speed for ``seconds``; VmRSS of both processes every few seconds."""
     argv = ["iperf3", "-c", tb.inet.ip or "", "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
@@ -415,7 +507,11 @@ def _pct(value: float | None) -> str:
 
 
 def table(results: dict[str, Any]) -> str:
-    data: dict[str, dict[str, Any]] = {"underlay": results["underlay"], **results["tunnel"]}
+    # No underlay column when nothing was measured over it (--only multi).
+    data: dict[str, dict[str, Any]] = (
+        {"underlay": results["underlay"]} if results["underlay"] else {}
+    )
+    data |= results["tunnel"]
     cols = list(data)
     base = results["underlay"]
     width = max(20, *(len(c) + 2 for c in cols))
@@ -518,6 +614,11 @@ def table(results: dict[str, Any]) -> str:
             lambda r: f"{r['cpu_s_per_gb']['server']:.2f}/{r['cpu_s_per_gb']['client']:.2f}",
         )
     )
+    if "multi" in results["only"]:
+        lines += [row(label, get) for label, get in bench_multi.rows()]
+        absent = [name for name, r in results["tunnel"].items() if "multi" not in r]
+        if absent:
+            lines.append(f"2 clients: not measured for {', '.join(absent)} (no peers file in C)")
     if any("soak" in r for r in results["tunnel"].values()):
         for who in ("server", "client"):
             lines.append(
@@ -533,6 +634,8 @@ def table(results: dict[str, Any]) -> str:
         f"runs: {results['runs']} x {results['seconds']} s; load average before / after:"
         f" {results['load_before']} / {results['load_after']}"
     )
+    if results.get("handshakes") is not None:
+        lines += bench_multi.handshake_lines(results["handshakes"])
     charm = results.get("charm")
     if charm is not None:
         lines.append(f"Charm: {json.dumps(charm)}")
@@ -596,21 +699,41 @@ def main(argv: list[str] | None = None) -> int:
     }
     per_run: dict[str, list[dict[str, Any]]] = {"underlay": [], **{i.name: [] for i in impls}}
     t0 = time.monotonic()
-    with Testbed() as tb:
-        iperf_server = tb.start(tb.inet, ["iperf3", "-s", "-p", str(IPERF_PORT)], "iperf3-server")
-        tb.wait_listening(iperf_server, IPERF_PORT)
+    one_client = [m for m in only if m != "multi"]  # the measures of the one-client testbed
+    multi = "multi" in only
+    with Testbed(clients=2 if multi else 1) as tb:
+        for port in range(IPERF_PORT, IPERF_PORT + (2 if multi else 1)):
+            iperf_server = tb.start(tb.inet, ["iperf3", "-s", "-p", str(port)], f"iperf3-{port}")
+            tb.wait_listening(iperf_server, port)
         key = tb.write_key()
         try:
             for n in range(args.runs):
-                per_run["underlay"].append(bench_underlay(tb, args.seconds, only))
+                per_run["underlay"].append(
+                    bench_underlay(tb, args.seconds, one_client) if one_client else {}
+                )
                 for impl in impls:
                     soak = args.soak if n == 0 else 0  # memory over time: once is enough
-                    per_run[impl.name].append(bench_tunnel(tb, impl, key, args.seconds, only, soak))
+                    res = (
+                        bench_tunnel(tb, impl, key, args.seconds, one_client, soak)
+                        if one_client
+                        else {}
+                    )
+                    if multi and not impl.reference:
+                        res["multi"] = bench_two_clients(tb, impl, args.seconds)
+                    per_run[impl.name].append(res)
         except (testbed.TestbedError, subprocess.SubprocessError):
             print(tb.logs(), file=sys.stderr)
             raise
+    if multi and not args.no_ours:
+        results["handshakes"] = bench_multi.handshakes()
     results["underlay"] = summarise(per_run["underlay"])
     results["tunnel"] = {i.name: summarise(per_run[i.name]) for i in impls}
+    for impl in impls:
+        two = [r["multi"] for r in per_run[impl.name] if "multi" in r]
+        if two:  # medians per figure, and the goals judged on them
+            results["tunnel"][impl.name]["multi"] = bench_multi.summary(two)
+    if multi:
+        results["multi_goals"] = bench_multi.GOALS
     results["per_run"] = per_run
     if not args.no_charm:
         results["charm"] = bench_charm()
