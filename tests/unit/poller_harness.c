@@ -10,7 +10,7 @@
 #include "poller.h"
 
 #define CAP 64
-#define MANY 150
+#define MANY 100 /* 200 descriptors: within macOS's default limit of 256 */
 
 static struct dsvpn_pev out[CAP];
 
@@ -176,13 +176,14 @@ int main(void)
     }
     close(h[0]);
 
-    /* Many descriptors, more ready than one wait reports: each is reported until drained. */
+    /* Many descriptors, more ready (75) than one wait reports (CAP): each is reported until
+     * drained, and only those. */
     for (i = 0; i < MANY; i++) {
         pair(many[i]);
         if (dsvpn_poller_add(p, many[i][0], DSVPN_PIN, 0x1000 + (uint64_t) i) != 0) {
             die("add many");
         }
-        if (i % 2 == 0) {
+        if (i % 4 != 3) {
             put(many[i][1]);
         }
         seen[i] = 0;
@@ -202,7 +203,7 @@ int main(void)
         }
     }
     for (i = 0, r = 0; i < MANY; i++) {
-        r += (i % 2 == 0) == (seen[i] == 1);
+        r += (i % 4 != 3) == (seen[i] == 1);
     }
     printf("many: %d watched, %d reported, %d as expected, %d waits, at most %d per wait\n",
            MANY, total, r, waits, most);

@@ -1,7 +1,8 @@
 """poller.h's three backends (epoll, kqueue, poll) answer alike: poller_harness.c is built
 against each and must print the same reports. On Linux the kqueue one is built against
 libkqueue, found through pkg-config (PKG_CONFIG_PATH for one built by hand) or
-/usr/include/kqueue."""
+/usr/include/kqueue, and everywhere against kqueue_model/ (kqueue over poll), so that its
+bookkeeping is checked where there is neither libkqueue nor a BSD."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 HERE = Path(__file__).parent
 HEADER_DIR = HERE.parent.parent / "src" / "dsvpn"
 HARNESS = HERE / "poller_harness.c"
+MODEL = HERE / "kqueue_model"
 BSD = sys.platform.startswith(("darwin", "freebsd", "openbsd", "netbsd", "dragonfly"))
 
 EXPECTED = """\
@@ -41,7 +43,7 @@ add twice: -1 EEXIST
 sock re-added: n=1 [0xa6 in]
 sock drained: n=0
 peer closed: n=1 data=0xb0 err=1
-many: 150 watched, 75 reported, 150 as expected, 2 waits, at most 64 per wait
+many: 100 watched, 75 reported, 100 as expected, 2 waits, at most 64 per wait
 all removed: n=0
 done
 """
@@ -71,7 +73,8 @@ def _libkqueue() -> list[str]:
         return ["-I/usr/include/kqueue", "-lkqueue"]
     pytest.skip(
         "libkqueue is not installed (no pkg-config libkqueue, no /usr/include/kqueue): "
-        "the kqueue backend is checked where libkqueue or a BSD is"
+        "the kqueue backend is checked on kqueue_model here, on a real kqueue where libkqueue "
+        "or a BSD is"
     )
 
 
@@ -108,6 +111,10 @@ def test_epoll_backend(tmp_path: Path) -> None:
 def test_kqueue_backend(tmp_path: Path) -> None:
     extra = [] if BSD else _libkqueue()
     assert _build_and_run(tmp_path, "DSVPN_POLLER_KQUEUE", extra) == EXPECTED
+
+
+def test_kqueue_backend_on_a_model(tmp_path: Path) -> None:
+    assert _build_and_run(tmp_path, "DSVPN_POLLER_KQUEUE", [f"-I{MODEL}"]) == EXPECTED
 
 
 def test_poll_backend(tmp_path: Path) -> None:
