@@ -1,4 +1,5 @@
-# Declarations of poller.h: readiness of many descriptors (epoll on Linux, poll elsewhere).
+# Declarations of poller.h: readiness of many descriptors (epoll on Linux, kqueue on macOS and the
+# BSDs, poll elsewhere).
 from libc.stdint cimport uint32_t, uint64_t
 
 

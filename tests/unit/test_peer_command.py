@@ -249,11 +249,56 @@ def test_a_key_file_stays_a_key_file(tmp_path: Path) -> None:
     assert inv.config.peers_file is None and inv.config.remote_tun_ip == "192.168.192.1"
 
 
+@pytest.mark.parametrize("name", ["freebsd", "netbsd", "dragonfly"])
 def test_dry_run_of_a_pool_on_another_os_is_refused(
-    peers_file: Path, capsys: pytest.CaptureFixture[str]
+    peers_file: Path, capsys: pytest.CaptureFixture[str], name: str
 ) -> None:
-    assert cli.main(["server", str(peers_file), "--dry-run", "--platform", "macos"]) == 2
-    assert "not available on macos" in capsys.readouterr().err
+    assert cli.main(["server", str(peers_file), "--dry-run", "--platform", name]) == 2
+    err = capsys.readouterr().err
+    assert f"runs on Linux, macOS and OpenBSD, not on {name}" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "nat"),
+    [
+        ("macos", "nat on <ext-if> from 192.168.192.0/24 to any -> (<ext-if>)"),
+        ("openbsd", "pass out from 192.168.192.0/24 nat-to egress"),
+    ],
+)
+def test_dry_run_of_a_pool_on_macos_and_openbsd(
+    peers_file: Path, capsys: pytest.CaptureFixture[str], name: str, nat: str
+) -> None:
+    argv = ["server", str(peers_file), "auto", "auto", "auto", "auto", "auto", "10.0.0.1"]
+    assert cli.main([*argv, "--dry-run", "--platform", name]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start, end = lines.index("# set up"), lines.index("# on exit")
+    assert lines[start + 1 : end] == [
+        "sysctl -w net.inet.ip.forwarding=1",
+        "ifconfig <tun> 192.168.192.254 192.168.192.0 up",
+        "ifconfig <tun> inet6 64:ff9b::192.168.192.254 64:ff9b::192.168.192.0 prefixlen 128 up",
+        "route add -net 192.168.192.0/24 192.168.192.0",
+        "route add -inet6 -net 64:ff9b::c0a8:c000/120 64:ff9b::192.168.192.0",
+    ]
+    assert lines[end + 1 : end + 4] == [
+        "route delete -inet6 -net 64:ff9b::c0a8:c000/120",
+        "route delete -net 192.168.192.0/24",
+        "sysctl -w net.inet.ip.forwarding=<saved>",
+    ]
+    assert f"#     {nat}" in lines
+
+
+@pytest.mark.parametrize("name", ["macos", "openbsd"])
+def test_a_pool_server_there_waits_for_a_loop_that_reads_the_tun_header(
+    peers_file: Path, name: str
+) -> None:
+    from dsvpn import tunnel
+    from dsvpn.platform import by_name
+
+    cfg = cli.parse_args(["server", str(peers_file)]).config
+    assert cfg is not None
+    with pytest.raises(DsvpnError, match=f"cannot run on {name} yet: .* packet header"):
+        tunnel.Tunnel(cfg, by_name(name))
 
 
 def test_dry_run_of_a_pool(peers_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

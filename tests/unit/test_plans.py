@@ -416,6 +416,9 @@ def every_plan(name: str) -> list[Plan]:
                 for pool in POOLS:
                     plans.append(linux_plan(pool_cfg(*pool), net, firewall))
             plans.append(linux_plan(pool_cfg(), NET, firewall))
+    if backend.serves_pools and name != "linux":
+        plans += [backend.plan(pool_cfg(*pool), "tun0", NET) for pool in POOLS]
+        plans.append(backend.plan(pool_cfg(), "tun0", NET))
     return plans
 
 
@@ -675,7 +678,52 @@ def test_linux_pool_server_plan_nft(pool: str, server: str) -> None:
     assert by_name("linux").undo_of(nft.apply) == nft.undo
 
 
-@pytest.mark.parametrize("name", BSDS)
-def test_a_pool_is_linux_only(name: str) -> None:
-    with pytest.raises(UsageError, match=f"several clients .* not available on {name}"):
+@pytest.mark.parametrize(("name", "tun"), [("macos", "utun4"), ("openbsd", "tun2")])
+@pytest.mark.parametrize(("pool", "server"), [("192.168.192.0/24", "192.168.192.254"), *POOLS])
+def test_bsd_pool_server_plan(name: str, tun: str, pool: str, server: str) -> None:
+    backend = by_name(name)
+    cfg = backend.prepare(pool_cfg(pool, server))
+    network, prefix = pool.split("/")
+    twin = ipaddress.IPv6Network(f"64:ff9b::{network}/{96 + int(prefix)}")
+    plan = backend.plan(cfg, tun, NET)
+    assert cmds(plan) == [
+        "sysctl -w net.inet.ip.forwarding=1",
+        # the tun's peer is the pool's network address, which is no client's
+        f"ifconfig {tun} {server} {network} up",
+        f"ifconfig {tun} inet6 64:ff9b::{server} 64:ff9b::{network} prefixlen 128 up",
+        f"route add -net {pool} {network}",
+        f"route add -inet6 -net {twin} 64:ff9b::{network}",
+    ]
+    assert undos(plan) == [
+        f"route delete -inet6 -net {twin}",
+        f"route delete -net {pool}",
+        "restore net.inet.ip.forwarding",
+    ]
+    assert plan.gateway_steps() == []  # nothing to redo when the default route moves
+
+
+def test_bsd_pool_server_plan_exact() -> None:
+    plan = by_name("macos").plan(pool_cfg(), "utun4", NET)
+    assert cmds(plan)[3:] == [
+        "route add -net 192.168.192.0/24 192.168.192.0",
+        "route add -inet6 -net 64:ff9b::c0a8:c000/120 64:ff9b::192.168.192.0",
+    ]
+
+
+def test_bsd_pool_server_notes() -> None:
+    cfg = pool_cfg("10.8.0.0/24", "10.8.0.1")
+    assert by_name("macos").notes(cfg, "utun4", NET)[1].strip() == (
+        "nat on eth0 from 10.8.0.0/24 to any -> (eth0)"
+    )
+    assert by_name("openbsd").notes(cfg, "tun2", NET)[1].strip() == (
+        "pass out from 10.8.0.0/24 nat-to egress"
+    )
+
+
+@pytest.mark.parametrize("name", ["freebsd", "netbsd", "dragonfly"])
+def test_a_pool_is_refused_where_no_server_of_several_clients_runs(name: str) -> None:
+    with pytest.raises(
+        UsageError,
+        match=f"several clients .* runs on Linux, macOS and OpenBSD, not on {name}: give it a key",
+    ):
         by_name(name).prepare(pool_cfg())

@@ -80,8 +80,8 @@ class Backend(ABC):
         self.check_firewall(cfg)
         if isinstance(cfg, ServerConfig) and cfg.pool is not None and not self.serves_pools:
             raise UsageError(
-                f"a server of several clients (a peers file) is not available on {self.name} "
-                "yet: give it a key file"
+                "a server of several clients (a peers file) runs on Linux, macOS and OpenBSD, "
+                f"not on {self.name}: give it a key file"
             )
         if cfg.tun_name is not None:
             self.check_tun_name(cfg.tun_name)

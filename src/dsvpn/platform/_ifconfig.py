@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dsvpn.config import ClientConfig, Config, ServerConfig
+from dsvpn.config import ClientConfig, Config, ServerConfig, tun_ip6
 from dsvpn.errors import DsvpnError, NetworkError, UsageError
 from dsvpn.plan import Argv, Plan, Run, Step
 from dsvpn.platform import _dns
@@ -56,13 +56,22 @@ def address_steps(cfg: Config, tun: str) -> list[Step]:
 
 
 def server_plan(cfg: ServerConfig, tun: str) -> Plan:
-    return Plan(
-        [
-            # The reference never restores forwarding; the runner does (see Step.sysctl).
-            Step(sysctl_write(FORWARDING, "1"), None, sysctl=(FORWARDING, "1")),
-            *address_steps(cfg, tun),
+    steps = [
+        # The reference never restores forwarding; the runner does (see Step.sysctl).
+        Step(sysctl_write(FORWARDING, "1"), None, sysctl=(FORWARDING, "1")),
+        *address_steps(cfg, tun),
+    ]
+    if cfg.pool is not None:
+        # A server of several clients (a peers file): the tun's peer is the pool's network
+        # address (cfg.remote_tun_ip, no client's), through which the whole pool and its IPv6
+        # twin are routed. Each client configures its own end as with one client.
+        pool = ipaddress.IPv4Network(cfg.pool)
+        twin = ipaddress.IPv6Network((tun_ip6(str(pool.network_address)), 96 + pool.prefixlen))
+        steps += [
+            _net_route(str(pool), cfg.remote_tun_ip),
+            _net_route(str(twin), cfg.remote_tun_ip6),
         ]
-    )
+    return Plan(steps)
 
 
 # The halves of the address space that beat the default route without replacing it (as the

@@ -43,6 +43,7 @@ class DarwinBackend(IfconfigBackend):
     name = "macos"
     framing = TunFraming(header=True, af_inet=2, af_inet6=30)
     kill_switch = True
+    serves_pools = True
 
     def __init__(
         self,
@@ -110,9 +111,10 @@ class DarwinBackend(IfconfigBackend):
         if not isinstance(cfg, ServerConfig):
             return []
         ext = net.ext_if
+        clients = cfg.pool or cfg.remote_tun_ip  # a peers file's pool, or the one client
         return [
             "NAT is not set up automatically on macOS. Add this rule to /etc/pf.conf "
             "(next to the other nat rules):",
-            f"    nat on {ext} from {cfg.remote_tun_ip} to any -> ({ext})",
+            f"    nat on {ext} from {clients} to any -> ({ext})",
             "and load it with: pfctl -ef /etc/pf.conf",
         ]

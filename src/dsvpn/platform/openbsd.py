@@ -10,12 +10,14 @@ from dsvpn.platform._ifconfig import IfconfigBackend
 class OpenBSDBackend(IfconfigBackend):
     name = "openbsd"
     framing = TunFraming(header=True, af_inet=2, af_inet6=24)
+    serves_pools = True
 
     def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
         if not isinstance(cfg, ServerConfig):
             return []
+        clients = cfg.pool or cfg.remote_tun_ip  # a peers file's pool, or the one client
         return [
             "NAT is not set up automatically on OpenBSD. Add this rule to /etc/pf.conf:",
-            f"    pass out from {cfg.remote_tun_ip} nat-to egress",
+            f"    pass out from {clients} nat-to egress",
             "and load it with: pfctl -f /etc/pf.conf",
         ]
