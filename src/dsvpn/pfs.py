@@ -188,7 +188,11 @@ def server_reply(
 ) -> tuple[bytes, bytearray]:
     """Server side, given the transcript state after a verified hello: (reply, session key).
     The state is consumed (wiped)."""
-    eph = _Ephemeral(secret)
+    try:
+        eph = _Ephemeral(secret)
+    except BaseException:
+        st.wipe()
+        raise
     r_s = random if random is not None else _random(RANDOM_LEN)
     body = r_s + eph.public
     reply = body + st.hash(body)

@@ -7,14 +7,16 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
-from loop_rig import MultiRig, PfsRawClient, RawClient, dial, ip4_packet, pump
+from loop_rig import MultiRig, PfsRawClient, RawClient, dial, ip4_packet, listener, pump, tun_pair
 from test_multi_loop import closed, nothing_for, tun_recv
 
 from dsvpn import _loop as L
-from dsvpn import pfs
+from dsvpn import cli, peers, peers_server, pfs
 from dsvpn.charm import Charm
+from dsvpn.config import ServerConfig
 
 KEYS = {name: os.urandom(32) for name in ("alice", "bob", "carol")}
 ADDR = {"alice": "10.8.0.1", "bob": "10.8.0.2", "carol": "10.8.0.3"}
@@ -299,3 +301,27 @@ def test_the_client_key_is_a_bytearray_to_wipe() -> None:
     assert isinstance(client_key, bytearray) and client_key == server_key
     pfs.wipe(client_key)
     assert client_key == bytes(32)
+
+
+def test_require_pfs_with_a_peers_file_from_the_command_line_to_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "peers"
+    peers.add(path, "alice")
+    cfg = cli.parse_args(["server", str(path), "--require-pfs"]).config
+    assert isinstance(cfg, ServerConfig) and cfg.require_pfs and cfg.peers_file is not None
+    current = peers.load(path)
+    tun, peer_tun = tun_pair()
+    lst = listener()
+    loop = peers_server.make_loop(tun.fileno(), lst.fileno(), cfg, current, -1, vnet_hdr=False)
+    c = RawClient(lst, current.peers[0].key)
+    try:
+        c.hello()
+        evs = pump(loop, has(L.EV_LOG))
+        assert evs == [
+            (L.EV_LOG, "classic handshake from 127.0.0.1 refused (--require-pfs): peer alice")
+        ]
+    finally:
+        loop.close()
+        for s in (c.sock, tun, peer_tun, lst):
+            s.close()
