@@ -11,7 +11,11 @@ EV_SESSION_DOWN  a peer's session ended: "<name> <why>", why one of "connection 
                  peer", "corrupted stream", "send timeout", "read error: ...", "write error:
                  ...", "replaced by a new connection from <ip>", "removed from the peers file".
 EV_LOG           one log line: refused or failed handshakes (wrong key, clock, replay,
-                 timeout, too many pending), a connection on probation and how it ended.
+                 timeout, too many pending, a base hello with require_pfs), a connection on
+                 probation and how it ended.
+EV_PFS_HELLO     a verified extended hello (docs/protocol.md, Extensions) waits for its reply:
+                 "<client ip>". Answer every one from take_pfs_hello() (dsvpn.pfs.answer_hellos
+                 does it all).
 EV_TUN_ERROR     fatal tun read error (strerror, or "end of file on the tun device").
 EV_CONTROL       control_fd is readable (not read by the loop; returned until Python does).
 """
@@ -35,6 +39,7 @@ class PeerSession(TypedDict):
     tx_packets: int
     drops: Drops
     replacement: str | None  # the endpoint of a new connection on probation, if any
+    pfs: bool  # keyed by the forward-secret handshake
 
 class MultiLoop:
     """One tun, one listener, one session per peer (see the module docstring of _multi.pyx).
@@ -57,9 +62,11 @@ class MultiLoop:
         mtu: int = 9000,
         vnet_hdr: bool = False,
         mark: int = 0,
+        require_pfs: bool = False,
     ) -> None:
         """pool: the peers' addresses, "192.168.192.0/24" (a /16 to a /30); mark: SO_MARK of
-        accepted sockets (0: none; errors ignored). No peer is served until set_peers()."""
+        accepted sockets (0: none; errors ignored); require_pfs: refuse base hellos (logged,
+        naming the client and its peer). No peer is served until set_peers()."""
     def set_peers(self, peers: Iterable[tuple[str, bytes, str]]) -> list[str]:
         """Serve exactly these (name, 32-byte key, IPv4 address in the pool) from now on.
         A peer whose name, key and address are unchanged keeps its session; the sessions of
@@ -69,6 +76,20 @@ class MultiLoop:
     def run(self, timeout_ms: int) -> tuple[Event, str]:
         """Forward packets without the GIL until the first event, or until timeout_ms has
         passed (EV_TIMEOUT, ""); a negative timeout waits for an event."""
+    def take_pfs_hello(self) -> tuple[int, bytearray, bytes, str] | None:
+        """The next verified extended hello waiting for its reply, as (token, state,
+        client_public, who), or None. state: the 48-byte transcript state after h1 under the
+        peer's key (for Charm.from_state; wipe it after use); client_public: E_c; who: "<client
+        ip>, peer <name>", for log lines. Answer each with pfs_reply() or pfs_abort() before
+        its handshake deadline."""
+    def pfs_reply(self, token: int, reply: bytes, key: bytes | bytearray) -> bool:
+        """Send the 96-byte extended reply and start the peer's session with the 32-byte
+        session key (direction states, probation as for a base handshake). False if the
+        handshake is gone (deadline, dropped, its peer removed) or failed here (logged). The
+        loop keeps no reference to key: the caller may wipe it afterwards."""
+    def pfs_abort(self, token: int, why: str) -> bool:
+        """Close that handshake's connection without a reply and log why (naming the
+        client); False if it was gone already."""
     def disconnect(self, name: str | None = None) -> bool:
         """End peer name's session (every session and handshake with None), no event."""
     def close(self) -> None:
@@ -77,7 +98,8 @@ class MultiLoop:
         """The live sessions, by peer name."""
     def stats(self) -> dict[str, int]:
         """Counters since the loop began: those of _loop.Loop.stats() (tun_*, sock_*,
-        frames_*, "<name>_drops", handshakes_ok, handshakes_failed, pending_handshakes), and
+        frames_*, "<name>_drops", handshakes_ok, handshakes_failed, handshakes_pfs,
+        pending_handshakes), and
         peers, sessions, sessions_full (taking no more packets until their socket drains),
         probation (connections waiting for their first frame), probation_closed, replays
         (hellos refused as replayed)."""

@@ -13,6 +13,14 @@ connection becomes the peer's session at once when the peer has none. When the p
 the new connection is on probation: it replaces the live session only once its first frame
 authenticates (a replayed hello cannot get that far), or when the live session ends first.
 
+Forward-secret hellos (docs/protocol.md, Extensions): 72 bytes that no peer's KX authenticates
+may be the start of an extended hello, so 32 more are read (same deadline) and each peer's PX
+state (also prepared when the peers are set) is tried on all 104; the extended path thus costs
+about twice the base one per peer. A match is checked (window, replay) as a base hello, then
+handed to Python (EV_PFS_HELLO, take_pfs_hello()), which does the X25519 part and gives the
+reply and the session key back (pfs_reply()); the session then starts as a base one does.
+With require_pfs, a base hello is identified and then refused.
+
 Packets: a tun packet goes to the session of the peer that owns its destination (the peer's
 IPv4 address or its 64:ff9b:: twin), found in O(1) through a table indexed by the host part of
 the pool's address. A frame from a peer whose packet is not from that peer's own address is
@@ -42,6 +50,7 @@ from dsvpn._loop cimport (
     DROP_SPOOFED,
     EV_CONTROL,
     EV_LOG,
+    EV_PFS_HELLO,
     EV_SESSION_DOWN,
     EV_SESSION_UP,
     EV_TUN_ERROR,
@@ -53,6 +62,7 @@ from dsvpn.charm cimport (
     CHARM_HASH_LEN,
     CHARM_IV_LEN,
     CHARM_KEY_LEN,
+    CHARM_STATE_LEN,
     CHARM_TAG_LEN,
     charm_decrypt,
     charm_encrypt,
@@ -104,10 +114,13 @@ from dsvpn.wire cimport (
     HS_TIMESTAMP_LEN,
     MAX_PAYLOAD,
     NOTSENT_LOWAT,
+    PFS_HELLO_LEN,
+    PFS_REPLY_LEN,
     PKT1_LEN,
     PKT2_LEN,
     TS_TOLERANCE_S,
     WIRE_TAG_LEN,
+    X25519_LEN,
 )
 
 from dsvpn._loop import Drop
@@ -148,7 +161,10 @@ cdef enum Kind:
     K_SESS = 6
 
 cdef const char* KX_IV = b"VPN Key Exchange"
+cdef const char* PFS_IV = b"DSVPN PFS X25519"  # dsvpn.pfs.PFS_IV
 cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
+cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage%s"
+cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs): peer %s"
 cdef const char* NO_RANDOM = b"the system's random source failed"
 cdef uint8_t NAT64[12]  # the 64:ff9b::/96 prefix of the peers' IPv6 twins
 
@@ -169,12 +185,13 @@ cdef struct Traffic:
 
 cdef struct Counters:
     uint64_t tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors, short_drops
-    uint64_t handshakes_ok, handshakes_failed, replays, probation_closed
+    uint64_t handshakes_ok, handshakes_failed, handshakes_pfs, replays, probation_closed
     Traffic t
 
 
 cdef struct Peer:
     charm_state kx              # its key's handshake state (docs/protocol.md, Handshake)
+    charm_state px              # and its forward-secret one (Extensions)
     uint8_t ip4[4]
     uint8_t ip6[16]
     uint32_t host               # its address minus the pool's
@@ -199,15 +216,26 @@ cdef struct Sess:
     size_t rx_len
     Traffic t
     int64_t since, latest_handshake
+    bint pfs                    # keyed by the forward-secret handshake
+
+
+cdef enum Stage:
+    PEND_BASE = 0               # reading the first 72 bytes (a base hello, or not yet known)
+    PEND_EXTENDED = 1           # no peer's KX matched: reading the extended hello's last 32
+    PEND_READY = 2              # extended hello verified: for take_pfs_hello()
+    PEND_TAKEN = 3              # Python is computing the reply (pfs_reply(), pfs_abort())
 
 
 cdef struct Pending:
     int fd
     int got
+    Stage stage
+    int peer                    # PEND_READY, PEND_TAKEN: whose key the hello verified under
     uint32_t gen
     int64_t deadline
-    uint64_t seq
-    uint8_t buf[PKT1_LEN]
+    uint64_t seq                # also the token of take_pfs_hello()
+    charm_state st              # PEND_READY: the transcript state after h1
+    uint8_t buf[PFS_HELLO_LEN]
     dsvpn_addr addr
 
 
@@ -239,7 +267,7 @@ cdef str _ipv4_text(const uint8_t* a):
 cdef class MultiLoop:
     cdef int tun_fd, wake_fd, control_fd, listen_fd, mark
     cdef size_t mtu
-    cdef bint vnet_hdr, closed, tun_on
+    cdef bint vnet_hdr, closed, tun_on, require_pfs
     cdef dsvpn_gro gro
     cdef dsvpn_poller* poller
     cdef dsvpn_pev* pevs
@@ -275,7 +303,7 @@ cdef class MultiLoop:
         self.guess = -1
 
     def __init__(self, int tun_fd, *, int listen_fd, pool, int wake_fd=-1, int control_fd=-1,
-                 int mtu=9000, bint vnet_hdr=False, int mark=0):
+                 int mtu=9000, bint vnet_hdr=False, int mark=0, bint require_pfs=False):
         import ipaddress
 
         net = ipaddress.IPv4Network(pool)
@@ -288,6 +316,7 @@ cdef class MultiLoop:
         self.mtu = <size_t> mtu
         self.vnet_hdr = vnet_hdr
         self.mark = mark
+        self.require_pfs = require_pfs
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
         self.send_timeout_ms = TIMEOUT_MS
         self.route = <uint32_t*> calloc(self.size, sizeof(uint32_t))
@@ -482,25 +511,23 @@ cdef class MultiLoop:
         snprintf(msg, MSG_LEN, "%s %s", p.name, s.addr.ip)
         self._push(EV_SESSION_UP, msg)
 
-    cdef void _start(self, int idx, int fd, int peer, charm_state* st,
-                     const dsvpn_addr* addr) noexcept nogil:
-        """The handshake on fd authenticated peer (st: its state after pkt2): key the
-        session (docs/protocol.md, Handshake and Direction states) and make it the peer's, or
-        put it on probation while the peer has a live session."""
+    cdef void _start(self, int idx, int fd, int peer, const uint8_t* key,
+                     const dsvpn_addr* addr, bint pfs) noexcept nogil:
+        """The handshake on fd authenticated peer and gave session key key: key the session
+        (docs/protocol.md, Direction states) and make it the peer's, or put it on probation
+        while the peer has a live session."""
         cdef Sess* s = self.sess[idx]
         cdef Peer* p = &self.peers[peer]
-        cdef uint8_t k[CHARM_HASH_LEN]
         cdef uint8_t iv[CHARM_IV_LEN]
         cdef char msg[MSG_LEN]
-        charm_hash(st, NULL, 0, k)
         memset(iv, 0, CHARM_IV_LEN)
         iv[0] = 1  # the server sends with IV[0] = 1, the client with 0
-        charm_init(&s.tx_st, k, iv)
+        charm_init(&s.tx_st, key, iv)
         iv[0] = 0
-        charm_init(&s.rx_st, k, iv)
-        memset(k, 0, CHARM_HASH_LEN)
+        charm_init(&s.rx_st, key, iv)
         s.fd = fd
         s.peer = peer
+        s.pfs = pfs
         s.addr = addr[0]
         s.tx_off = s.tx_end = s.rx_len = 0
         s.want_out = s.blocked = s.dirty = False
@@ -508,6 +535,8 @@ cdef class MultiLoop:
         s.since = s.latest_handshake = dsvpn_wall_s()
         dsvpn_poller_mod(self.poller, fd, DSVPN_PIN, tag_of(K_SESS, <uint32_t> idx, s.gen))
         self.c.handshakes_ok += 1
+        if pfs:
+            self.c.handshakes_pfs += 1
         if p.live < 0:
             s.probation = False
             p.live = idx
@@ -547,10 +576,12 @@ cdef class MultiLoop:
 
     cdef void _drop_pending(self, int i) noexcept nogil:
         if self.pend[i].fd >= 0:
-            dsvpn_poller_del(self.poller, self.pend[i].fd)
+            dsvpn_poller_del(self.poller, self.pend[i].fd)  # (fails harmlessly once ready)
             close(self.pend[i].fd)
             self.pend[i].fd = -1
             self.pend[i].gen += 1
+        self.pend[i].stage = PEND_BASE
+        memset(&self.pend[i].st, 0, sizeof(charm_state))
 
     cdef void _pending_fail(self, int i, const char* fmt, const char* arg) noexcept nogil:
         cdef char msg[MSG_LEN]
@@ -577,6 +608,7 @@ cdef class MultiLoop:
             self.pend_seq += 1
             p.fd = fd
             p.got = 0
+            p.stage = PEND_BASE
             p.seq = self.pend_seq
             p.deadline = self.now + self.accept_timeout_ms
             p.addr = addr
@@ -601,21 +633,45 @@ cdef class MultiLoop:
         return slot
 
     cdef void _pending_io(self, int i) noexcept nogil:
-        """Read the hello; once its 72 bytes are in, find its peer and answer it. Never more
-        than 72 bytes: what follows belongs to the session."""
+        """Read the hello: once its 72 bytes are in, answer it if a peer's KX authenticates
+        it; otherwise read 32 more and try it as an extended hello. Never more than the hello:
+        what follows belongs to the session."""
         cdef Pending* p = &self.pend[i]
-        cdef ssize_t n = dsvpn_read(p.fd, p.buf + p.got, <size_t> (PKT1_LEN - p.got))
+        if p.stage == PEND_BASE:
+            if not self._pending_read(i, PKT1_LEN):
+                return
+            if self._hello(i):
+                return
+            p.stage = PEND_EXTENDED
+        if p.stage == PEND_EXTENDED and self._pending_read(i, PFS_HELLO_LEN):
+            self._pfs_hello(i)
+
+    cdef bint _pending_read(self, int i, int upto) noexcept nogil:
+        """Read what has arrived of the hello, up to byte upto; True once there."""
+        cdef Pending* p = &self.pend[i]
+        cdef ssize_t n
+        if p.got >= upto:
+            return True
+        n = dsvpn_read(p.fd, p.buf + p.got, <size_t> (upto - p.got))
         if n == DSVPN_IO_AGAIN:
-            return
+            return False
         if n == 0:
-            self._pending_fail(i, HS_FAILED_FMT, b"connection closed")
-            return
+            self._pending_lost(i, b"connection closed")
+            return False
         if n < 0:
-            self._pending_fail(i, HS_FAILED_FMT, strerror(errno))
-            return
+            self._pending_lost(i, strerror(errno))
+            return False
         p.got += <int> n
-        if p.got == PKT1_LEN:
-            self._hello(i)
+        return p.got == upto
+
+    cdef void _pending_lost(self, int i, const char* what) noexcept nogil:
+        """Pending handshake i ended (closed, error, deadline) before its hello was whole."""
+        if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
+            # 72 bytes no peer's KX authenticates, and nothing more: most likely a base
+            # client whose key is not (or no longer) in the peers file.
+            self._pending_fail(i, BAD_HELLO_FMT, b"")
+        else:
+            self._pending_fail(i, HS_FAILED_FMT, what)
 
     cdef int _identify(self, const uint8_t* hello, charm_state* st) noexcept nogil:
         """The peer whose key authenticates the hello (st: its state after the hello's first
@@ -664,53 +720,115 @@ cdef class MultiLoop:
             p.seen_next = (p.seen_next + 1) % REPLAY_SLOTS
         return False
 
-    cdef void _hello(self, int i) noexcept nogil:
+    cdef int _identify_pfs(self, const uint8_t* hello, charm_state* st) noexcept nogil:
+        """The peer whose key authenticates the extended hello (st: its transcript state after
+        h1), or -1. Every peer's PX is tried, as _identify tries every KX."""
+        cdef uint8_t h[CHARM_HASH_LEN]
+        cdef int k
+        for k in range(self.npeers):
+            st[0] = self.peers[k].px
+            charm_hash(st, hello, PKT1_LEN, h)
+            if ct_eq(h, hello + PKT1_LEN, CHARM_HASH_LEN):
+                return k
+        memset(st, 0, sizeof(charm_state))
+        return -1
+
+    cdef bint _fresh(self, int i, int peer) noexcept nogil:
+        """Whether the authenticated hello of pending handshake i is within the window and not
+        a replay of peer's; if not, the handshake fails (logged)."""
         cdef Pending* p = &self.pend[i]
-        cdef charm_state st
-        cdef uint8_t pkt2[PKT2_LEN]
-        cdef char why[MSG_LEN]
-        cdef int peer, err, idx, fd
-        cdef int64_t ts
-        peer = self._identify(p.buf, &st)
-        if peer < 0:
-            self._pending_fail(i, b"authentication failed from %s: wrong key or garbage", b"")
-            return
-        ts = self._stamp(p.buf)
+        cdef int64_t ts = self._stamp(p.buf)
         if ts < 0:
-            memset(&st, 0, sizeof(charm_state))
             self._pending_fail(i, b"clock difference too large from %s%s", b"")
-            return
+            return False
         if self._replayed(&self.peers[peer], p.buf, ts):
-            memset(&st, 0, sizeof(charm_state))
             self.c.replays += 1
             self._pending_fail(i, b"replayed handshake from %s refused (peer %s)",
                                self.peers[peer].name)
-            return
+            return False
+        return True
+
+    cdef int _claim_slot(self, int i) noexcept nogil:
+        """A session slot for pending handshake i, or -1 (the handshake failed, logged)."""
+        cdef int idx = self._new_slot()
+        if idx < 0:
+            self._pending_fail(i, HS_FAILED_FMT, b"out of memory")
+        return idx
+
+    cdef bint _reply(self, int i, int idx, const uint8_t* msg, size_t n) noexcept nogil:
+        """Send the reply to pending handshake i in one non-blocking write (a fresh socket
+        always has room for it); if that fails, free session slot idx and fail i."""
+        if dsvpn_send(self.pend[i].fd, msg, n) == <ssize_t> n:
+            return True
+        free(self.sess[idx].txbuf)
+        free(self.sess[idx].rxbuf)
+        self.sess[idx].txbuf = self.sess[idx].rxbuf = NULL
+        self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
+        return False
+
+    cdef int _detach(self, int i) noexcept nogil:
+        """Pending handshake i is complete: its socket, which becomes a session's."""
+        cdef Pending* p = &self.pend[i]
+        cdef int fd = p.fd
+        p.fd = -1
+        p.gen += 1
+        p.stage = PEND_BASE
+        memset(&p.st, 0, sizeof(charm_state))
+        return fd
+
+    cdef bint _hello(self, int i) noexcept nogil:
+        """The 72 bytes of pending handshake i as a base hello: False if no peer's KX
+        authenticates them (perhaps an extended hello), else True, answered or failed."""
+        cdef Pending* p = &self.pend[i]
+        cdef charm_state st
+        cdef uint8_t pkt2[PKT2_LEN]
+        cdef uint8_t k[CHARM_HASH_LEN]
+        cdef char why[MSG_LEN]
+        cdef int peer, err, idx, fd
+        peer = self._identify(p.buf, &st)
+        if peer < 0:
+            return False
+        if self.require_pfs:
+            memset(&st, 0, sizeof(charm_state))
+            self._pending_fail(i, CLASSIC_REFUSED_FMT, self.peers[peer].name)
+            return True
+        if not self._fresh(i, peer):
+            memset(&st, 0, sizeof(charm_state))
+            return True
         err = self._random(pkt2, HS_RANDOM_LEN)
         if err != 0:
             memset(&st, 0, sizeof(charm_state))
             snprintf(why, MSG_LEN, "%s: %s", NO_RANDOM, strerror(err))
             self._pending_fail(i, HS_FAILED_FMT, why)
-            return
+            return True
         charm_hash(&st, pkt2, HS_RANDOM_LEN, pkt2 + HS_RANDOM_LEN)
-        idx = self._new_slot()
-        if idx < 0:
-            memset(&st, 0, sizeof(charm_state))
-            self._pending_fail(i, HS_FAILED_FMT, b"out of memory")
-            return
-        # One non-blocking write; a fresh socket always has room for 64 bytes.
-        if dsvpn_send(p.fd, pkt2, PKT2_LEN) != PKT2_LEN:
-            memset(&st, 0, sizeof(charm_state))
-            free(self.sess[idx].txbuf)
-            free(self.sess[idx].rxbuf)
-            self.sess[idx].txbuf = self.sess[idx].rxbuf = NULL
-            self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
-            return
-        fd = p.fd
-        p.fd = -1
-        p.gen += 1
-        self._start(idx, fd, peer, &st, &p.addr)
+        charm_hash(&st, NULL, 0, k)  # the session key (docs/protocol.md, Handshake)
         memset(&st, 0, sizeof(charm_state))
+        idx = self._claim_slot(i)
+        if idx >= 0 and self._reply(i, idx, pkt2, PKT2_LEN):
+            fd = self._detach(i)
+            self._start(idx, fd, peer, k, &p.addr, False)
+        memset(k, 0, CHARM_HASH_LEN)
+        return True
+
+    cdef void _pfs_hello(self, int i) noexcept nogil:
+        """The 104 bytes of pending handshake i as an extended hello: once a peer's PX
+        authenticates it and it is fresh, it waits for Python (EV_PFS_HELLO)."""
+        cdef Pending* p = &self.pend[i]
+        cdef char who[MSG_LEN]
+        cdef int peer = self._identify_pfs(p.buf, &p.st)
+        if peer < 0:
+            self._pending_fail(i, BAD_HELLO_FMT, b"")
+            return
+        if not self._fresh(i, peer):
+            return  # (_pending_fail wiped p.st)
+        p.peer = peer
+        p.stage = PEND_READY
+        # Nothing more to read until it is answered: not watched meanwhile, so that a client
+        # that closes cannot make every wait return at once (its deadline still holds).
+        dsvpn_poller_del(self.poller, p.fd)
+        snprintf(who, MSG_LEN, "%s", p.addr.ip)
+        self._push(EV_PFS_HELLO, who)
 
     # ---------------------------------------------------------------- session -> tun
 
@@ -1016,10 +1134,12 @@ cdef class MultiLoop:
         self.next_check = now + CHECK_MS
         for i in range(MAX_PENDING):
             if self.pend[i].fd >= 0:
-                if now >= self.pend[i].deadline:
-                    self._pending_fail(i, b"handshake timeout from %s%s", b"")
-                else:
+                if now < self.pend[i].deadline:
                     self._soon(self.pend[i].deadline)
+                elif self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
+                    self._pending_lost(i, b"handshake timeout")
+                else:
+                    self._pending_fail(i, b"handshake timeout from %s%s", b"")
         for i in range(self.cap):
             s = self.sess[i]
             if s == NULL or s.fd < 0 or unsent(s) == 0:
@@ -1158,6 +1278,7 @@ cdef class MultiLoop:
             q = &fresh[k]
             key = raw
             charm_init(&q.kx, &key[0], <const uint8_t*> KX_IV)
+            charm_init(&q.px, &key[0], <const uint8_t*> PFS_IV)
             q.host = host
             for j in range(4):
                 q.ip4[j] = <uint8_t> ((self.net + host) >> (24 - 8 * j))
@@ -1186,6 +1307,13 @@ cdef class MultiLoop:
         for k in range(self.cap):
             if self.sess[k] != NULL and self.sess[k].fd >= 0:
                 self.sess[k].peer = remap[self.sess[k].peer]
+        for k in range(MAX_PENDING):
+            # An extended hello waiting for its reply belongs to its peer too.
+            if self.pend[k].fd >= 0 and self.pend[k].stage >= PEND_READY:
+                if remap[self.pend[k].peer] < 0:
+                    self._pending_fail(k, HS_FAILED_FMT, b"its peer was removed")
+                else:
+                    self.pend[k].peer = remap[self.pend[k].peer]
         memset(self.route, 0, self.size * sizeof(uint32_t))
         for k in range(n):
             self.route[fresh[k].host] = <uint32_t> (k + 1)
@@ -1252,6 +1380,7 @@ cdef class MultiLoop:
                 "drops": {name: s.t.drops[i] for i, name in _DROP_NAMES.items()},
                 "replacement": (self.sess[self.peers[k].prob].addr.endpoint.decode()
                                 if self.peers[k].prob >= 0 else None),
+                "pfs": bool(s.pfs),
             }
         return out
 
@@ -1274,6 +1403,7 @@ cdef class MultiLoop:
             "short_drops": self.c.short_drops,
             "handshakes_ok": self.c.handshakes_ok,
             "handshakes_failed": self.c.handshakes_failed,
+            "handshakes_pfs": self.c.handshakes_pfs,
             "replays": self.c.replays,
             "probation_closed": self.c.probation_closed,
             "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
@@ -1281,6 +1411,68 @@ cdef class MultiLoop:
         for i, name in _DROP_NAMES.items():
             out[f"{name}_drops"] = self.c.t.drops[i]
         return out
+
+    def take_pfs_hello(self):
+        """The next verified extended hello waiting for its reply, or None; see _multi.pyi."""
+        cdef int i, j
+        cdef Pending* p
+        cdef bytearray state
+        for i in range(MAX_PENDING):
+            p = &self.pend[i]
+            if p.fd < 0 or p.stage != PEND_READY:
+                continue
+            p.stage = PEND_TAKEN
+            state = bytearray(CHARM_STATE_LEN)
+            for j in range(CHARM_STATE_LEN):
+                state[j] = <uint8_t> (p.st.w[j >> 2] >> (8 * (j & 3)))
+            memset(&p.st, 0, sizeof(charm_state))
+            j = HS_RANDOM_LEN + HS_TIMESTAMP_LEN  # E_c
+            who = f"{p.addr.ip.decode()}, peer {self.peers[p.peer].name.decode()}"
+            return (p.seq, state, bytes(p.buf[j:j + X25519_LEN]), who)
+        return None
+
+    cdef int _taken(self, uint64_t token) noexcept:
+        """The pending handshake with this token that Python is answering, or -1."""
+        cdef int i
+        for i in range(MAX_PENDING):
+            if self.pend[i].fd >= 0 and self.pend[i].seq == token \
+                    and self.pend[i].stage == PEND_TAKEN:
+                return i
+        return -1
+
+    def pfs_reply(self, uint64_t token, reply, key):
+        """Send the extended reply of the hello take_pfs_hello() returned with token, and
+        start the peer's session with session key key; see _multi.pyi."""
+        cdef const uint8_t[:] r = reply
+        cdef const uint8_t[:] k = key
+        cdef int i, idx, fd
+        cdef Pending* p
+        if r.shape[0] != PFS_REPLY_LEN or k.shape[0] != CHARM_KEY_LEN:
+            raise ValueError(f"the reply must be {PFS_REPLY_LEN} bytes and the key "
+                             f"{CHARM_KEY_LEN}")
+        i = self._taken(token)
+        if i < 0:
+            return False
+        p = &self.pend[i]
+        # Watched again, as a pending handshake, until _start makes it a session.
+        if dsvpn_poller_add(self.poller, p.fd, DSVPN_PIN,
+                            tag_of(K_PEND, <uint32_t> i, p.gen)) != 0:
+            self._pending_fail(i, HS_FAILED_FMT, strerror(errno))
+            return False
+        idx = self._claim_slot(i)
+        if idx < 0 or not self._reply(i, idx, &r[0], PFS_REPLY_LEN):
+            return False
+        fd = self._detach(i)
+        self._start(idx, fd, p.peer, &k[0], &p.addr, True)
+        return True
+
+    def pfs_abort(self, uint64_t token, str why):
+        """Close that handshake's connection without a reply and log why; see _multi.pyi."""
+        cdef int i = self._taken(token)
+        cdef bytes w = why.encode("utf-8", "replace")
+        if i >= 0:
+            self._pending_fail(i, HS_FAILED_FMT, w)
+        return i >= 0
 
     def _set_test_random(self, data):
         """Test hook: the next handshakes take their 32 random bytes from data."""

@@ -312,10 +312,6 @@ def _with_peers(cfg: ServerConfig, local_ip: str | None, remote_ip: str | None) 
     if not peers.looks_like_peers_file(cfg.key_file):
         return cfg
     loaded = peers.load(cfg.key_file)
-    if cfg.require_pfs:
-        raise UsageError(
-            "--require-pfs: a server of a peers file has only the classic handshake (for now)"
-        )
     if local_ip is not None and local_ip != loaded.server:
         raise UsageError(
             f"the peers file {cfg.key_file} gives the server the tunnel address "

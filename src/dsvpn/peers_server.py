@@ -39,6 +39,7 @@ def make_loop(
         vnet_hdr=vnet_hdr,
         # As the reference, accepted sockets carry the mark too (ignored if refused).
         mark=ROUTING_TABLE,
+        require_pfs=cfg.require_pfs,
     )
     loop.set_peers(_entries(current))
     log.info(

@@ -14,7 +14,10 @@ ephemeral X25519 keys (docs/protocol.md, Extensions).
 
 Whoever later learns the shared key still lacks the ephemeral secrets, so a recording cannot be
 decrypted. X25519 and the random bytes come from libsodium through PyNaCl, into buffers that
-are wiped once used; the Charm states are wiped too.
+are wiped once used; the Charm states are wiped too. The session key is handed over as a
+bytearray, which whoever gives it to the loop wipes afterwards (wipe()). What cannot be wiped:
+the immutable bytes object Charm.hash() returns for k (copied into that bytearray, then freed
+without being zeroed), and the discarded output of the hash that absorbs z.
 """
 
 from __future__ import annotations
@@ -26,14 +29,11 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from nacl._sodium import ffi, lib  # type: ignore[import-not-found]  # PyNaCl's libsodium
 
 from dsvpn.charm import Charm
-
-if TYPE_CHECKING:
-    from dsvpn._loop import Loop
 
 log = logging.getLogger("dsvpn")
 
@@ -98,18 +98,24 @@ def _random(n: int) -> bytes:
     return bytes(ffi.buffer(buf, n))
 
 
-def _session_key(st: Charm, eph: _Ephemeral, peer_public: bytes) -> bytes:
-    """Absorb the X25519 secret into the transcript state and squeeze the session key."""
+def _session_key(st: Charm, eph: _Ephemeral, peer_public: bytes) -> bytearray:
+    """Absorb the X25519 secret into the transcript state and squeeze the session key (a
+    bytearray, for wipe())."""
     try:
         ss = eph.shared(peer_public)
         try:
             st.hash(ffi.buffer(ss, 32))
         finally:
             lib.sodium_memzero(ss, 32)
-        return st.hash(b"")
+        return bytearray(st.hash(b""))
     finally:
         eph.wipe()
         st.wipe()
+
+
+def wipe(key: bytearray) -> None:
+    """Zero a session key once the loop has it (the loop keeps no reference to it)."""
+    key[:] = bytes(len(key))
 
 
 def timestamp(now: int) -> bytes:
@@ -139,7 +145,7 @@ class ClientHandshake:
         body = r_c + timestamp(now) + self._eph.public
         self.hello = body + self._st.hash(body)
 
-    def finish(self, reply: bytes) -> bytes:
+    def finish(self, reply: bytes) -> bytearray:
         """The session key, or HandshakeError (the state and the secret are wiped either way)."""
         try:
             if len(reply) != REPLY_LEN:
@@ -179,10 +185,14 @@ def server_reply(
     *,
     random: bytes | None = None,
     secret: bytes | None = None,
-) -> tuple[bytes, bytes]:
+) -> tuple[bytes, bytearray]:
     """Server side, given the transcript state after a verified hello: (reply, session key).
     The state is consumed (wiped)."""
-    eph = _Ephemeral(secret)
+    try:
+        eph = _Ephemeral(secret)
+    except BaseException:
+        st.wipe()
+        raise
     r_s = random if random is not None else _random(RANDOM_LEN)
     body = r_s + eph.public
     reply = body + st.hash(body)
@@ -200,10 +210,10 @@ Wait = Callable[[float, bool], bool]
 most `seconds`; False if the time ran out or something else (a signal) needs attention."""
 
 
-def client_exchange(sock: socket.socket, key: bytes, wait: Wait, timeout: float) -> bytes:
+def client_exchange(sock: socket.socket, key: bytes, wait: Wait, timeout: float) -> bytearray:
     """Client: the forward-secret handshake on a connected non-blocking socket, within
-    `timeout` seconds; returns the session key. Reads exactly the reply: frames that follow
-    stay in the socket for the loop.
+    `timeout` seconds; returns the session key (wipe() it once the loop has it). Reads exactly
+    the reply: frames that follow stay in the socket for the loop.
 
     Raises NotAcceptedError (closed or reset before the whole reply), HandshakeError (a reply
     that does not verify, a low-order key), TimeoutError, InterruptedError (wait() returned
@@ -245,7 +255,16 @@ def client_exchange(sock: socket.socket, key: bytes, wait: Wait, timeout: float)
     return hs.finish(reply)
 
 
-def answer_hellos(loop: Loop) -> int:
+class HelloSource(Protocol):
+    """A server loop holding verified extended hellos: dsvpn._loop.Loop (one client) or
+    dsvpn._multi.MultiLoop (a peers file)."""
+
+    def take_pfs_hello(self) -> tuple[int, bytearray, bytes, str] | None: ...
+    def pfs_reply(self, token: int, reply: bytes, key: bytes | bytearray) -> bool: ...
+    def pfs_abort(self, token: int, why: str) -> bool: ...
+
+
+def answer_hellos(loop: HelloSource) -> int:
     """Server: answer every verified extended hello the loop holds (EV_PFS_HELLO): X25519 and
     the reply here, the rest in the loop. A failure (a low-order key) closes that connection
     with a log line naming the client. Returns how many were answered."""
@@ -253,7 +272,7 @@ def answer_hellos(loop: Loop) -> int:
     while (hello := loop.take_pfs_hello()) is not None:
         token, state, peer_public, peer = hello
         st = Charm.from_state(state)
-        state[:] = bytes(len(state))
+        wipe(state)
         try:
             reply, key = server_reply(st, peer_public)
         except HandshakeError as exc:
@@ -261,6 +280,9 @@ def answer_hellos(loop: Loop) -> int:
             continue
         # Each connection's client key is fresh: showing a prefix lets one see it change.
         log.info("forward-secret handshake from %s (client key %s...)", peer, peer_public[:8].hex())
-        if loop.pfs_reply(token, reply, key):
-            answered += 1
+        try:
+            if loop.pfs_reply(token, reply, key):
+                answered += 1
+        finally:
+            wipe(key)
     return answered

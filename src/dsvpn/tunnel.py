@@ -407,7 +407,8 @@ class Tunnel:
 
     def _serve_peers(self, loop: MultiLoop, signals: Signals) -> None:
         """A server of a peers file: its events, and a reload of the file on SIGHUP."""
-        from dsvpn._loop import EV_CONTROL, EV_SESSION_UP
+        from dsvpn import pfs
+        from dsvpn._loop import EV_CONTROL, EV_PFS_HELLO, EV_SESSION_UP
 
         assert self.live is not None and self.peers is not None
         while signals.received is None:
@@ -415,6 +416,8 @@ class Tunnel:
             if event == EV_CONTROL:
                 if self.status_server is not None:
                     self.status_server.handle()
+            elif event == EV_PFS_HELLO:
+                pfs.answer_hellos(loop)
             else:
                 if event == EV_SESSION_UP:
                     self.live.session_up()
@@ -474,6 +477,7 @@ class Tunnel:
     # -- client -----------------------------------------------------------------------------
 
     def _connect_forever(self, loop: Loop, signals: Signals, tun: str) -> int:
+        from dsvpn import pfs
         from dsvpn._loop import EV_HANDSHAKE_FAILED, EV_SESSION_DOWN, EV_SESSION_UP
 
         cfg = self.cfg
@@ -511,7 +515,10 @@ class Tunnel:
                 key, why = self._pfs_handshake(sock, signals)
                 if key is None:
                     continue
-                loop.adopt(sock.detach(), key)
+                try:
+                    loop.adopt(sock.detach(), key)
+                finally:
+                    pfs.wipe(key)  # the loop has its direction states now
             else:
                 loop.connect(sock.detach())
             while signals.received is None:
@@ -533,7 +540,7 @@ class Tunnel:
 
     def _pfs_handshake(
         self, sock: socket.socket, signals: Signals
-    ) -> tuple[bytes | None, str | None]:
+    ) -> tuple[bytearray | None, str | None]:
         """The forward-secret handshake on a fresh connection, in Python (X25519 from
         libsodium), with fresh ephemeral keys: the session key; else None and why (the caller
         reconnects; None too when a signal came). A server that closes the connection instead
