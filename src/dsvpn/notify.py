@@ -162,6 +162,15 @@ class Notifier:
         """For the periodic tick: WATCHDOG=1 if due()."""
         return self.watchdog() if self.due() else False
 
+    def until_due(self) -> float | None:
+        """Seconds until WATCHDOG=1 is due (0 if it is), None without a watchdog: how long a
+        wait outside the event loop (a connect, a handshake) may block before it ticks."""
+        if self.watchdog_interval is None:
+            return None
+        if self._last_watchdog is None:
+            return 0.0
+        return max(0.0, self._last_watchdog + self.watchdog_interval / 2 - self._clock())
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()

@@ -112,12 +112,15 @@ def _listener(cfg: ServerConfig) -> socket.socket:
 class Signals:
     """SIGINT/SIGTERM/SIGHUP set a flag and wake the loop through a pipe; nothing is raised,
     so an undo in progress is never cut short by a second signal. With `reload_on_hup` (a
-    server of a peers file), SIGHUP sets `reload` instead of stopping."""
+    server of a peers file), SIGHUP sets `reload` instead of stopping. Every wait() ticks
+    `watchdog` as the event loop's tick does, so that a client waiting up to a minute for a
+    connect or a handshake is not taken for a wedged one."""
 
-    def __init__(self, reload_on_hup: bool = False) -> None:
+    def __init__(self, reload_on_hup: bool = False, watchdog: Notifier | None = None) -> None:
         self.received: int | None = None
         self.reload = False
         self._reload_on_hup = reload_on_hup
+        self._watchdog = watchdog
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
@@ -149,6 +152,12 @@ class Signals:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
+            if self._watchdog is not None:
+                self._watchdog.tick()
+                until = self._watchdog.until_due()
+                if until is not None:
+                    # Wake up to tick again in time (not before a millisecond: no busy loop).
+                    left = min(left, max(until, 0.001))
             watched: list[socket.socket] = [sock] if sock is not None else []
             if readable:
                 r, _, _ = select.select([self._r, *watched], [], [], left)
@@ -249,7 +258,9 @@ class Tunnel:
             stack.callback(os.close, tun_fd)
             instance.set_tun(tun)
             log.info("opened tun device %s", tun)
-            signals = stack.enter_context(Signals(reload_on_hup=self.peers is not None))
+            signals = stack.enter_context(
+                Signals(reload_on_hup=self.peers is not None, watchdog=self.notifier)
+            )
             stack.callback(self._undo, signals)  # runs before the tun is closed (LIFO)
             self.plan = backend.plan(cfg, tun, self.net)
             self._apply(self.plan)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dsvpn import cli, service
+from dsvpn import cli, runner, service
 from dsvpn.errors import DsvpnError, PermissionDenied, PrerequisiteError, UsageError
 from dsvpn.service import ConfigFileError, Host
 
@@ -117,7 +117,8 @@ def test_unit_directives() -> None:
     assert one["Service.Type"] == "notify"
     assert one["Service.NotifyAccess"] == "main"
     assert one["Service.Restart"] == "on-failure"
-    assert int(one["Service.WatchdogSec"]) > 60  # longer than a client's connect timeout
+    # Longer than one command may take (the waits for a connect or a handshake tick it).
+    assert int(one["Service.WatchdogSec"]) > runner.COMMAND_TIMEOUT
     assert set(one["Service.CapabilityBoundingSet"].split()) == {
         "CAP_NET_ADMIN",
         "CAP_NET_RAW",
