@@ -90,9 +90,9 @@ class ClientNetwork:
     no_routes: bool = False  # --no-routes: the tunnel routes nothing
     kill_switch: bool = False  # --kill-switch
     dns: tuple[str, ...] = ()  # --dns: resolvers used (through the tunnel) while it is up
-    # Found on the host once at start (like ClientConfig.server_ip); empty in a plan made from
-    # the command line alone, which then shows placeholders.
-    local_nets: tuple[str, ...] = ()  # the subnets of this host's interfaces (kill switch)
+    # Found on the host at start (like ClientConfig.server_ip), and again when it changes
+    # networks; None in a plan made from the command line alone, which shows placeholders.
+    local_nets: tuple[str, ...] | None = None  # the subnets of this host's interfaces
     dns_via: str = ""  # who manages DNS: resolved, resolvconf, openresolv, file, scutil
     dns_service: str = ""  # macOS: the primary network service whose DNS is replaced
 

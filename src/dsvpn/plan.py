@@ -37,6 +37,12 @@ class Step:
     sysctl: tuple[str, str] | None = None
     # Depends on the gateway (client host route to the server): redone when it changes.
     gateway: bool = False
+    # Depends on the local subnets (the kill switch's holes for the LAN): redone when the host
+    # changes networks (Runner.reapply_local).
+    local: bool = False
+    # Its apply replaces, in one transaction, whatever a step of the same undo put in place (an
+    # nft table, a pf anchor): a new version is swapped in without undoing the old one first.
+    replaces: bool = False
     # A failure is reported and skipped (client bbr: the tunnel works without it).
     best_effort: bool = False
     # Outlives a crash and a plain `dsvpn cleanup` (the kill switch): only a deliberate stop,
@@ -91,6 +97,9 @@ class Plan:
 
     def gateway_steps(self) -> list[Step]:
         return [s for s in self.steps if s.gateway]
+
+    def local_steps(self) -> list[Step]:
+        return [s for s in self.steps if s.local]
 
     def render(self, dialect: Dialect) -> list[str]:
         """--dry-run text: the set-up commands in order, then the undo in the order it runs.

@@ -315,6 +315,67 @@ class Runner:
             return False
         return True
 
+    # -- local subnet changes (client kill switch) ----------------------------------------------
+
+    def reapply_local(self, old: Plan, new: Plan) -> bool:
+        """Swap the local-subnet steps of `old` for those of `new` (the kill switch's holes for
+        the LAN, when the host changed networks). A step that `replaces` one of the same undo
+        is swapped in place (an nft table reloaded in one transaction); otherwise the holes
+        that went are closed before the new ones open, so nothing passes that should not even
+        for a moment. The record follows each step. True when the new steps are in place;
+        when one fails, the old ones are put back (as far as they go), a warning is logged and
+        False returned: the caller keeps `old` and tries again later."""
+        old_steps, new_steps = old.local_steps(), new.local_steps()
+        gone = [s for s in old_steps if s not in new_steps]
+        added = [s for s in new_steps if s not in old_steps]
+        swaps: list[tuple[Step, Step]] = []
+        for step in list(added):
+            previous = next((s for s in gone if step.replaces and s.undo == step.undo), None)
+            if previous is not None:
+                swaps.append((previous, step))
+                gone.remove(previous)
+                added.remove(step)
+        if not (gone or added or swaps):
+            return True
+        swapped: list[tuple[Step, Step]] = []
+        try:
+            for previous, step in swaps:
+                self._replace(previous, step)
+                swapped.append((previous, step))
+            self._undo_steps(gone)
+            self._apply_steps(added)
+        except (CommandError, PrerequisiteError) as exc:
+            self._log(f"warning: {exc}; keeping the previous local subnets for now")
+            try:
+                self._apply_steps(gone)
+                for previous, step in reversed(swapped):
+                    self._replace(step, previous)
+            except (CommandError, PrerequisiteError) as again:
+                self._log(f"warning: {again}")
+            return False
+        return True
+
+    def _replace(self, previous: Step, step: Step) -> None:
+        """Apply `step` in place of the applied `previous` (same undo, see Step.replaces): the
+        record names the new one first, as ever; on a failure it names the old one again (the
+        transaction failed, so the old one is still what the host has)."""
+        index = next(
+            (i for i in reversed(range(len(self._applied))) if self._applied[i].step == previous),
+            None,
+        )
+        if index is None:
+            self._apply_steps([step])
+            return
+        entry = self._applied[index]
+        self._applied[index] = Applied(step)
+        self._save()
+        try:
+            self.command(step.apply, step.input)
+        except (CommandError, PrerequisiteError):
+            self._applied[index] = entry
+            self._save()
+            raise
+
     def _undo_steps(self, steps: Sequence[Step]) -> None:
         for step in reversed(steps):
             for applied in reversed(self._applied):

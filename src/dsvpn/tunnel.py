@@ -38,6 +38,9 @@ log = logging.getLogger("dsvpn")
 
 RECONNECT_ATTEMPTS = 100  # as the reference: then the client gives up
 CONNECT_TIMEOUT = 60.0  # TIMEOUT in the reference
+# How often a client with --kill-switch looks at its local subnets while a session is up (and
+# before each attempt): a new network's LAN is let through within this time.
+LOCAL_NETS_EVERY = 2.0
 TICK_MS = 1000  # how often the loop hands control back to Python when nothing happens
 CAP_NET_ADMIN = 12
 LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
@@ -217,6 +220,7 @@ class Tunnel:
         self.plan: Plan | None = None
         self.net: NetInfo | None = None
         self.follow_gateway = True  # whether the plan has routes that follow the gateway
+        self.nets_checked = 0.0  # when the local subnets were last looked at (monotonic)
         self.fully_up = False  # the whole plan is applied
         self.started = int(time.time())
         self.live: status.Live | None = None  # what `dsvpn status` and the logs say of us
@@ -519,6 +523,7 @@ class Tunnel:
                 break
             attempt += 1
             self._follow_gateway(tun)
+            self._follow_local_nets(tun, now=True)
             sock, why = self._dial(signals)
             if sock is None:
                 continue
@@ -546,6 +551,7 @@ class Tunnel:
                 else:
                     self._on_event(loop, event, message)
                 self._tick(loop)
+                self._follow_local_nets(tun)
         log.info("stopping (signal %d)", signals.received)
         return 0
 
@@ -638,6 +644,38 @@ class Tunnel:
         if self.runner.reapply_gateway(self.plan, plan):
             self.plan, self.net = plan, net
 
+    def _follow_local_nets(self, tun: str, now: bool = False) -> None:
+        """With --kill-switch, every LOCAL_NETS_EVERY seconds (or `now`): if the local subnets
+        changed (laptop changed networks, a dock was plugged in), let the new LAN through and
+        no longer the old one, as the gateway's routes follow the gateway."""
+        cfg = self.cfg
+        if not (isinstance(cfg, ClientConfig) and cfg.network.kill_switch):
+            return
+        assert self.runner is not None and self.plan is not None and self.net is not None
+        if not now and time.monotonic() - self.nets_checked < LOCAL_NETS_EVERY:
+            return
+        self.nets_checked = time.monotonic()
+        try:
+            # Not the tun: its own addresses are the tunnel's, which passes anyway.
+            nets = local_networks(skip=(tun,))
+        except DsvpnError as exc:
+            log.warning("cannot list the local subnets: %s", exc)
+            return
+        if nets == cfg.network.local_nets:
+            return
+        log.info(
+            "local subnets changed: %s -> %s; the kill switch follows",
+            ", ".join(cfg.network.local_nets or ()) or "none",
+            ", ".join(nets) or "none",
+        )
+        new_cfg = dataclasses.replace(
+            cfg, network=dataclasses.replace(cfg.network, local_nets=nets)
+        )
+        plan = self.backend.plan(new_cfg, tun, self.net)
+        # On a failure the old subnets stay (or are put back) and the next look tries again.
+        if self.runner.reapply_local(self.plan, plan):
+            self.cfg, self.plan = new_cfg, plan
+
 
 def _endpoint(host: str | None, port: int) -> str:
     """ "*:443", "192.0.2.1:443", "[2001:db8::1]:443"."""
@@ -670,7 +708,7 @@ def host_facts(cfg: ClientConfig, backend: Backend) -> ClientConfig:
     """What the client's options need from this host, looked up once at start: the local
     subnets (--kill-switch) and who manages DNS (--dns)."""
     net = cfg.network
-    if net.kill_switch and not net.local_nets:
+    if net.kill_switch and net.local_nets is None:
         net = dataclasses.replace(net, local_nets=local_networks())
     if net.dns and not net.dns_via:
         via, service = dns.detect(backend.name)

@@ -174,7 +174,8 @@ def test_linux_kill_switch() -> None:
         f"iptables {ks} -o lo -j RETURN",
         f"iptables {ks} -o tun0 -j RETURN",
         f"iptables {ks} -m mark --mark 42069 -j RETURN",
-        f"iptables {ks} -d 192.0.2.0/24 -j RETURN",
+        # A local subnet's hole goes at the head: a new one can be added to the chain in use.
+        "iptables -t filter -I dsvpn-kill-switch -d 192.0.2.0/24 -j RETURN",
         f"iptables {ks} -d 169.254.0.0/16 -j RETURN",
         f"iptables {ks} -d 224.0.0.0/24 -j RETURN",
         f"iptables {ks} -d 255.255.255.255/32 -j RETURN",
@@ -185,7 +186,7 @@ def test_linux_kill_switch() -> None:
         f"ip6tables {ks} -o lo -j RETURN",
         f"ip6tables {ks} -o tun0 -j RETURN",
         f"ip6tables {ks} -m mark --mark 42069 -j RETURN",
-        f"ip6tables {ks} -d 2001:db8:1::/64 -j RETURN",
+        "ip6tables -t filter -I dsvpn-kill-switch -d 2001:db8:1::/64 -j RETURN",
         f"ip6tables {ks} -d fe80::/10 -j RETURN",
         f"ip6tables {ks} -d ff02::/16 -j RETURN",
         f"ip6tables {ks} -d ::/0 -j REJECT --reject-with icmp6-no-route",
@@ -261,10 +262,10 @@ def test_kill_switch_rules_are_data() -> None:
         _killswitch.Rule("pass", mark=42069),
     ]
     assert rules[-1] == _killswitch.Rule("block", dst="10.0.0.0/8")
-    assert _killswitch.Rule("pass", dst="192.0.2.0/24") in rules
+    assert _killswitch.Rule("pass", dst="192.0.2.0/24", local=True) in rules
     # Without discovery (a dry run of another OS) the local subnets are a placeholder.
     unknown = _killswitch.rules(client(kill_switch=True), "tun0", "lo", rules[2])
-    assert _killswitch.Rule("pass", dst="<local-subnets>") in unknown
+    assert _killswitch.Rule("pass", dst="<local-subnets>", local=True) in unknown
 
 
 @pytest.mark.parametrize(

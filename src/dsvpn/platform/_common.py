@@ -7,7 +7,7 @@ import errno
 import ipaddress
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from dsvpn.config import DEFAULT_MTU, ClientConfig, Config, ServerConfig
@@ -349,15 +349,15 @@ def interface_reaching(ni: Any, address: str) -> str | None:
     return None
 
 
-def local_networks(ni: Any = None) -> tuple[str, ...]:
-    """The subnets of this host's interfaces, sorted: what the kill switch lets through
-    besides the tunnel. Loopback, link-local (passed anyway) and single addresses (a
-    point-to-point link's own end) are left out."""
+def local_networks(ni: Any = None, skip: Collection[str] = ()) -> tuple[str, ...]:
+    """The subnets of this host's interfaces but those named in `skip` (the tun), sorted: what
+    the kill switch lets through besides the tunnel. Loopback, link-local (passed anyway) and
+    single addresses (a point-to-point link's own end) are left out."""
     ni = ni if ni is not None else _netifaces()
     found: set[Network] = set()
     for family in (ni.AF_INET, ni.AF_INET6):
-        for _, net in _networks(ni, family):
-            if net.is_loopback or net.is_link_local or net.num_addresses == 1:
+        for name, net in _networks(ni, family):
+            if name in skip or net.is_loopback or net.is_link_local or net.num_addresses == 1:
                 continue
             found.add(net)
     return tuple(

@@ -7,6 +7,12 @@ blocked: the rest of what the tunnel carries (everything, or the --route prefixe
 steps are kept after a crash, and by a plain `dsvpn cleanup`: only a deliberate stop, the
 next start or `dsvpn cleanup --all` removes them. The undo of each step it makes is recognised
 here too (iptables_undo_of, pf_undo_of), for the records.
+
+The steps that depend on the local subnets are marked `local`, so that a client that changes
+networks swaps them (Runner.reapply_local): with iptables, one rule per subnet, inserted at the
+head of the chain (where it passes as well as anywhere before the blocks) so that it can be
+added to a chain in use; with nft and pf, the whole table or anchor, reloaded in one
+transaction.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Rule(NamedTuple):
     mark: int | None = None  # Linux: the tunnel's own socket carries this fwmark
     proto: str | None = None
     dport: int | None = None
+    local: bool = False  # a local subnet: follows the host's networks
 
 
 def rules(
@@ -49,9 +56,10 @@ def rules(
     local subnets (default: cfg.network.local_nets, a placeholder when unknown)."""
     net = cfg.network
     if lan is None:
-        lan = net.local_nets or (PLACEHOLDER_LAN,)
+        lan = (PLACEHOLDER_LAN,) if net.local_nets is None else net.local_nets
     out = [Rule("pass", out_if=loopback), Rule("pass", out_if=tun), own]
-    out += [Rule("pass", dst=d) for d in (*lan, *LINK_LOCAL, *net.excludes)]
+    out += [Rule("pass", dst=d, local=True) for d in lan]
+    out += [Rule("pass", dst=d) for d in (*LINK_LOCAL, *net.excludes)]
     out += [Rule("block", dst=d) for d in net.carried()]
     return out
 
@@ -98,7 +106,8 @@ def iptables_match(rule: Rule) -> tuple[str, ...]:
 def iptables_steps(all_rules: Sequence[Rule]) -> list[Step]:
     """A chain of our own per family, filled, then jumped to first thing in OUTPUT (so that
     it is complete before it takes effect). Passing returns to OUTPUT: the host's own rules
-    still apply to what we let through."""
+    still apply to what we let through. A local subnet's rule is inserted at the head of the
+    chain: so is a new one later, into the chain in use."""
     steps: list[Step] = []
     for version, tool in TOOLS.items():
         mine = for_family(all_rules, version)
@@ -108,7 +117,15 @@ def iptables_steps(all_rules: Sequence[Rule]) -> list[Step]:
         steps.append(Step((*ipt, "-N", CHAIN), (*ipt, "-X", CHAIN), keep=True))
         for rule in mine:
             spec = (*iptables_match(rule), *_target(rule.verdict, version))
-            steps.append(Step((*ipt, "-A", CHAIN, *spec), (*ipt, "-D", CHAIN, *spec), keep=True))
+            verb = "-I" if rule.local else "-A"
+            steps.append(
+                Step(
+                    (*ipt, verb, CHAIN, *spec),
+                    (*ipt, "-D", CHAIN, *spec),
+                    keep=True,
+                    local=rule.local,
+                )
+            )
         hook = ("OUTPUT", "-j", CHAIN)
         steps.append(Step((*ipt, "-I", *hook), (*ipt, "-D", *hook), keep=True))
     return steps
@@ -130,9 +147,15 @@ def iptables_undo_of(apply: Argv) -> Argv | None:
         return (*ipt, "-X", CHAIN)
     if verb == "-I" and rest == ("OUTPUT", "-j", CHAIN):
         return (*ipt, "-D", "OUTPUT", "-j", CHAIN)
-    if verb != "-A" or rest[:1] != (CHAIN,):
+    if verb not in ("-A", "-I") or rest[:1] != (CHAIN,):
         return None
     spec = rest[1:]
+    if verb == "-I":  # only a local subnet's rule: a subnet, passed
+        pass_ = _target("pass", version)
+        match = spec[: -len(pass_)]
+        if spec[-len(pass_) :] == pass_ and match[:1] == ("-d",) and _match_fits(match, version):
+            return (*ipt, "-D", CHAIN, *spec)
+        return None
     for verdict in ("pass", "block"):
         target = _target(verdict, version)
         match = spec[: len(spec) - len(target)]
@@ -159,7 +182,8 @@ def linux_steps(cfg: ClientConfig, tun: str, firewall: FirewallName = "iptables"
     rules = linux_rules(cfg, tun)
     if firewall == "nft":
         step = fw.nft_step(NFT_TABLE, to_firewall_rules(rules))
-        return [dataclasses.replace(step, keep=True)]
+        # The table holds the local subnets: a new one replaces it whole, in one transaction.
+        return [dataclasses.replace(step, keep=True, local=True, replaces=True)]
     return iptables_steps(rules)
 
 
@@ -214,7 +238,15 @@ def pf_steps(cfg: ClientConfig, tun: str, server: str) -> list[Step]:
     return [
         # -E: enable pf if it is off (a reference that is never released: pf stays on).
         Step(("pfctl", "-E"), None, keep=True),
-        Step(_PF_LOAD, _PF_FLUSH, input=pf_text(rules(cfg, tun, "lo0", own)), keep=True),
+        # A new load replaces the anchor's rules at once (a new list of local subnets).
+        Step(
+            _PF_LOAD,
+            _PF_FLUSH,
+            input=pf_text(rules(cfg, tun, "lo0", own)),
+            keep=True,
+            local=True,
+            replaces=True,
+        ),
     ]
 
 
