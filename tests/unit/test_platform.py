@@ -435,7 +435,7 @@ def test_discover_server_ext_ip() -> None:
 
 
 def test_discover_no_default_route() -> None:
-    with pytest.raises(NetworkError, match="no default IPv4 route"):
+    with pytest.raises(NetworkError, match=r"no default route \(IPv4 or IPv6\)"):
         discover(make_cfg("server"), FakeNetifaces())
     with pytest.raises(
         NetworkError, match=r"no default IPv4 route towards the server 203\.0\.113\.5"

@@ -27,7 +27,8 @@ PLACEHOLDER_OTHER_GW = "<other-gateway>"
 
 
 class NetInfo(NamedTuple):
-    """server: the interface carrying NATed traffic (and its gateway);
+    """server: the interface carrying NATed IPv4 traffic (and its gateway), "" on a server
+    without an IPv4 route out (IPv6 only);
     client: the gateway towards the server, and the interface that reaches it."""
 
     ext_if: str
@@ -70,6 +71,8 @@ class Backend(ABC):
     serves_pools: bool = False
     # Whether its client plans have a --kill-switch.
     kill_switch = False
+    # Whether its server runs without an IPv4 route out (NATing its clients' IPv6 alone).
+    serves_ipv6_only = False
 
     def __init__(self, which: Callable[[str], str | None] = shutil.which) -> None:
         self._which = which
@@ -100,7 +103,13 @@ class Backend(ABC):
                 raise PrerequisiteError(f"`{tool}` not found (install {package})")
 
     def discover(self, cfg: Config) -> NetInfo:
-        return discover(cfg)
+        net = discover(cfg)
+        if isinstance(cfg, ServerConfig) and not net.ext_if and not self.serves_ipv6_only:
+            raise NetworkError(
+                f"no default IPv4 route: a server on {self.name} needs one, for its clients' "
+                "IPv4 traffic (or give the external IP explicitly)"
+            )
+        return net
 
     def placeholder_net(self) -> NetInfo:
         return NetInfo(PLACEHOLDER_IF, PLACEHOLDER_GW, other_gateway=PLACEHOLDER_OTHER_GW)
@@ -252,16 +261,22 @@ def discover(cfg: Config, ni: Any = None) -> NetInfo:
                 raise NetworkError(f"no interface has the external address {cfg.external_ip}")
             family = ni.AF_INET6 if is_ipv6(cfg.external_ip) else ni.AF_INET
             gateway = ni.gateways().get("default", {}).get(family, ("", ""))[0]
-            ext_if6 = ext_if if is_ipv6(cfg.external_ip) else _route_out6(ni)
-            return NetInfo(ext_if, gateway, ext_if6)
+            if not is_ipv6(cfg.external_ip):
+                return NetInfo(ext_if, gateway, _route_out6(ni))
+            if _default_route(ni, ni.AF_INET) is None:
+                return NetInfo("", "", ext_if)  # IPv6 only: no IPv4 leaves anyway
+            return NetInfo(ext_if, gateway, ext_if)
         default = _default_route(ni, ni.AF_INET)
+        ext_if6 = _route_out6(ni)
         if default is None:
+            if ext_if6 is not None:
+                return NetInfo("", "", ext_if6)  # an IPv6-only server
             raise NetworkError(
-                "no default IPv4 route, so the interface that should carry the clients' "
-                "traffic is unknown; give the external IP explicitly"
+                "no default route (IPv4 or IPv6), so the interface that should carry the "
+                "clients' traffic is unknown; give the external IP explicitly"
             )
         gateway, ext_if = default
-        return NetInfo(ext_if, gateway, _route_out6(ni))
+        return NetInfo(ext_if, gateway, ext_if6)
 
     server = server_address(cfg)
     family = ni.AF_INET6 if is_ipv6(server) else ni.AF_INET

@@ -63,6 +63,10 @@ CONGESTION = "net.ipv4.tcp_congestion_control"
 # The keys of fixed name the plans set; accept_ra's names an interface (is_sysctl_key).
 SYSCTL_KEYS = frozenset({FORWARDING, FORWARDING6, CONGESTION})
 NO_IPV6_OUT = "no IPv6 route out: clients' IPv6 traffic will not be forwarded"
+NO_IPV4_OUT = (
+    "no IPv4 route out: clients' IPv4 traffic cannot leave this server (their IPv6 traffic is "
+    "NATed out of {ext6})"
+)
 
 
 def sysctl_write(key: str, value: str) -> Argv:
@@ -326,7 +330,9 @@ def server_plan(
     # The clients' addresses: the one client's, or the whole pool's.
     clients = str(pool) if pool else cfg.remote_tun_ip
     clients6 = _v6_twin(pool) if pool else cfg.remote_tun_ip6
-    rules = [_anti_spoof(tun, cfg.local_tun_ip, 4), *_nat(tun, net.ext_if, clients, 4)]
+    rules = [_anti_spoof(tun, cfg.local_tun_ip, 4)]
+    if net.ext_if:  # else an IPv6-only server: its clients' IPv4 has nowhere to go
+        rules += _nat(tun, net.ext_if, clients, 4)
     ext6 = net.ext_if6
     if ext6:
         rules += [
@@ -418,6 +424,7 @@ class LinuxBackend(Backend):
     firewalls = fw.FIREWALLS
     serves_pools = True
     kill_switch = True
+    serves_ipv6_only = True
 
     def __init__(
         self,
@@ -484,7 +491,11 @@ class LinuxBackend(Backend):
         return client_plan(cfg, tun, net, self.firewall(cfg))
 
     def notes(self, cfg: Config, tun: str, net: NetInfo) -> list[str]:
-        if not isinstance(cfg, ServerConfig) or net.ext_if6:
+        if not isinstance(cfg, ServerConfig):
+            return []
+        if not net.ext_if:
+            return [NO_IPV4_OUT.format(ext6=net.ext_if6)]
+        if net.ext_if6:
             return []
         if net.ext_if == PLACEHOLDER_IF:  # a dry run for another host: its routes are unknown
             return ["with an IPv6 route out, its clients' IPv6 traffic is NATed there too"]
