@@ -41,6 +41,7 @@ CONNECT_TIMEOUT = 60.0  # TIMEOUT in the reference
 # How often a client with --kill-switch looks at its local subnets while a session is up (and
 # before each attempt): a new network's LAN is let through within this time.
 LOCAL_NETS_EVERY = 2.0
+LOCAL_NETS_RETRY = 30.0  # after a failed swap (the next attempt tries at once all the same)
 TICK_MS = 1000  # how often the loop hands control back to Python when nothing happens
 CAP_NET_ADMIN = 12
 LISTEN_BACKLOG = 16  # handshakes run concurrently in the loop, unlike the reference's backlog of 1
@@ -220,7 +221,7 @@ class Tunnel:
         self.plan: Plan | None = None
         self.net: NetInfo | None = None
         self.follow_gateway = True  # whether the plan has routes that follow the gateway
-        self.nets_checked = 0.0  # when the local subnets were last looked at (monotonic)
+        self.nets_due = 0.0  # when to look at the local subnets again (monotonic)
         self.fully_up = False  # the whole plan is applied
         self.started = int(time.time())
         self.live: status.Live | None = None  # what `dsvpn status` and the logs say of us
@@ -652,9 +653,9 @@ class Tunnel:
         if not (isinstance(cfg, ClientConfig) and cfg.network.kill_switch):
             return
         assert self.runner is not None and self.plan is not None and self.net is not None
-        if not now and time.monotonic() - self.nets_checked < LOCAL_NETS_EVERY:
+        if not now and time.monotonic() < self.nets_due:
             return
-        self.nets_checked = time.monotonic()
+        self.nets_due = time.monotonic() + LOCAL_NETS_EVERY
         try:
             # Not the tun: its own addresses are the tunnel's, which passes anyway.
             nets = local_networks(skip=(tun,))
@@ -675,6 +676,8 @@ class Tunnel:
         # On a failure the old subnets stay (or are put back) and the next look tries again.
         if self.runner.reapply_local(self.plan, plan):
             self.cfg, self.plan = new_cfg, plan
+        else:
+            self.nets_due = time.monotonic() + LOCAL_NETS_RETRY  # not a warning every 2 s
 
 
 def _endpoint(host: str | None, port: int) -> str:
