@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, TextIO
 from dsvpn.errors import DsvpnError, PermissionDenied, PrerequisiteError, UsageError
 
 if TYPE_CHECKING:
-    from dsvpn.cli import Invocation
+    from dsvpn.arguments import Invocation
 
 ETC_DIR = PurePosixPath("/etc/dsvpn")
 SYSTEMD_DIR = PurePosixPath("/etc/systemd/system")
@@ -145,7 +145,7 @@ def check_name(name: str, platform: str) -> str:
 
 def check_args(args: Sequence[str]) -> Invocation:
     """The parsed arguments of a service instance; UsageError as dsvpn itself would give."""
-    from dsvpn.cli import parse_args
+    from dsvpn.arguments import parse_args
 
     if not args:
         raise UsageError("the dsvpn arguments are missing: ... -- server|client <arguments>")
@@ -605,13 +605,6 @@ def remove(
 
 # -- the instance itself -----------------------------------------------------------------------
 
-_instance: str | None = None
-
-
-def current_instance() -> str | None:
-    """The name this process runs as (`dsvpn service run NAME`), None outside a service."""
-    return _instance
-
 
 def read_args(name: str, host: Host | None = None) -> list[str]:
     """The arguments in /etc/dsvpn/NAME.args; ConfigFileError if the file is missing, is not a
@@ -654,18 +647,19 @@ def read_args(name: str, host: Host | None = None) -> list[str]:
 
 
 def run_instance(name: str, host: Host | None = None) -> int:
-    """`dsvpn service run NAME`: dsvpn with the instance's arguments, as if typed."""
-    global _instance
+    """`dsvpn service run NAME`: dsvpn with the instance's arguments, as if typed, under the
+    instance's name (which `dsvpn status` shows)."""
     check_name(name, "linux")
     args = read_args(name, host)
     try:
-        check_args(args)
+        inv = check_args(args)
     except UsageError as exc:
         raise ConfigFileError(f"{ETC_DIR / (name + '.args')}: {exc}") from None
-    from dsvpn.cli import main as dsvpn_main
+    from dsvpn import logs, tunnel
 
-    _instance = name
-    return dsvpn_main(args)
+    assert inv.config is not None
+    logs.setup(inv.verbosity)
+    return tunnel.run(inv.config, name=name)
 
 
 # -- command line ------------------------------------------------------------------------------

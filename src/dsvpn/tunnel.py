@@ -695,11 +695,7 @@ def _load_peers(cfg: Config) -> peers.Peers | None:
 
 def run(cfg: Config, name: str | None = None) -> int:
     """`dsvpn server|client`: needs root; returns the exit status. `name`: the service
-    instance's name, for `dsvpn status` (default: that of `dsvpn service run NAME`)."""
-    if name is None:
-        from dsvpn.service import current_instance
-
-        name = current_instance()
+    instance's name, for `dsvpn status` (`dsvpn service run NAME` gives it)."""
     tunnel = Tunnel(cfg, platform.current(), name=name)  # checks the config, reads the key
 
     if not _has_net_admin():

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dsvpn import cli, runner, service
+from dsvpn import cli, runner, service, tunnel
+from dsvpn.config import Config
 from dsvpn.errors import DsvpnError, PermissionDenied, PrerequisiteError, UsageError
 from dsvpn.service import ConfigFileError, Host
 
@@ -586,17 +587,17 @@ def test_read_args_symlink_and_directory(root: Path, tmp_path: Path) -> None:
 
 
 def test_run_instance(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[list[str]] = []
+    seen: list[tuple[str, str | None]] = []
 
-    def fake_main(argv: Sequence[str] | None = None) -> int:
-        seen.append(list(argv or []))
+    def fake_run(cfg: Config, name: str | None = None) -> int:
+        seen.append((cfg.key_file, name))
         return 0
 
-    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(tunnel, "run", fake_run)
     _args_file(root, "\n".join(SERVER_ARGS) + "\n")
     assert service.run_instance("home", make_host(root)) == 0
-    assert seen == [SERVER_ARGS]
-    assert service.current_instance() == "home"
+    # The tunnel runs the instance's arguments under the instance's name (`dsvpn status`).
+    assert seen == [(SERVER_ARGS[1], "home")]
 
 
 @pytest.mark.parametrize(
