@@ -1293,7 +1293,8 @@ class Testbed:
         bind = "::" if ":" in dst_ip else "0.0.0.0"
         rx = self.start_script(dst, RECEIVER, [port, bind], f"receiver-{port}")
         try:
-            self.wait_log(rx, "listening", 10)
+            # The port, not the log: a log of an earlier transfer on this port says it too.
+            self.wait_listening(rx, port, 10)
             tx = src.run(
                 [sys.executable, "-c", SENDER, dst_ip, str(port), str(nbytes)], timeout=timeout
             )
