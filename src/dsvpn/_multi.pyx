@@ -147,6 +147,7 @@ cdef enum:
     REPLAY_BYTES = 16           # of each one's random value
     CHECK_MS = 1000             # deadlines are looked at least this often
     MIN_MTU = 68
+    AF_HDR_LEN = 4              # the BSD tun's address-family header (tun_header)
     N_DROPS = DROP_NON_IP + 1
     SHORT_READ = -3
     MAX_PEERS = 1 << 20
@@ -266,6 +267,8 @@ cdef str _ipv4_text(const uint8_t* a):
 @cython.final
 cdef class MultiLoop:
     cdef int tun_fd, wake_fd, control_fd, listen_fd, mark
+    cdef bint tun_header            # macOS utun, OpenBSD tun: an AF header before each packet
+    cdef uint32_t af_inet, af_inet6  # its values for IPv4 and IPv6
     cdef size_t mtu
     cdef bint vnet_hdr, closed, tun_on, require_pfs
     cdef dsvpn_gro gro
@@ -303,7 +306,8 @@ cdef class MultiLoop:
         self.guess = -1
 
     def __init__(self, int tun_fd, *, int listen_fd, pool, int wake_fd=-1, int control_fd=-1,
-                 int mtu=9000, bint vnet_hdr=False, int mark=0, bint require_pfs=False):
+                 int mtu=9000, bint vnet_hdr=False, bint tun_header=False, int af_inet=2,
+                 int af_inet6=10, int mark=0, bint require_pfs=False):
         import ipaddress
 
         net = ipaddress.IPv4Network(pool)
@@ -311,10 +315,15 @@ cdef class MultiLoop:
             raise ValueError(f"the pool must be a /16 to a /30, not {pool}")
         if not MIN_MTU <= mtu <= MAX_PAYLOAD:
             raise ValueError(f"the MTU must be {MIN_MTU}..{MAX_PAYLOAD}, not {mtu}")
+        if tun_header and vnet_hdr:
+            raise ValueError("tun_header and vnet_hdr exclude each other")
         self.net = int(net.network_address)
         self.size = net.num_addresses
         self.mtu = <size_t> mtu
         self.vnet_hdr = vnet_hdr
+        self.tun_header = tun_header
+        self.af_inet = <uint32_t> af_inet
+        self.af_inet6 = <uint32_t> af_inet6
         self.mark = mark
         self.require_pfs = require_pfs
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
@@ -909,15 +918,45 @@ cdef class MultiLoop:
         return DROP_NON_IP
 
     cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
-        """Write the plaintext at frame + 8 to the tun."""
+        """Write the plaintext at frame + 8 to the tun; frame[0..8] is free scratch space."""
+        cdef uint8_t* out = frame + FRAME_HDR_LEN
+        cdef size_t olen = plen
         if self.vnet_hdr:
-            dsvpn_gro_add(self.tun_fd, &self.gro, frame + FRAME_HDR_LEN, plen)
+            dsvpn_gro_add(self.tun_fd, &self.gro, out, olen)
             self.c.tun_tx_packets += 1
             return
-        if dsvpn_write(self.tun_fd, frame + FRAME_HDR_LEN, plen) < 0:
+        if self.tun_header:
+            out = self._af_header(frame, plen)
+            if out == NULL:
+                return
+            olen = plen + AF_HDR_LEN
+        if dsvpn_write(self.tun_fd, out, olen) < 0:
             self.c.tun_tx_errors += 1
         else:
             self.c.tun_tx_packets += 1
+
+    cdef uint8_t* _af_header(self, uint8_t* frame, size_t plen) noexcept nogil:
+        """tun_header: put the packet's address family (big-endian) in the 4 bytes before
+        it; returns where the tun packet starts, or NULL if it is not IPv4/IPv6 (counted)."""
+        cdef uint8_t* out = frame + FRAME_HDR_LEN - AF_HDR_LEN
+        cdef uint32_t af
+        cdef int version
+        if plen < 20:
+            self.c.short_drops += 1
+            return NULL
+        version = frame[FRAME_HDR_LEN] >> 4
+        if version == 4:
+            af = self.af_inet
+        elif version == 6:
+            af = self.af_inet6
+        else:
+            self.c.tun_tx_errors += 1
+            return NULL
+        out[0] = <uint8_t> (af >> 24)
+        out[1] = <uint8_t> (af >> 16)
+        out[2] = <uint8_t> (af >> 8)
+        out[3] = <uint8_t> af
+        return out
 
     # ---------------------------------------------------------------- tun -> sessions
 
@@ -950,20 +989,23 @@ cdef class MultiLoop:
         """Read one tun packet so that it starts at p + 8: its length, SHORT_READ (counted),
         or what dsvpn_read returned (0, -1, DSVPN_IO_AGAIN)."""
         cdef ssize_t n
+        cdef ssize_t hoff = DSVPN_VNET_HDR_LEN if self.vnet_hdr else AF_HDR_LEN
+        cdef uint8_t af[AF_HDR_LEN]
         cdef iovec iov[2]
-        if self.vnet_hdr:
-            iov[0].iov_base = vh
-            iov[0].iov_len = DSVPN_VNET_HDR_LEN
+        if self.vnet_hdr or self.tun_header:
+            # the tun's own header apart, the packet at p + 8
+            iov[0].iov_base = <void*> vh if self.vnet_hdr else <void*> af
+            iov[0].iov_len = <size_t> hoff
             iov[1].iov_base = p + FRAME_HDR_LEN
             iov[1].iov_len = TUN_READ_MAX
             n = dsvpn_readv(self.tun_fd, iov, 2)
             if n <= 0:
                 return n
             self.c.tun_rx_packets += 1
-            if n < DSVPN_VNET_HDR_LEN:
+            if n <= hoff:  # (an empty packet must not read as the end of the file)
                 self.c.short_drops += 1
                 return SHORT_READ
-            n -= DSVPN_VNET_HDR_LEN
+            n -= hoff
         else:
             n = dsvpn_read(self.tun_fd, p + FRAME_HDR_LEN, TUN_READ_MAX)
             if n <= 0:

@@ -513,3 +513,54 @@ def test_vnet_hdr_tso_to_its_peer_and_gso_from_a_peer() -> None:
         alice.send(tcp4(99, b"x", sport=7))
         assert tun_recv(rig) == NO_VH + tcp4(99, b"x", sport=7)
         assert rig.loop.sessions()["bob"]["drops"]["spoofed"] == 1
+
+
+# -- a tun with an address-family header (macOS utun, OpenBSD tun) -----------------------------
+
+
+@pytest.mark.parametrize(("af_inet", "af_inet6"), [(2, 30), (2, 24)], ids=["macos", "openbsd"])
+def test_tun_header_is_stripped_on_read_and_added_on_write(af_inet: int, af_inet6: int) -> None:
+    def af(n: int) -> bytes:
+        return struct.pack("!I", n)
+
+    with MultiRig(PEERS, tun_header=True, af_inet=af_inet, af_inet6=af_inet6) as rig:
+        alice = rig.client("alice")
+        bob = rig.client("bob")
+        # tun -> peers: routed by the packet after the header, which is not framed
+        for name, c in (("alice", alice), ("bob", bob)):
+            v4 = ip4_packet("10.0.0.9", ADDR[name])
+            v6 = ip6_packet("2001:db8::9", f"64:ff9b::{ADDR[name]}")
+            rig.peer_tun.send(af(af_inet) + v4)
+            assert recv_on(rig, c) == v4
+            rig.peer_tun.send(af(af_inet6) + v6)
+            assert recv_on(rig, c) == v6
+        # peers -> tun: each packet gets the family of its version
+        for name, c in (("alice", alice), ("bob", bob)):
+            v4 = ip4_packet(ADDR[name])
+            v6 = ip6_packet(f"64:ff9b::{ADDR[name]}")
+            c.send(v4)
+            assert tun_recv(rig) == af(af_inet) + v4
+            c.send(v6)
+            assert tun_recv(rig) == af(af_inet6) + v6
+        # a read shorter than the header, or nothing after it: dropped, the loop reads on
+        rig.peer_tun.send(b"\0\0")
+        rig.peer_tun.send(af(af_inet))
+        pkt = ip4_packet("10.0.0.9", ADDR["alice"])
+        rig.peer_tun.send(af(af_inet) + pkt)
+        assert recv_on(rig, alice) == pkt
+        stats = rig.loop.stats()
+        assert stats["short_drops"] == 2 and stats["tun_tx_errors"] == 0
+        assert stats["tun_tx_packets"] == 4 and stats["frames_tx"] == 5
+        nothing_for(rig, bob, 20)
+
+
+def test_tun_header_excludes_vnet_hdr() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lst = socket.socket()
+    try:
+        with pytest.raises(ValueError, match="exclude each other"):
+            MultiLoop(a.fileno(), listen_fd=lst.fileno(), pool="10.0.0.0/24",
+                      tun_header=True, vnet_hdr=True)  # fmt: skip
+    finally:
+        for s in (a, b, lst):
+            s.close()
