@@ -48,6 +48,7 @@ class Drop(IntEnum):
     DROP_SPOOFED = ...
     DROP_CONGESTION = ...
     DROP_NON_IP = ...
+    DROP_LINK_LOCAL = ...
 
 class Timeout(IntEnum):
     """Milliseconds (docs/protocol.md, Timeouts and limits)."""
@@ -75,6 +76,9 @@ class Drops(TypedDict):
     spoofed     (client_ip4 set) packets whose source is not the client's tunnel address
     congestion  tun packets dropped by the bufferbloat control
     non_ip      (client_ip4 set) payloads that are not an IPv4/IPv6 packet
+    link_local  (client_ip4 set) IPv6 packets that only the client's own link may see: from
+                a link-local, unspecified or multicast source to a link-local address or a
+                link-scope multicast group (router solicitations, MLD reports); not spoofed
     """
 
     bad_tag: int
@@ -83,6 +87,7 @@ class Drops(TypedDict):
     spoofed: int
     congestion: int
     non_ip: int
+    link_local: int
 
 class Session(TypedDict):
     """One session's counters. Times are wall-clock Unix seconds; bytes are those of the

@@ -29,7 +29,8 @@ What happens to a frame from the peer (``_frames``, ``_admit``):
 - a payload larger than the MTU is dropped (it could not have left the peer's tun);
 - with ``client_ip4`` (a server), a payload that is not an IPv4/IPv6 packet, or whose source is
   not the client's tunnel address (IPv4, or the IPv6 twin), is dropped, so that a client can
-  only ever send as itself.
+  only ever send as itself; an IPv6 packet for the client's own link (a router solicitation
+  from fe80::/10, say) is dropped too, but not counted as spoofed (admit.pxd).
 Every drop is counted by reason (the Drop enum of _loop.pxd).
 
 Server handshakes (docs/protocol.md, Handshake and Extensions): a pending connection's first 72
@@ -50,6 +51,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memmove, memset, strerror
 from posix.unistd cimport close
 
+from dsvpn.admit cimport admit_source
 from dsvpn.charm cimport (
     CHARM_HASH_LEN,
     CHARM_IV_LEN,
@@ -164,7 +166,7 @@ cdef enum:
     MSG_LEN = 256
     AF_HDR_LEN = 4              # the BSD tun's address-family header (tun_header)
     MIN_MTU = 68                # the smallest MTU of IPv4
-    N_DROPS = DROP_NON_IP + 1
+    N_DROPS = DROP_LINK_LOCAL + 1
     SHORT_READ = -3             # _tun_read: a packet shorter than the tun's own header
 
 # BUFFERBLOAT_CONTROL (docs/protocol.md, Congestion drop): when a send() of a fresh batch could take
@@ -1193,21 +1195,11 @@ cdef class Loop:
 
     cdef inline int _admit(self, const uint8_t* pkt, size_t plen) noexcept nogil:
         """-1 if the decrypted packet may go to the tun, else the Drop reason."""
-        cdef int version
         if plen > self.mtu:
             return DROP_OVERSIZE
         if not self.check_src:
             return -1
-        version = pkt[0] >> 4
-        if version == 4:
-            if plen < 20:
-                return DROP_NON_IP
-            return -1 if memcmp(pkt + 12, self.src4, 4) == 0 else DROP_SPOOFED
-        if version == 6:
-            if plen < 40:
-                return DROP_NON_IP
-            return -1 if memcmp(pkt + 8, self.src6, 16) == 0 else DROP_SPOOFED
-        return DROP_NON_IP
+        return admit_source(pkt, plen, self.src4, self.src6)
 
     cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
         """Write the plaintext at frame + 8 to the tun; frame[0..8] is free scratch space."""

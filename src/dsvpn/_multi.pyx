@@ -24,9 +24,10 @@ With require_pfs, a base hello is identified and then refused.
 Packets: a tun packet goes to the session of the peer that owns its destination (the peer's
 IPv4 address or its 64:ff9b:: twin), found in O(1) through a table indexed by the host part of
 the pool's address. A frame from a peer whose packet is not from that peer's own address is
-dropped (spoofed). Each session has its own send buffer: a session whose unsent data reach
-TX_LIMIT takes no more packets (they are dropped and counted) while the others flow; only when
-every session is full does the loop stop reading the tun, which is the backpressure of _loop.
+dropped (spoofed; an IPv6 packet for the peer's own link is dropped as link_local, admit.pxd).
+Each session has its own send buffer: a session whose unsent data reach TX_LIMIT takes no more
+packets (they are dropped and counted) while the others flow; only when every session is full
+does the loop stop reading the tun, which is the backpressure of _loop.
 Per turn each ready socket gets one read and one send, and the tun a bounded batch, so one
 busy peer cannot starve another. Readiness comes from poller.h (epoll on Linux). Deadlines
 (handshakes, stalled sends) are checked at least once a second, never per packet.
@@ -44,10 +45,9 @@ from dsvpn._loop cimport (
     ACCEPT_TIMEOUT_MS,
     DROP_BAD_TAG,
     DROP_CONGESTION,
+    DROP_LINK_LOCAL,
     DROP_NO_SESSION,
-    DROP_NON_IP,
     DROP_OVERSIZE,
-    DROP_SPOOFED,
     EV_CONTROL,
     EV_LOG,
     EV_PFS_HELLO,
@@ -58,6 +58,7 @@ from dsvpn._loop cimport (
     TIMEOUT_MS,
     Event,
 )
+from dsvpn.admit cimport admit_source
 from dsvpn.charm cimport (
     CHARM_HASH_LEN,
     CHARM_IV_LEN,
@@ -148,7 +149,7 @@ cdef enum:
     CHECK_MS = 1000             # deadlines are looked at least this often
     MIN_MTU = 68
     AF_HDR_LEN = 4              # the BSD tun's address-family header (tun_header)
-    N_DROPS = DROP_NON_IP + 1
+    N_DROPS = DROP_LINK_LOCAL + 1
     SHORT_READ = -3
     MAX_PEERS = 1 << 20
 
@@ -903,19 +904,9 @@ cdef class MultiLoop:
     cdef inline int _admit(self, const Peer* p, const uint8_t* pkt, size_t plen) noexcept nogil:
         """-1 if the decrypted packet may go to the tun (an IP packet from the peer's own
         address), else the Drop reason."""
-        cdef int version
         if plen > self.mtu:
             return DROP_OVERSIZE
-        version = pkt[0] >> 4
-        if version == 4:
-            if plen < 20:
-                return DROP_NON_IP
-            return -1 if memcmp(pkt + 12, p.ip4, 4) == 0 else DROP_SPOOFED
-        if version == 6:
-            if plen < 40:
-                return DROP_NON_IP
-            return -1 if memcmp(pkt + 8, p.ip6, 16) == 0 else DROP_SPOOFED
-        return DROP_NON_IP
+        return admit_source(pkt, plen, p.ip4, p.ip6)
 
     cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
         """Write the plaintext at frame + 8 to the tun; frame[0..8] is free scratch space."""

@@ -179,6 +179,28 @@ def test_a_peer_cannot_send_as_another_or_as_the_server(rig: MultiRig) -> None:
     assert tun_recv(rig) == pkt
 
 
+def test_a_peers_own_link_traffic_is_not_called_spoofed(rig: MultiRig) -> None:
+    alice = rig.client("alice")
+    own_link = [
+        ip6_packet("fe80::1", "ff02::2"),  # router solicitation
+        ip6_packet("::", "ff02::16"),  # MLD report
+        ip6_packet("fe80::1", "fe80::2"),  # neighbour solicitation
+    ]
+    leaving = [
+        ip6_packet("fe80::1", "2001:db8::9"),  # a link-local source off the link
+        ip6_packet(f"64:ff9b::{ADDR['bob']}", "ff02::1"),  # bob's address, even on the link
+    ]
+    for pkt in own_link + leaving:
+        alice.send(pkt)
+    good = ip4_packet(ADDR["alice"])
+    alice.send(good)
+    assert tun_recv(rig) == good  # nothing else went through
+    drops = rig.loop.sessions()["alice"]["drops"]
+    assert drops["link_local"] == 3 and drops["spoofed"] == 2
+    stats = rig.loop.stats()
+    assert stats["link_local_drops"] == 3 and stats["spoofed_drops"] == 2
+
+
 def test_no_session_no_delivery(rig: MultiRig) -> None:
     alice = rig.client("alice")
     for dst in (ADDR["bob"], "10.8.0.77", "10.9.0.1"):
