@@ -39,7 +39,9 @@ checked as the forward-secret hello on a copy of the PFS_IV state. A verified ex
 handed to Python (EV_PFS_HELLO, take_pfs_hello()), which does the X25519 part and gives the
 reply and the session key back (pfs_reply()). A completed handshake from the address of the
 live session does not replace it at once: the new connection is on probation until its first
-frame authenticates (or the live session ends), so a replayed hello cannot end a session.
+frame authenticates (or the live session ends), so a replayed hello cannot end a session; one
+whose first frame has not authenticated within the handshake deadline (ACCEPT_TIMEOUT_MS) is
+closed.
 """
 
 cimport cython
@@ -188,6 +190,7 @@ cdef const char* CLOCK_FMT = b"clock difference too large from %s: %s"
 cdef const char* NO_RANDOM = b"the system's random source failed"
 cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage"
 cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs)"
+cdef const char* PROB_TIMEOUT_MSG = b"no frame authenticated within the handshake timeout"
 
 # stats() and session() name each drop counter after its Drop member.
 _DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
@@ -350,6 +353,7 @@ cdef class Loop:
     cdef int prob_fd
     cdef bint prob_pfs
     cdef int64_t prob_hs            # wall-clock time of its handshake
+    cdef int64_t prob_deadline      # its first frame must authenticate by then (monotonic ms)
     cdef charm_state prob_tx, prob_rx
     cdef dsvpn_addr prob_addr
     cdef uint8_t* prob_buf          # its first frame, until that has authenticated
@@ -600,6 +604,7 @@ cdef class Loop:
         self.prob_addr = peer[0]
         self.prob_pfs = pfs
         self.prob_hs = dsvpn_wall_s()
+        self.prob_deadline = dsvpn_now_ms() + self.accept_timeout_ms
         self.prob_len = 0
         snprintf(msg, MSG_LEN, "new connection from %s: it replaces the active session once "
                  "its first frame authenticates", peer.ip)
@@ -1298,6 +1303,8 @@ cdef class Loop:
                     self._pending_fail(i, b"handshake timeout from %s", b"")
         if self.hs_fd >= 0 and now >= self.hs_deadline:
             self._client_fail(b"handshake timed out")
+        if self.prob_fd >= 0 and now >= self.prob_deadline:
+            self._probation_fail(PROB_TIMEOUT_MSG)
         if (self.sock >= 0 and self._tx_waiting()
                 and now - self.tx_since >= self.send_timeout_ms):
             self._session_down(b"send timeout")
@@ -1310,6 +1317,8 @@ cdef class Loop:
                 limit = self.pend[i].deadline
         if self.hs_fd >= 0 and self.hs_deadline < limit:
             limit = self.hs_deadline
+        if self.prob_fd >= 0 and self.prob_deadline < limit:
+            limit = self.prob_deadline
         if (self.sock >= 0 and self._tx_waiting()
                 and self.tx_since + self.send_timeout_ms < limit):
             limit = self.tx_since + self.send_timeout_ms

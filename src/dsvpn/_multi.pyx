@@ -11,7 +11,8 @@ Xoodoo permutations per peer tried). A verified hello whose random value the sam
 used within the timestamp window is refused (a replay); one that passes is answered, and its
 connection becomes the peer's session at once when the peer has none. When the peer has one,
 the new connection is on probation: it replaces the live session only once its first frame
-authenticates (a replayed hello cannot get that far), or when the live session ends first.
+authenticates (a replayed hello cannot get that far), or when the live session ends first; it is
+closed if no frame has authenticated within the handshake deadline (ACCEPT_TIMEOUT_MS).
 
 Forward-secret hellos (docs/protocol.md, Extensions): 72 bytes that no peer's KX authenticates
 may be the start of an extended hello, so 32 more are read (same deadline) and each peer's PX
@@ -168,6 +169,7 @@ cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
 cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage%s"
 cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs): peer %s"
 cdef const char* NO_RANDOM = b"the system's random source failed"
+cdef const char* PROB_TIMEOUT_MSG = b"no frame authenticated within the handshake timeout"
 cdef uint8_t NAT64[12]  # the 64:ff9b::/96 prefix of the peers' IPv6 twins
 
 NAT64[:] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0]
@@ -209,6 +211,7 @@ cdef struct Sess:
     int peer
     uint32_t gen                # bumped when the slot is freed: stale reports are ignored
     bint probation, want_out, blocked, dirty
+    int64_t prob_deadline       # probation: its first frame must authenticate by then
     charm_state tx_st, rx_st
     dsvpn_addr addr
     uint8_t* txbuf
@@ -556,6 +559,8 @@ cdef class MultiLoop:
         if p.prob >= 0:
             self._end(p.prob, b"a newer connection completed its handshake", False)
         s.probation = True
+        s.prob_deadline = dsvpn_now_ms() + self.accept_timeout_ms
+        self._soon(s.prob_deadline)
         p.prob = idx
         snprintf(msg, MSG_LEN, "peer %s: new connection from %s; it replaces the session from "
                  "%s once its first frame authenticates", p.name, addr.ip,
@@ -1175,7 +1180,14 @@ cdef class MultiLoop:
                     self._pending_fail(i, b"handshake timeout from %s%s", b"")
         for i in range(self.cap):
             s = self.sess[i]
-            if s == NULL or s.fd < 0 or unsent(s) == 0:
+            if s == NULL or s.fd < 0:
+                continue
+            if s.probation:
+                if now >= s.prob_deadline:
+                    self._end(i, PROB_TIMEOUT_MSG, False)
+                    continue
+                self._soon(s.prob_deadline)
+            if unsent(s) == 0:
                 continue
             if now - s.tx_since >= self.send_timeout_ms:
                 self._end(i, b"send timeout", True)

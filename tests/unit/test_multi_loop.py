@@ -324,6 +324,36 @@ def test_probation_ends_when_the_old_session_does(rig: MultiRig) -> None:
     assert recv_on(rig, new) == pkt
 
 
+def test_probation_has_the_handshake_deadline(rig: MultiRig) -> None:
+    live = rig.client("alice")
+    bob = rig.client("bob")
+    rig.loop._set_test_timeouts(accept_ms=300)
+    silent = rig.connect("alice")
+    began = time.monotonic()
+    pump(rig.loop, lambda e: any("new connection" in m for _, m in e))
+    silent.finish()
+    # The start of a frame is not an authenticated frame.
+    silent.sock.sendall(silent.frame(ip4_packet(ADDR["alice"]))[:5])
+    evs = pump(rig.loop, lambda e: any("closed before" in m for _, m in e))
+    assert time.monotonic() - began >= 0.3
+    assert evs[-1] == (
+        L.EV_LOG,
+        "peer alice: new connection from 127.0.0.1 closed before it replaced the session: "
+        "no frame authenticated within the handshake timeout",
+    )
+    assert all(code != L.EV_SESSION_DOWN for code, _ in evs)
+    assert closed(rig, silent)
+    stats = rig.loop.stats()
+    assert stats["probation"] == 0 and stats["probation_closed"] == 1
+    assert rig.loop.sessions()["alice"]["replacement"] is None
+    # The live sessions carry on.
+    for name, c in (("alice", live), ("bob", bob)):
+        pkt = ip4_packet("10.0.0.9", ADDR[name])
+        rig.peer_tun.send(pkt)
+        assert recv_on(rig, c) == pkt
+    assert sorted(rig.loop.sessions()) == ["alice", "bob"]
+
+
 def test_a_newer_connection_takes_the_probation_place(rig: MultiRig) -> None:
     rig.client("alice")
     second = rig.connect("alice")
