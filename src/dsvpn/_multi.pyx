@@ -35,7 +35,7 @@ busy peer cannot starve another. Readiness comes from poller.h (epoll on Linux).
 """
 
 cimport cython
-from libc.errno cimport EINTR, EIO, errno
+from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -46,7 +46,6 @@ from dsvpn._loop cimport (
     ACCEPT_TIMEOUT_MS,
     DROP_BAD_TAG,
     DROP_CONGESTION,
-    DROP_LINK_LOCAL,
     DROP_NO_SESSION,
     DROP_OVERSIZE,
     EV_CONTROL,
@@ -64,28 +63,24 @@ from dsvpn.charm cimport (
     CHARM_HASH_LEN,
     CHARM_IV_LEN,
     CHARM_KEY_LEN,
-    CHARM_STATE_LEN,
-    CHARM_TAG_LEN,
-    charm_decrypt,
-    charm_encrypt,
     charm_hash,
     charm_init,
     charm_state,
 )
+from dsvpn.counters cimport Counters, Traffic, loop_stats
+from dsvpn.frame cimport frame_len, frame_open, frame_seal
+from dsvpn.hello cimport (TestRandom, hello_ts, hello_verifies, set_test_random, state_bytes,
+                          take_random, ts_in_window)
 from dsvpn.loop_sys cimport (
     DSVPN_IO_AGAIN,
     dsvpn_accept,
     dsvpn_addr,
     dsvpn_now_ms,
-    dsvpn_random,
     dsvpn_read,
-    dsvpn_readv,
     dsvpn_send,
     dsvpn_set_nonblock,
     dsvpn_tcp_opts,
     dsvpn_wall_s,
-    dsvpn_write,
-    iovec,
 )
 from dsvpn.poller cimport (
     DSVPN_PERR,
@@ -100,10 +95,8 @@ from dsvpn.poller cimport (
     dsvpn_poller_new,
     dsvpn_poller_wait,
 )
+from dsvpn.tun_io cimport TUN_READ_MAX, TUN_SHORT, Tun, tun_error, tun_read, tun_write
 from dsvpn.tun_vnet cimport (
-    DSVPN_VNET_HDR_LEN,
-    dsvpn_gro,
-    dsvpn_gro_add,
     dsvpn_gro_flush,
     dsvpn_gso_count,
     dsvpn_gso_segment,
@@ -121,7 +114,6 @@ from dsvpn.wire cimport (
     PKT1_LEN,
     PKT2_LEN,
     TS_TOLERANCE_S,
-    WIRE_TAG_LEN,
     X25519_LEN,
 )
 
@@ -134,7 +126,6 @@ cdef enum:
     # of the smallest MSS (< 160 KiB, tun_vnet.h).
     TX_LIMIT = 262144
     TX_CAP = TX_LIMIT + 262144
-    TUN_READ_MAX = MAX_PAYLOAD + 1  # one more, so that an oversized tun packet is detectable
     SCRATCH_CAP = FRAME_HDR_LEN + TUN_READ_MAX + 16
     RX_READ = 262144
     RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
@@ -149,9 +140,6 @@ cdef enum:
     REPLAY_BYTES = 16           # of each one's random value
     CHECK_MS = 1000             # deadlines are looked at least this often
     MIN_MTU = 68
-    AF_HDR_LEN = 4              # the BSD tun's address-family header (tun_header)
-    N_DROPS = DROP_LINK_LOCAL + 1
-    SHORT_READ = -3
     MAX_PEERS = 1 << 20
 
 # What a readiness report is about: kind | index << 8 | generation << 32.
@@ -180,17 +168,6 @@ _DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
 cdef struct QueuedEvent:
     Event code
     char msg[MSG_LEN]
-
-
-cdef struct Traffic:
-    uint64_t rx_bytes, tx_bytes, rx_packets, tx_packets
-    uint64_t drops[N_DROPS]
-
-
-cdef struct Counters:
-    uint64_t tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors, short_drops
-    uint64_t handshakes_ok, handshakes_failed, handshakes_pfs, replays, probation_closed
-    Traffic t
 
 
 cdef struct Peer:
@@ -248,14 +225,6 @@ cdef inline uint64_t tag_of(Kind kind, uint32_t index, uint32_t gen) noexcept no
     return <uint64_t> kind | (<uint64_t> index << 8) | (<uint64_t> gen << 32)
 
 
-cdef inline bint ct_eq(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
-    cdef uint8_t d = 0
-    cdef size_t i
-    for i in range(n):
-        d |= a[i] ^ b[i]
-    return d == 0
-
-
 cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
     return (<uint32_t> p[0] << 24) | (<uint32_t> p[1] << 16) | (<uint32_t> p[2] << 8) | p[3]
 
@@ -270,12 +239,10 @@ cdef str _ipv4_text(const uint8_t* a):
 
 @cython.final
 cdef class MultiLoop:
-    cdef int tun_fd, wake_fd, control_fd, listen_fd, mark
-    cdef bint tun_header            # macOS utun, OpenBSD tun: an AF header before each packet
-    cdef uint32_t af_inet, af_inet6  # its values for IPv4 and IPv6
+    cdef Tun tun                    # the tun, its header and counters (tun_io.pxd)
+    cdef int wake_fd, control_fd, listen_fd, mark
     cdef size_t mtu
-    cdef bint vnet_hdr, closed, tun_on, require_pfs
-    cdef dsvpn_gro gro
+    cdef bint closed, tun_on, require_pfs
     cdef dsvpn_poller* poller
     cdef dsvpn_pev* pevs
     # the pool: route[address - net] is a peer's index + 1 (0: none)
@@ -293,8 +260,7 @@ cdef class MultiLoop:
     cdef uint64_t pend_seq
     cdef int64_t now, next_check
     # test hooks
-    cdef uint8_t* trand
-    cdef size_t trand_len, trand_pos
+    cdef TestRandom trand
     cdef bint has_tclock
     cdef int64_t tclock
     cdef int64_t accept_timeout_ms, send_timeout_ms
@@ -304,7 +270,7 @@ cdef class MultiLoop:
 
     def __cinit__(self):
         cdef int i
-        self.tun_fd = self.wake_fd = self.control_fd = self.listen_fd = -1
+        self.tun.fd = self.wake_fd = self.control_fd = self.listen_fd = -1
         for i in range(MAX_PENDING):
             self.pend[i].fd = -1
         self.guess = -1
@@ -324,10 +290,10 @@ cdef class MultiLoop:
         self.net = int(net.network_address)
         self.size = net.num_addresses
         self.mtu = <size_t> mtu
-        self.vnet_hdr = vnet_hdr
-        self.tun_header = tun_header
-        self.af_inet = <uint32_t> af_inet
-        self.af_inet6 = <uint32_t> af_inet6
+        self.tun.vnet_hdr = vnet_hdr
+        self.tun.header = tun_header
+        self.tun.af_inet = <uint32_t> af_inet
+        self.tun.af_inet6 = <uint32_t> af_inet6
         self.mark = mark
         self.require_pfs = require_pfs
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
@@ -351,7 +317,7 @@ cdef class MultiLoop:
             self._watch(wake_fd, DSVPN_PIN, tag_of(K_WAKE, 0, 0))
         if control_fd >= 0:
             self._watch(control_fd, DSVPN_PIN, tag_of(K_CONTROL, 0, 0))
-        self.tun_fd, self.listen_fd = tun_fd, listen_fd
+        self.tun.fd, self.listen_fd = tun_fd, listen_fd
         self.wake_fd, self.control_fd = wake_fd, control_fd
         self.tun_on = True
 
@@ -375,7 +341,7 @@ cdef class MultiLoop:
         free(self.scratch)
         free(self.gsobuf)
         free(self.pevs)
-        free(self.trand)
+        free(self.trand.buf)
         dsvpn_poller_free(self.poller)
 
     # ---------------------------------------------------------------- helpers
@@ -390,14 +356,7 @@ cdef class MultiLoop:
         self.ev_count += 1
 
     cdef int _random(self, uint8_t* out, size_t n) noexcept nogil:
-        """n random bytes: 0, or the errno of a failure (the handshake then fails)."""
-        if self.trand != NULL and self.trand_pos + n <= self.trand_len:
-            memcpy(out, self.trand + self.trand_pos, n)
-            self.trand_pos += n
-            return 0
-        if dsvpn_random(out, n) != 0:
-            return errno if errno != 0 else EIO
-        return 0
+        return take_random(&self.trand, out, n)
 
     cdef int64_t _wall(self) noexcept nogil:
         return self.tclock if self.has_tclock else dsvpn_wall_s()
@@ -482,7 +441,7 @@ cdef class MultiLoop:
         memset(&s.tx_st, 0, sizeof(charm_state))
         memset(&s.rx_st, 0, sizeof(charm_state))
         # Merged packets waiting for the tun may point into its buffer: write them first.
-        dsvpn_gro_flush(self.tun_fd, &self.gro)
+        dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
         free(s.txbuf)
         free(s.rxbuf)
         s.txbuf = s.rxbuf = NULL
@@ -688,32 +647,25 @@ cdef class MultiLoop:
         else:
             self._pending_fail(i, HS_FAILED_FMT, what)
 
-    cdef int _identify(self, const uint8_t* hello, charm_state* st) noexcept nogil:
-        """The peer whose key authenticates the hello (st: its state after the hello's first
-        40 bytes), or -1. Every peer's state is tried: about five permutations each."""
-        cdef uint8_t h[CHARM_HASH_LEN]
+    cdef int _identify(self, const uint8_t* hello, charm_state* st, bint pfs) noexcept nogil:
+        """The peer whose key authenticates the hello, base or extended (pfs), or -1; st: its
+        state after the hello's first 40 bytes, or its transcript state after h1. Every peer's
+        KX (PX) is tried: about five permutations each (twice that for PX)."""
+        cdef size_t n = PKT1_LEN if pfs else HS_RANDOM_LEN + HS_TIMESTAMP_LEN
         cdef int k
         for k in range(self.npeers):
-            st[0] = self.peers[k].kx
-            charm_hash(st, hello, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
-            if ct_eq(h, hello + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN):
+            st[0] = self.peers[k].px if pfs else self.peers[k].kx
+            if hello_verifies(st, hello, n):
                 return k
         memset(st, 0, sizeof(charm_state))
         return -1
 
     cdef int64_t _stamp(self, const uint8_t* hello) noexcept nogil:
         """The hello's timestamp, or -1 when it is outside the window."""
-        cdef uint64_t ts = 0
-        cdef int64_t diff
-        cdef int j
-        for j in range(HS_TIMESTAMP_LEN):
-            ts |= (<uint64_t> hello[HS_RANDOM_LEN + j]) << (8 * j)
-        if ts > <uint64_t> 0x7fffffffffffffff:
+        cdef int64_t ts = hello_ts(hello)
+        if ts < 0 or not ts_in_window(ts - self._wall()):
             return -1
-        diff = <int64_t> ts - self._wall()
-        if diff > TS_TOLERANCE_S or diff < -TS_TOLERANCE_S:
-            return -1
-        return <int64_t> ts
+        return ts
 
     cdef bint _replayed(self, Peer* p, const uint8_t* hello, int64_t ts) noexcept nogil:
         """Whether the peer already used this hello's random value within the window; if
@@ -734,19 +686,6 @@ cdef class MultiLoop:
         if slot == p.seen_next:
             p.seen_next = (p.seen_next + 1) % REPLAY_SLOTS
         return False
-
-    cdef int _identify_pfs(self, const uint8_t* hello, charm_state* st) noexcept nogil:
-        """The peer whose key authenticates the extended hello (st: its transcript state after
-        h1), or -1. Every peer's PX is tried, as _identify tries every KX."""
-        cdef uint8_t h[CHARM_HASH_LEN]
-        cdef int k
-        for k in range(self.npeers):
-            st[0] = self.peers[k].px
-            charm_hash(st, hello, PKT1_LEN, h)
-            if ct_eq(h, hello + PKT1_LEN, CHARM_HASH_LEN):
-                return k
-        memset(st, 0, sizeof(charm_state))
-        return -1
 
     cdef bint _fresh(self, int i, int peer) noexcept nogil:
         """Whether the authenticated hello of pending handshake i is within the window and not
@@ -800,7 +739,7 @@ cdef class MultiLoop:
         cdef uint8_t k[CHARM_HASH_LEN]
         cdef char why[MSG_LEN]
         cdef int peer, err, idx, fd
-        peer = self._identify(p.buf, &st)
+        peer = self._identify(p.buf, &st, False)
         if peer < 0:
             return False
         if self.require_pfs:
@@ -831,7 +770,7 @@ cdef class MultiLoop:
         authenticates it and it is fresh, it waits for Python (EV_PFS_HELLO)."""
         cdef Pending* p = &self.pend[i]
         cdef char who[MSG_LEN]
-        cdef int peer = self._identify_pfs(p.buf, &p.st)
+        cdef int peer = self._identify(p.buf, &p.st, True)
         if peer < 0:
             self._pending_fail(i, BAD_HELLO_FMT, b"")
             return
@@ -866,7 +805,7 @@ cdef class MultiLoop:
         if used < 0:
             return
         # Merged packets point into rxbuf: write them before it is compacted.
-        dsvpn_gro_flush(self.tun_fd, &self.gro)
+        dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
         if used > 0:
             if <size_t> used < s.rx_len:
                 memmove(s.rxbuf, s.rxbuf + used, s.rx_len - <size_t> used)
@@ -881,12 +820,12 @@ cdef class MultiLoop:
         cdef int drop
         while s.rx_len - pos >= FRAME_HDR_LEN:
             f = s.rxbuf + pos
-            plen = <size_t> f[0] | (<size_t> f[1] << 8)
+            plen = frame_len(f)
             if s.rx_len - pos < FRAME_HDR_LEN + plen:
                 break
-            if charm_decrypt(&s.rx_st, f + FRAME_HDR_LEN, plen, f + 2, WIRE_TAG_LEN) != 0:
+            if frame_open(&s.rx_st, f, plen) != 0:
                 # Frames before this one were already written to the tun, as in the reference.
-                dsvpn_gro_flush(self.tun_fd, &self.gro)
+                dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
                 s.t.drops[<int> DROP_BAD_TAG] += 1
                 self.c.t.drops[<int> DROP_BAD_TAG] += 1
                 self._end(idx, b"corrupted stream", True)
@@ -899,7 +838,7 @@ cdef class MultiLoop:
             if plen > 0:
                 drop = self._admit(&self.peers[s.peer], f + FRAME_HDR_LEN, plen)
                 if drop < 0:
-                    self._tun_write(f, plen)
+                    tun_write(&self.tun, f, plen)
                 else:
                     s.t.drops[drop] += 1
                     self.c.t.drops[drop] += 1
@@ -912,47 +851,6 @@ cdef class MultiLoop:
         if plen > self.mtu:
             return DROP_OVERSIZE
         return admit_source(pkt, plen, p.ip4, p.ip6)
-
-    cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
-        """Write the plaintext at frame + 8 to the tun; frame[0..8] is free scratch space."""
-        cdef uint8_t* out = frame + FRAME_HDR_LEN
-        cdef size_t olen = plen
-        if self.vnet_hdr:
-            dsvpn_gro_add(self.tun_fd, &self.gro, out, olen)
-            self.c.tun_tx_packets += 1
-            return
-        if self.tun_header:
-            out = self._af_header(frame, plen)
-            if out == NULL:
-                return
-            olen = plen + AF_HDR_LEN
-        if dsvpn_write(self.tun_fd, out, olen) < 0:
-            self.c.tun_tx_errors += 1
-        else:
-            self.c.tun_tx_packets += 1
-
-    cdef uint8_t* _af_header(self, uint8_t* frame, size_t plen) noexcept nogil:
-        """tun_header: put the packet's address family (big-endian) in the 4 bytes before
-        it; returns where the tun packet starts, or NULL if it is not IPv4/IPv6 (counted)."""
-        cdef uint8_t* out = frame + FRAME_HDR_LEN - AF_HDR_LEN
-        cdef uint32_t af
-        cdef int version
-        if plen < 20:
-            self.c.short_drops += 1
-            return NULL
-        version = frame[FRAME_HDR_LEN] >> 4
-        if version == 4:
-            af = self.af_inet
-        elif version == 6:
-            af = self.af_inet6
-        else:
-            self.c.tun_tx_errors += 1
-            return NULL
-        out[0] = <uint8_t> (af >> 24)
-        out[1] = <uint8_t> (af >> 16)
-        out[2] = <uint8_t> (af >> 8)
-        out[3] = <uint8_t> af
-        return out
 
     # ---------------------------------------------------------------- tun -> sessions
 
@@ -976,39 +874,9 @@ cdef class MultiLoop:
 
     cdef void _tun_stop(self, ssize_t n) noexcept nogil:
         """A tun read returned n <= 0: nothing more to read, or a fatal error (event)."""
-        if n == 0:
-            self._push(EV_TUN_ERROR, b"end of file on the tun device")
-        elif n != DSVPN_IO_AGAIN:
-            self._push(EV_TUN_ERROR, strerror(errno))
-
-    cdef ssize_t _tun_read(self, uint8_t* p, dsvpn_vnet_hdr* vh) noexcept nogil:
-        """Read one tun packet so that it starts at p + 8: its length, SHORT_READ (counted),
-        or what dsvpn_read returned (0, -1, DSVPN_IO_AGAIN)."""
-        cdef ssize_t n
-        cdef ssize_t hoff = DSVPN_VNET_HDR_LEN if self.vnet_hdr else AF_HDR_LEN
-        cdef uint8_t af[AF_HDR_LEN]
-        cdef iovec iov[2]
-        if self.vnet_hdr or self.tun_header:
-            # the tun's own header apart, the packet at p + 8
-            iov[0].iov_base = <void*> vh if self.vnet_hdr else <void*> af
-            iov[0].iov_len = <size_t> hoff
-            iov[1].iov_base = p + FRAME_HDR_LEN
-            iov[1].iov_len = TUN_READ_MAX
-            n = dsvpn_readv(self.tun_fd, iov, 2)
-            if n <= 0:
-                return n
-            self.c.tun_rx_packets += 1
-            if n <= hoff:  # (an empty packet must not read as the end of the file)
-                self.c.short_drops += 1
-                return SHORT_READ
-            n -= hoff
-        else:
-            n = dsvpn_read(self.tun_fd, p + FRAME_HDR_LEN, TUN_READ_MAX)
-            if n <= 0:
-                return n
-            self.c.tun_rx_packets += 1
-        self.c.tun_rx_bytes += <uint64_t> n
-        return n
+        cdef const char* why = tun_error(n)
+        if why != NULL:
+            self._push(EV_TUN_ERROR, why)
 
     cdef bint _tx_room(self, Sess* s, size_t need) noexcept nogil:
         """Whether need more bytes fit after s's queued data (moved to the front if that
@@ -1027,17 +895,13 @@ cdef class MultiLoop:
 
     cdef void _emit(self, Sess* s, size_t plen) noexcept nogil:
         """Turn the tun packet at s.txbuf + tx_end + 8 into a frame and queue it."""
-        cdef uint8_t tag[CHARM_TAG_LEN]
         cdef uint8_t* f = s.txbuf + s.tx_end
         if plen > MAX_PAYLOAD or plen == 0:
             self._drop(s, DROP_OVERSIZE)
             return
         if s.tx_end == s.tx_off:
             s.tx_since = self.now  # the send deadline counts from here
-        charm_encrypt(&s.tx_st, f + FRAME_HDR_LEN, plen, tag)
-        f[0] = <uint8_t> (plen & 0xff)
-        f[1] = <uint8_t> (plen >> 8)
-        memcpy(f + 2, tag, WIRE_TAG_LEN)
+        frame_seal(&s.tx_st, f, plen)
         s.tx_end += FRAME_HDR_LEN + plen
         s.t.tx_packets += 1
         self.c.t.tx_packets += 1
@@ -1054,7 +918,7 @@ cdef class MultiLoop:
         if nseg == 0 or not self._tx_room(s, room):
             self._drop(s, DROP_OVERSIZE)
             return
-        self.c.tun_rx_packets += nseg - 1
+        self.tun.rx_packets += nseg - 1
         for i in range(nseg):
             self._emit(s, dsvpn_gso_segment(vh, self.gsobuf, plen, i, nseg,
                                             s.txbuf + s.tx_end + FRAME_HDR_LEN))
@@ -1088,9 +952,10 @@ cdef class MultiLoop:
                 break  # every session is full: the packets wait in the tun's queue
             g = self._guess()
             p = g.txbuf + g.tx_end if g != NULL else self.scratch
-            n = self._tun_read(p, &vh)
+            # (vh: room for the tun's own header, whichever it is)
+            n = tun_read(&self.tun, &vh, p + FRAME_HDR_LEN)
             count += 1
-            if n == SHORT_READ:
+            if n == TUN_SHORT:
                 continue
             if n <= 0:
                 self._tun_stop(n)
@@ -1104,10 +969,10 @@ cdef class MultiLoop:
             if s.blocked:
                 self._drop(s, DROP_CONGESTION)
                 continue
-            if self.vnet_hdr and vh.gso_type != 0:
+            if self.tun.vnet_hdr and vh.gso_type != 0:
                 self._gso(s, &vh, p + FRAME_HDR_LEN, plen)
             else:
-                if self.vnet_hdr and (vh.flags & 1) and \
+                if self.tun.vnet_hdr and (vh.flags & 1) and \
                         dsvpn_vnet_finish_csum(&vh, p + FRAME_HDR_LEN, plen) != 0:
                     self._drop(s, DROP_OVERSIZE)
                     continue
@@ -1201,9 +1066,9 @@ cdef class MultiLoop:
         if want == self.tun_on:
             return
         if want:
-            self.tun_on = dsvpn_poller_add(self.poller, self.tun_fd, DSVPN_PIN,
+            self.tun_on = dsvpn_poller_add(self.poller, self.tun.fd, DSVPN_PIN,
                                            tag_of(K_TUN, 0, 0)) == 0
-        elif dsvpn_poller_del(self.poller, self.tun_fd) == 0:
+        elif dsvpn_poller_del(self.poller, self.tun.fd) == 0:
             self.tun_on = False
 
     cdef void _drain_wake(self) noexcept nogil:
@@ -1220,7 +1085,7 @@ cdef class MultiLoop:
         cdef uint32_t ev, gen
         cdef Kind kind
         cdef bint tun = False
-        cdef uint64_t wrote = self.c.tun_tx_packets
+        cdef uint64_t wrote = self.tun.tx_packets
         cdef Sess* s
         for i in range(n):
             tag = self.pevs[i].data
@@ -1247,7 +1112,7 @@ cdef class MultiLoop:
                 self._drain_wake()
             elif kind == K_CONTROL:
                 self._push(EV_CONTROL, b"")  # left unread: Python answers it
-        if self.tun_on and (tun or self.c.tun_tx_packets != wrote):
+        if self.tun_on and (tun or self.tun.tx_packets != wrote):
             self._tun_batch()
 
     cdef void _run(self, int64_t timeout_ms) noexcept nogil:
@@ -1435,42 +1300,22 @@ cdef class MultiLoop:
             "sessions": self.nlive,
             "sessions_full": self.nblocked,
             "probation": sum(1 for i in range(self.npeers) if self.peers[i].prob >= 0),
-            "tun_rx_packets": self.c.tun_rx_packets,
-            "tun_rx_bytes": self.c.tun_rx_bytes,
-            "tun_tx_packets": self.c.tun_tx_packets,
-            "tun_tx_errors": self.c.tun_tx_errors + self.gro.errors,
-            "tun_writes": self.gro.writes if self.vnet_hdr else self.c.tun_tx_packets,
-            "tun_merged": self.gro.merged,
-            "sock_rx_bytes": self.c.t.rx_bytes,
-            "sock_tx_bytes": self.c.t.tx_bytes,
-            "frames_rx": self.c.t.rx_packets,
-            "frames_tx": self.c.t.tx_packets,
-            "short_drops": self.c.short_drops,
-            "handshakes_ok": self.c.handshakes_ok,
-            "handshakes_failed": self.c.handshakes_failed,
-            "handshakes_pfs": self.c.handshakes_pfs,
-            "replays": self.c.replays,
-            "probation_closed": self.c.probation_closed,
-            "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
         }
-        for i, name in _DROP_NAMES.items():
-            out[f"{name}_drops"] = self.c.t.drops[i]
+        out.update(loop_stats(&self.tun, &self.c, _DROP_NAMES))
+        out["replays"] = self.c.replays
+        out["pending_handshakes"] = sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0)
         return out
 
     def take_pfs_hello(self):
         """The next verified extended hello waiting for its reply, or None; see _multi.pyi."""
         cdef int i, j
         cdef Pending* p
-        cdef bytearray state
         for i in range(MAX_PENDING):
             p = &self.pend[i]
             if p.fd < 0 or p.stage != PEND_READY:
                 continue
             p.stage = PEND_TAKEN
-            state = bytearray(CHARM_STATE_LEN)
-            for j in range(CHARM_STATE_LEN):
-                state[j] = <uint8_t> (p.st.w[j >> 2] >> (8 * (j & 3)))
-            memset(&p.st, 0, sizeof(charm_state))
+            state = state_bytes(&p.st)
             j = HS_RANDOM_LEN + HS_TIMESTAMP_LEN  # E_c
             who = f"{p.addr.ip.decode()}, peer {self.peers[p.peer].name.decode()}"
             return (p.seq, state, bytes(p.buf[j:j + X25519_LEN]), who)
@@ -1521,17 +1366,7 @@ cdef class MultiLoop:
 
     def _set_test_random(self, data):
         """Test hook: the next handshakes take their 32 random bytes from data."""
-        free(self.trand)
-        self.trand = NULL
-        self.trand_len = self.trand_pos = 0
-        if data is None or len(data) == 0:
-            return
-        cdef const uint8_t[:] d = bytes(data)
-        self.trand = <uint8_t*> malloc(d.shape[0])
-        if self.trand == NULL:
-            raise MemoryError()
-        memcpy(self.trand, &d[0], d.shape[0])
-        self.trand_len = d.shape[0]
+        set_test_random(&self.trand, data)
 
     def _set_test_clock(self, t):
         """Test hook: fixed wall-clock seconds for the handshake timestamp check."""
