@@ -50,7 +50,7 @@ from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy, memmove, memset, strerror
+from libc.string cimport memcmp, memcpy, memset, strerror
 from posix.unistd cimport close
 
 from dsvpn.admit cimport admit_source
@@ -63,6 +63,7 @@ from dsvpn.charm cimport (
     charm_state,
 )
 from dsvpn.counters cimport N_DROPS, Counters, Traffic, loop_stats
+from dsvpn.events cimport MSG_LEN, Events, events_next, events_push
 from dsvpn.flowq cimport (
     DSVPN_FQ_HDR_MAX,
     dsvpn_fq,
@@ -76,8 +77,8 @@ from dsvpn.flowq cimport (
     dsvpn_fq_room,
     dsvpn_fq_slot,
 )
-from dsvpn.frame cimport frame_len, frame_open, frame_seal
-from dsvpn.hello cimport (TestRandom, hello_ts, hello_verifies, set_test_random, state_bytes,
+from dsvpn.frame cimport frame_len, frame_open, frame_seal, rx_consume
+from dsvpn.hello cimport (TestRandom, check_reply, hello_ts, hello_verifies, set_test_random,
                           take_random, ts_in_window)
 from dsvpn.loop_sys cimport (
     DSVPN_ENDPOINT_TEXT,
@@ -89,6 +90,7 @@ from dsvpn.loop_sys cimport (
     POLLOUT,
     dsvpn_accept,
     dsvpn_addr,
+    dsvpn_drain,
     dsvpn_now_ms,
     dsvpn_peer,
     dsvpn_random,
@@ -104,6 +106,11 @@ from dsvpn.loop_sys cimport (
     poll,
     pollfd,
 )
+from dsvpn.loop_text cimport (BAD_HELLO_FMT, HS_FAILED_FMT, KX_IV, NO_RANDOM, PFS_IV,
+                              PROB_TIMEOUT_MSG, TOO_MANY_FMT)
+from dsvpn.pending cimport (PEND_BASE, PEND_EXTENDED, PEND_READY, Pending, lost_fmt, pending_count,
+                            pending_read, pending_ready, pending_slot, pending_start, pending_taken,
+                            take_hello, unmatched)
 from dsvpn.tun_io cimport (
     AF_HDR_LEN,
     TUN_READ_MAX,
@@ -112,6 +119,7 @@ from dsvpn.tun_io cimport (
     tun_error,
     tun_hdr_len,
     tun_read,
+    tun_setup,
     tun_write,
 )
 from dsvpn.tun_vnet cimport (
@@ -122,19 +130,7 @@ from dsvpn.tun_vnet cimport (
     dsvpn_vnet_finish_csum,
     dsvpn_vnet_hdr,
 )
-from dsvpn.wire cimport (
-    FRAME_HDR_LEN,
-    HS_RANDOM_LEN,
-    HS_TIMESTAMP_LEN,
-    MAX_PAYLOAD,
-    NOTSENT_LOWAT,
-    PFS_HELLO_LEN,
-    PFS_REPLY_LEN,
-    PKT1_LEN,
-    PKT2_LEN,
-    TS_TOLERANCE_S,
-    X25519_LEN,
-)
+from dsvpn.wire cimport *  # the protocol's sizes (docs/protocol.md)
 
 # The events as module attributes too (EV_SESSION_UP, ...), straight from the one enum.
 globals().update(Event.__members__)
@@ -167,9 +163,7 @@ cdef enum:
     # wake, control, session, tun, client handshake, listener, probation, pending handshakes
     POLL_MAX = 7 + MAX_PENDING
     PROB_CAP = FRAME_HDR_LEN + MAX_PAYLOAD  # a connection on probation: its first frame
-    EVQ = 32
-    MSG_LEN = 256
-    MIN_MTU = 68                # the smallest MTU of IPv4
+    EVQ = 32                    # events queued at most (events.pxd)
 
 # BUFFERBLOAT_CONTROL (docs/protocol.md, Congestion drop): when a send() of a fresh batch could take
 # nothing at all (EAGAIN), the next tun packet read is discarded, as the reference does after
@@ -179,46 +173,17 @@ cdef enum:
 cdef enum:
     BUFFERBLOAT_CONTROL = 1
 
-cdef const char* KX_IV = b"VPN Key Exchange"
-cdef const char* PFS_IV = b"DSVPN PFS X25519"  # dsvpn.pfs.PFS_IV
 cdef const char* CLIENT_EOF_MSG = (
     b"the server closed the connection during the handshake: "
     b"wrong key, or the server is busy with another client")
 cdef const char* REFUSED_FMT = b"connection from %s refused: a session from %s is already active"
-cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
 cdef const char* CLOCK_FMT = b"clock difference too large from %s: %s"
-cdef const char* NO_RANDOM = b"the system's random source failed"
-cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage"
 cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs)"
-cdef const char* PROB_TIMEOUT_MSG = b"no frame authenticated within the handshake timeout"
 
 # stats() and session() name each drop counter after its Drop member.
 _DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
 if len(_DROP_NAMES) != N_DROPS:
     raise ImportError("counters.pxd: N_DROPS is not the number of Drop members")
-
-
-cdef enum PendStage:
-    PEND_CLASSIC = 0            # reading the first 72 bytes (classic hello, or not yet known)
-    PEND_EXTENDED = 1           # not classic: reading the extended hello's last 32 bytes
-    PEND_READY = 2              # extended hello verified: for take_pfs_hello()
-    PEND_TAKEN = 3              # Python is computing the reply (pfs_reply(), pfs_abort())
-
-
-cdef struct Pending:
-    int fd
-    int got
-    PendStage stage
-    int64_t deadline
-    uint64_t seq                # also the token of take_pfs_hello()
-    charm_state st
-    uint8_t buf[PFS_HELLO_LEN]
-    dsvpn_addr addr
-
-
-cdef struct QueuedEvent:
-    Event code
-    char msg[MSG_LEN]
 
 
 cdef struct SessionRec:
@@ -350,10 +315,10 @@ cdef class Loop:
     cdef bint has_last
     cdef uint64_t gap_base          # c.t.drops[<int> DROP_NO_SESSION] when the last session ended
     # events
-    cdef QueuedEvent evq[EVQ]
-    cdef int ev_head, ev_count
+    cdef Events ev
 
     def __cinit__(self):
+        self.ev.cap = EVQ
         self.sock = -1
         self.hs_fd = -1
         self.prob_fd = -1
@@ -375,19 +340,12 @@ cdef class Loop:
         cdef const uint8_t[:] k = bytes(key)
         if k.shape[0] != CHARM_KEY_LEN:
             raise ValueError(f"the key must be exactly {CHARM_KEY_LEN} bytes")
-        if tun_header and vnet_hdr:
-            raise ValueError("tun_header and vnet_hdr exclude each other")
-        if not MIN_MTU <= mtu <= MAX_PAYLOAD:
-            raise ValueError(f"the MTU must be {MIN_MTU}..{MAX_PAYLOAD}, not {mtu}")
+        tun_setup(&self.tun, mtu, tun_header, af_inet, af_inet6, vnet_hdr)
         self.tun.fd = tun_fd
         self.wake_fd = wake_fd
         self.control_fd = control_fd
         self.listen_fd = listen_fd
         self.is_server = is_server
-        self.tun.header = tun_header
-        self.tun.vnet_hdr = vnet_hdr
-        self.tun.af_inet = <uint32_t> af_inet
-        self.tun.af_inet6 = <uint32_t> af_inet6
         self.mtu = <size_t> mtu
         self.mark = mark
         self._set_source(client_ip4, client_ip6)
@@ -439,13 +397,7 @@ cdef class Loop:
     # ---------------------------------------------------------------- helpers
 
     cdef void _push(self, Event code, const char* msg) noexcept nogil:
-        cdef int i
-        if self.ev_count == EVQ:
-            return  # only possible with a log flood; losing a log line is acceptable
-        i = (self.ev_head + self.ev_count) % EVQ
-        self.evq[i].code = code
-        snprintf(self.evq[i].msg, MSG_LEN, "%s", msg)
-        self.ev_count += 1
+        events_push(&self.ev, code, msg)
 
     cdef int _random(self, uint8_t* out, size_t n) noexcept nogil:
         return take_random(&self.trand, out, n)
@@ -463,7 +415,7 @@ cdef class Loop:
         if self.pend[i].fd >= 0:
             close(self.pend[i].fd)
             self.pend[i].fd = -1
-        self.pend[i].stage = PEND_CLASSIC
+        self.pend[i].stage = PEND_BASE
         memset(&self.pend[i].st, 0, sizeof(charm_state))
 
     cdef void _drop_probation(self) noexcept nogil:
@@ -666,7 +618,8 @@ cdef class Loop:
     # ---------------------------------------------------------------- server side
 
     cdef void _accept(self, int64_t now) noexcept nogil:
-        cdef int _n, fd
+        cdef int _n, fd, i
+        cdef bint full
         cdef dsvpn_addr addr
         cdef char msg[MSG_LEN]
         for _n in range(ACCEPT_BUDGET):
@@ -680,37 +633,12 @@ cdef class Loop:
                 continue
             # Only the client's mark is vital (tcp_options); here an error is ignored.
             dsvpn_tcp_opts(fd, self.mark, TIMEOUT_MS, NOTSENT_LOWAT)
-            self._pending_add(self._pending_slot(), fd, &addr, now)
-
-    cdef int _pending_slot(self) noexcept nogil:
-        """A free pending slot; when all are taken, the oldest handshake is dropped, so that a
-        flood cannot exhaust our descriptors."""
-        cdef int i, slot = 0
-        cdef char msg[MSG_LEN]
-        for i in range(MAX_PENDING):
-            if self.pend[i].fd < 0:
-                return i
-        for i in range(1, MAX_PENDING):
-            if self.pend[i].seq < self.pend[slot].seq:
-                slot = i
-        snprintf(msg, MSG_LEN, "handshake from %s dropped: too many pending handshakes",
-                 self.pend[slot].addr.ip)
-        self._drop_pending(slot)
-        self.c.handshakes_failed += 1
-        self._push(EV_LOG, msg)
-        return slot
-
-    cdef void _pending_add(self, int i, int fd, const dsvpn_addr* addr,
-                           int64_t now) noexcept nogil:
-        cdef Pending* p = &self.pend[i]
-        self.pend_seq += 1
-        p.fd = fd
-        p.got = 0
-        p.seq = self.pend_seq
-        p.stage = PEND_CLASSIC
-        p.deadline = now + self.accept_timeout_ms
-        p.st = self.kx
-        p.addr = addr[0]
+            i = pending_slot(self.pend, MAX_PENDING, &full)
+            if full:
+                self._pending_fail(i, TOO_MANY_FMT, b"")
+            self.pend_seq += 1
+            pending_start(&self.pend[i], fd, &addr, self.pend_seq, now + self.accept_timeout_ms)
+            self.pend[i].st = self.kx
 
     cdef void _pending_fail(self, int i, const char* fmt, const char* arg) noexcept nogil:
         """Drop pending handshake i and log fmt, formatted with its peer's IP and arg."""
@@ -728,7 +656,7 @@ cdef class Loop:
         cdef char ip[DSVPN_IP_TEXT]
         cdef char arg[MSG_LEN]
         cdef int fd
-        if p.stage == PEND_CLASSIC:
+        if p.stage == PEND_BASE:
             if not self._pending_read(i, PKT1_LEN):
                 return
             if self._classic_hello(p):
@@ -765,32 +693,18 @@ cdef class Loop:
         self._push(EV_PFS_HELLO, ip)
 
     cdef bint _pending_read(self, int i, int upto) noexcept nogil:
-        """Read what has arrived of the hello, up to byte upto; True once there. Never past
-        it: after a classic hello, the next bytes belong to the frame stream."""
-        cdef Pending* p = &self.pend[i]
-        cdef ssize_t n
-        if p.got >= upto:
+        """Read what has arrived of the hello, up to byte upto; True once there."""
+        cdef const char* lost = NULL
+        if pending_read(&self.pend[i], upto, &lost):
             return True
-        n = dsvpn_read(p.fd, p.buf + p.got, <size_t> (upto - p.got))
-        if n == DSVPN_IO_AGAIN:
-            return False
-        if n == 0:
-            self._pending_lost(i, b"connection closed")
-            return False
-        if n < 0:
-            self._pending_lost(i, strerror(errno))
-            return False
-        p.got += <int> n
-        return p.got == upto
+        if lost != NULL:
+            self._pending_lost(i, lost)
+        return False
 
     cdef void _pending_lost(self, int i, const char* what) noexcept nogil:
-        """Pending handshake i ended before its hello was complete (what happened)."""
-        if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
-            # 72 bytes that are no classic hello under our key, and nothing more: a classic
-            # client with another key, most likely.
-            self._pending_fail(i, BAD_HELLO_FMT, b"")
-        else:
-            self._pending_fail(i, HS_FAILED_FMT, what)
+        """Pending handshake i ended (closed, error, deadline) before its hello was whole."""
+        cdef const char* fmt = lost_fmt(&self.pend[i], &what)
+        self._pending_fail(i, fmt, what)
 
     cdef bint _classic_hello(self, Pending* p) noexcept nogil:
         """p.buf[0..72) is a classic hello under our key. Advances p.st (a copy of the
@@ -1102,10 +1016,7 @@ cdef class Loop:
             return
         # Merged packets point into rxbuf: write them before it is compacted.
         dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
-        if used > 0:
-            if <size_t> used < self.rx_len:
-                memmove(self.rxbuf, self.rxbuf + used, self.rx_len - <size_t> used)
-            self.rx_len -= <size_t> used
+        rx_consume(self.rxbuf, &self.rx_len, <size_t> used)
         return
 
     cdef ssize_t _frames(self) noexcept nogil:
@@ -1193,7 +1104,7 @@ cdef class Loop:
         cdef int i
         for i in range(MAX_PENDING):
             if self.pend[i].fd >= 0 and now >= self.pend[i].deadline:
-                if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
+                if unmatched(&self.pend[i]):
                     self._pending_lost(i, b"handshake timeout")
                 else:
                     self._pending_fail(i, b"handshake timeout from %s", b"")
@@ -1295,9 +1206,7 @@ cdef class Loop:
         self._probation_orphan()
 
     cdef void _drain_wake(self) noexcept nogil:
-        cdef uint8_t drain[256]
-        while dsvpn_read(self.wake_fd, drain, 256) > 0:
-            pass
+        dsvpn_drain(self.wake_fd)
         self._push(EV_WAKE, b"")
 
     cdef void _run(self, int64_t timeout_ms) noexcept nogil:
@@ -1309,7 +1218,7 @@ cdef class Loop:
         cdef int64_t nxt
         while True:
             self._deadlines(now)
-            if self.ev_count:
+            if self.ev.count:
                 return
             self._poll_set(&ps)
             nxt = self._next_deadline(end if end >= 0 else now + 3600000)
@@ -1326,7 +1235,7 @@ cdef class Loop:
                 self._dispatch(&ps, gen, now)
             if self.sock >= 0 and now - self.rxw_since >= RXW_EVERY_MS:
                 self._rx_budget(now)
-            if self.ev_count or (end >= 0 and now >= end):
+            if self.ev.count or (end >= 0 and now >= end):
                 return
 
     # ---------------------------------------------------------------- Python API
@@ -1374,26 +1283,10 @@ cdef class Loop:
     def take_pfs_hello(self):
         """Server: the next verified extended hello waiting for its reply, or None; see
         _loop.pyi."""
-        cdef int i, j
-        cdef Pending* p
-        for i in range(MAX_PENDING):
-            p = &self.pend[i]
-            if p.fd < 0 or p.stage != PEND_READY:
-                continue
-            p.stage = PEND_TAKEN
-            state = state_bytes(&p.st)
-            j = HS_RANDOM_LEN + HS_TIMESTAMP_LEN  # E_c
-            return (p.seq, state, bytes(p.buf[j:j + X25519_LEN]), p.addr.ip.decode())
-        return None
-
-    cdef int _taken(self, uint64_t token) noexcept:
-        """The pending handshake with this token that Python is answering, or -1."""
-        cdef int i
-        for i in range(MAX_PENDING):
-            if self.pend[i].fd >= 0 and self.pend[i].seq == token \
-                    and self.pend[i].stage == PEND_TAKEN:
-                return i
-        return -1
+        cdef int i = pending_ready(self.pend, MAX_PENDING)
+        if i < 0:
+            return None
+        return take_hello(&self.pend[i], self.pend[i].addr.ip.decode())
 
     def pfs_reply(self, uint64_t token, reply, key):
         """Server: send the extended reply of the hello take_pfs_hello() returned with token,
@@ -1402,10 +1295,8 @@ cdef class Loop:
         cdef const uint8_t[:] r = reply
         cdef const uint8_t[:] k = key
         cdef int i, fd
-        if r.shape[0] != PFS_REPLY_LEN or k.shape[0] != CHARM_KEY_LEN:
-            raise ValueError(f"the reply must be {PFS_REPLY_LEN} bytes and the key "
-                             f"{CHARM_KEY_LEN}")
-        i = self._taken(token)
+        check_reply(r.shape[0], k.shape[0])
+        i = pending_taken(self.pend, MAX_PENDING, token)
         if i < 0:
             return False
         if self._busy_for(&self.pend[i].addr):
@@ -1417,14 +1308,14 @@ cdef class Loop:
             return False
         fd = self.pend[i].fd
         self.pend[i].fd = -1
-        self.pend[i].stage = PEND_CLASSIC
+        self.pend[i].stage = PEND_BASE
         self._complete(fd, &k[0], &self.pend[i].addr, True)
         return True
 
     def pfs_abort(self, uint64_t token, str why):
         """Server: the hello of token cannot be answered (why, e.g. a low-order public key):
         close the connection without a reply and log it, naming the client."""
-        cdef int i = self._taken(token)
+        cdef int i = pending_taken(self.pend, MAX_PENDING, token)
         cdef bytes w = why.encode("utf-8", "replace")
         if i >= 0:
             self._pending_fail(i, HS_FAILED_FMT, w)
@@ -1434,15 +1325,10 @@ cdef class Loop:
         """Run until the first event or timeout_ms (negative: no timeout); see _loop.pyi."""
         if self.closed:
             raise RuntimeError("loop is closed")
-        if self.ev_count == 0:
+        if self.ev.count == 0:
             with nogil:
                 self._run(timeout_ms)
-        if self.ev_count == 0:
-            return (EV_TIMEOUT, "")
-        cdef QueuedEvent* e = &self.evq[self.ev_head]
-        self.ev_head = (self.ev_head + 1) % EVQ
-        self.ev_count -= 1
-        return (e.code, e.msg.decode("utf-8", "replace"))
+        return events_next(&self.ev, Event)
 
     def disconnect(self):
         """Drop the session and every handshake in progress (no event)."""
@@ -1481,7 +1367,7 @@ cdef class Loop:
         out = loop_stats(&self.tun, &self.c, _DROP_NAMES)
         out.update({
             "probation": int(self.prob_fd >= 0),
-            "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
+            "pending_handshakes": pending_count(self.pend, MAX_PENDING),
             "rx_buffered": self.rx_len,
             "tx_queued": self.tx_end - self.tx_off,
             "tun_queued": self.fq.bytes,

@@ -68,13 +68,15 @@ from dsvpn.charm cimport (
     charm_state,
 )
 from dsvpn.counters cimport Counters, Traffic, loop_stats
-from dsvpn.frame cimport frame_len, frame_open, frame_seal
-from dsvpn.hello cimport (TestRandom, hello_ts, hello_verifies, set_test_random, state_bytes,
+from dsvpn.events cimport EVQ_MAX, MSG_LEN, Events, events_next, events_push
+from dsvpn.frame cimport frame_len, frame_open, frame_seal, rx_consume
+from dsvpn.hello cimport (TestRandom, check_reply, hello_ts, hello_verifies, set_test_random,
                           take_random, ts_in_window)
 from dsvpn.loop_sys cimport (
     DSVPN_IO_AGAIN,
     dsvpn_accept,
     dsvpn_addr,
+    dsvpn_drain,
     dsvpn_now_ms,
     dsvpn_read,
     dsvpn_send,
@@ -82,6 +84,8 @@ from dsvpn.loop_sys cimport (
     dsvpn_tcp_opts,
     dsvpn_wall_s,
 )
+from dsvpn.loop_text cimport (BAD_HELLO_FMT, HS_FAILED_FMT, KX_IV, NO_RANDOM, PFS_IV,
+                              PROB_TIMEOUT_MSG, TOO_MANY_FMT)
 from dsvpn.poller cimport (
     DSVPN_PERR,
     DSVPN_PIN,
@@ -95,7 +99,11 @@ from dsvpn.poller cimport (
     dsvpn_poller_new,
     dsvpn_poller_wait,
 )
-from dsvpn.tun_io cimport TUN_READ_MAX, TUN_SHORT, Tun, tun_error, tun_read, tun_write
+from dsvpn.pending cimport (PEND_BASE, PEND_EXTENDED, PEND_READY, Pending, lost_fmt, pending_count,
+                            pending_read, pending_ready, pending_slot, pending_start, pending_taken,
+                            take_hello, unmatched)
+from dsvpn.tun_io cimport (TUN_READ_MAX, TUN_SHORT, Tun, tun_error, tun_read, tun_setup,
+                           tun_write)
 from dsvpn.tun_vnet cimport (
     dsvpn_gro_flush,
     dsvpn_gso_count,
@@ -103,19 +111,7 @@ from dsvpn.tun_vnet cimport (
     dsvpn_vnet_finish_csum,
     dsvpn_vnet_hdr,
 )
-from dsvpn.wire cimport (
-    FRAME_HDR_LEN,
-    HS_RANDOM_LEN,
-    HS_TIMESTAMP_LEN,
-    MAX_PAYLOAD,
-    NOTSENT_LOWAT,
-    PFS_HELLO_LEN,
-    PFS_REPLY_LEN,
-    PKT1_LEN,
-    PKT2_LEN,
-    TS_TOLERANCE_S,
-    X25519_LEN,
-)
+from dsvpn.wire cimport *  # the protocol's sizes (docs/protocol.md)
 
 from dsvpn._loop import Drop
 from dsvpn._loop import Event as PyEvent
@@ -133,13 +129,10 @@ cdef enum:
     ACCEPT_BUDGET = 16          # accept() calls per turn
     MAX_PENDING = 64            # concurrent handshakes; the oldest is dropped
     MAX_EVENTS = 256            # readiness reports per wait
-    EVQ = 256
-    MSG_LEN = 256
     NAME_CAP = 33               # dsvpn.peers: names of at most 32 characters
     REPLAY_SLOTS = 8            # accepted hellos remembered per peer
     REPLAY_BYTES = 16           # of each one's random value
     CHECK_MS = 1000             # deadlines are looked at least this often
-    MIN_MTU = 68
     MAX_PEERS = 1 << 20
 
 # What a readiness report is about: kind | index << 8 | generation << 32.
@@ -151,23 +144,12 @@ cdef enum Kind:
     K_PEND = 5
     K_SESS = 6
 
-cdef const char* KX_IV = b"VPN Key Exchange"
-cdef const char* PFS_IV = b"DSVPN PFS X25519"  # dsvpn.pfs.PFS_IV
-cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
-cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage%s"
 cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs): peer %s"
-cdef const char* NO_RANDOM = b"the system's random source failed"
-cdef const char* PROB_TIMEOUT_MSG = b"no frame authenticated within the handshake timeout"
 cdef uint8_t NAT64[12]  # the 64:ff9b::/96 prefix of the peers' IPv6 twins
 
 NAT64[:] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0]
 
 _DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
-
-
-cdef struct QueuedEvent:
-    Event code
-    char msg[MSG_LEN]
 
 
 cdef struct Peer:
@@ -199,26 +181,6 @@ cdef struct Sess:
     Traffic t
     int64_t since, latest_handshake
     bint pfs                    # keyed by the forward-secret handshake
-
-
-cdef enum Stage:
-    PEND_BASE = 0               # reading the first 72 bytes (a base hello, or not yet known)
-    PEND_EXTENDED = 1           # no peer's KX matched: reading the extended hello's last 32
-    PEND_READY = 2              # extended hello verified: for take_pfs_hello()
-    PEND_TAKEN = 3              # Python is computing the reply (pfs_reply(), pfs_abort())
-
-
-cdef struct Pending:
-    int fd
-    int got
-    Stage stage
-    int peer                    # PEND_READY, PEND_TAKEN: whose key the hello verified under
-    uint32_t gen
-    int64_t deadline
-    uint64_t seq                # also the token of take_pfs_hello()
-    charm_state st              # PEND_READY: the transcript state after h1
-    uint8_t buf[PFS_HELLO_LEN]
-    dsvpn_addr addr
 
 
 cdef inline uint64_t tag_of(Kind kind, uint32_t index, uint32_t gen) noexcept nogil:
@@ -265,11 +227,11 @@ cdef class MultiLoop:
     cdef int64_t tclock
     cdef int64_t accept_timeout_ms, send_timeout_ms
     cdef Counters c
-    cdef QueuedEvent evq[EVQ]
-    cdef int ev_head, ev_count
+    cdef Events ev
 
     def __cinit__(self):
         cdef int i
+        self.ev.cap = EVQ_MAX
         self.tun.fd = self.wake_fd = self.control_fd = self.listen_fd = -1
         for i in range(MAX_PENDING):
             self.pend[i].fd = -1
@@ -283,17 +245,10 @@ cdef class MultiLoop:
         net = ipaddress.IPv4Network(pool)
         if not 16 <= net.prefixlen <= 30:
             raise ValueError(f"the pool must be a /16 to a /30, not {pool}")
-        if not MIN_MTU <= mtu <= MAX_PAYLOAD:
-            raise ValueError(f"the MTU must be {MIN_MTU}..{MAX_PAYLOAD}, not {mtu}")
-        if tun_header and vnet_hdr:
-            raise ValueError("tun_header and vnet_hdr exclude each other")
+        tun_setup(&self.tun, mtu, tun_header, af_inet, af_inet6, vnet_hdr)
         self.net = int(net.network_address)
         self.size = net.num_addresses
         self.mtu = <size_t> mtu
-        self.tun.vnet_hdr = vnet_hdr
-        self.tun.header = tun_header
-        self.tun.af_inet = <uint32_t> af_inet
-        self.tun.af_inet6 = <uint32_t> af_inet6
         self.mark = mark
         self.require_pfs = require_pfs
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
@@ -347,13 +302,7 @@ cdef class MultiLoop:
     # ---------------------------------------------------------------- helpers
 
     cdef void _push(self, Event code, const char* msg) noexcept nogil:
-        cdef int i
-        if self.ev_count == EVQ:
-            return  # only possible with a log flood; losing a log line is acceptable
-        i = (self.ev_head + self.ev_count) % EVQ
-        self.evq[i].code = code
-        snprintf(self.evq[i].msg, MSG_LEN, "%s", msg)
-        self.ev_count += 1
+        events_push(&self.ev, code, msg)
 
     cdef int _random(self, uint8_t* out, size_t n) noexcept nogil:
         return take_random(&self.trand, out, n)
@@ -566,6 +515,7 @@ cdef class MultiLoop:
 
     cdef void _accept(self) noexcept nogil:
         cdef int _n, fd, i
+        cdef bint full
         cdef dsvpn_addr addr
         cdef Pending* p
         for _n in range(ACCEPT_BUDGET):
@@ -573,38 +523,17 @@ cdef class MultiLoop:
             if fd < 0:
                 return  # EAGAIN, or a transient error (ECONNABORTED, EMFILE): retried later
             dsvpn_tcp_opts(fd, self.mark, TIMEOUT_MS, NOTSENT_LOWAT)
-            i = self._pending_slot()
+            i = pending_slot(self.pend, MAX_PENDING, &full)
+            if full:
+                self._pending_fail(i, TOO_MANY_FMT, b"")
             p = &self.pend[i]
             if dsvpn_poller_add(self.poller, fd, DSVPN_PIN,
                                 tag_of(K_PEND, <uint32_t> i, p.gen)) != 0:
                 close(fd)
                 continue
             self.pend_seq += 1
-            p.fd = fd
-            p.got = 0
-            p.stage = PEND_BASE
-            p.seq = self.pend_seq
-            p.deadline = self.now + self.accept_timeout_ms
-            p.addr = addr
+            pending_start(p, fd, &addr, self.pend_seq, self.now + self.accept_timeout_ms)
             self._soon(p.deadline)
-
-    cdef int _pending_slot(self) noexcept nogil:
-        """A free handshake slot; when all are taken, the oldest handshake is dropped, so that
-        a flood cannot exhaust our descriptors."""
-        cdef int i, slot = 0
-        cdef char msg[MSG_LEN]
-        for i in range(MAX_PENDING):
-            if self.pend[i].fd < 0:
-                return i
-        for i in range(1, MAX_PENDING):
-            if self.pend[i].seq < self.pend[slot].seq:
-                slot = i
-        snprintf(msg, MSG_LEN, "handshake from %s dropped: too many pending handshakes",
-                 self.pend[slot].addr.ip)
-        self._drop_pending(slot)
-        self.c.handshakes_failed += 1
-        self._push(EV_LOG, msg)
-        return slot
 
     cdef void _pending_io(self, int i) noexcept nogil:
         """Read the hello: once its 72 bytes are in, answer it if a peer's KX authenticates
@@ -622,30 +551,17 @@ cdef class MultiLoop:
 
     cdef bint _pending_read(self, int i, int upto) noexcept nogil:
         """Read what has arrived of the hello, up to byte upto; True once there."""
-        cdef Pending* p = &self.pend[i]
-        cdef ssize_t n
-        if p.got >= upto:
+        cdef const char* lost = NULL
+        if pending_read(&self.pend[i], upto, &lost):
             return True
-        n = dsvpn_read(p.fd, p.buf + p.got, <size_t> (upto - p.got))
-        if n == DSVPN_IO_AGAIN:
-            return False
-        if n == 0:
-            self._pending_lost(i, b"connection closed")
-            return False
-        if n < 0:
-            self._pending_lost(i, strerror(errno))
-            return False
-        p.got += <int> n
-        return p.got == upto
+        if lost != NULL:
+            self._pending_lost(i, lost)
+        return False
 
     cdef void _pending_lost(self, int i, const char* what) noexcept nogil:
         """Pending handshake i ended (closed, error, deadline) before its hello was whole."""
-        if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
-            # 72 bytes no peer's KX authenticates, and nothing more: most likely a base
-            # client whose key is not (or no longer) in the peers file.
-            self._pending_fail(i, BAD_HELLO_FMT, b"")
-        else:
-            self._pending_fail(i, HS_FAILED_FMT, what)
+        cdef const char* fmt = lost_fmt(&self.pend[i], &what)
+        self._pending_fail(i, fmt, what)
 
     cdef int _identify(self, const uint8_t* hello, charm_state* st, bint pfs) noexcept nogil:
         """The peer whose key authenticates the hello, base or extended (pfs), or -1; st: its
@@ -806,10 +722,7 @@ cdef class MultiLoop:
             return
         # Merged packets point into rxbuf: write them before it is compacted.
         dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
-        if used > 0:
-            if <size_t> used < s.rx_len:
-                memmove(s.rxbuf, s.rxbuf + used, s.rx_len - <size_t> used)
-            s.rx_len -= <size_t> used
+        rx_consume(s.rxbuf, &s.rx_len, <size_t> used)
 
     cdef ssize_t _frames(self, int idx) noexcept nogil:
         """Decrypt and deliver every complete frame of session idx. Returns the bytes used, or
@@ -1039,7 +952,7 @@ cdef class MultiLoop:
             if self.pend[i].fd >= 0:
                 if now < self.pend[i].deadline:
                     self._soon(self.pend[i].deadline)
-                elif self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
+                elif unmatched(&self.pend[i]):
                     self._pending_lost(i, b"handshake timeout")
                 else:
                     self._pending_fail(i, b"handshake timeout from %s%s", b"")
@@ -1072,9 +985,7 @@ cdef class MultiLoop:
             self.tun_on = False
 
     cdef void _drain_wake(self) noexcept nogil:
-        cdef uint8_t drain[256]
-        while dsvpn_read(self.wake_fd, drain, 256) > 0:
-            pass
+        dsvpn_drain(self.wake_fd)
         self._push(EV_WAKE, b"")
 
     cdef void _dispatch(self, int n) noexcept nogil:
@@ -1125,7 +1036,7 @@ cdef class MultiLoop:
         while True:
             if self.now >= self.next_check:
                 self._deadlines()
-            if self.ev_count:
+            if self.ev.count:
                 return
             self._tun_interest()
             nxt = self.next_check
@@ -1140,7 +1051,7 @@ cdef class MultiLoop:
                 return
             if n > 0:
                 self._dispatch(n)
-            if self.ev_count or (end >= 0 and self.now >= end):
+            if self.ev.count or (end >= 0 and self.now >= end):
                 return
 
     # ---------------------------------------------------------------- Python API
@@ -1238,15 +1149,10 @@ cdef class MultiLoop:
         """Run until the first event or timeout_ms (negative: no timeout); see _multi.pyi."""
         if self.closed:
             raise RuntimeError("loop is closed")
-        if self.ev_count == 0:
+        if self.ev.count == 0:
             with nogil:
                 self._run(timeout_ms)
-        if self.ev_count == 0:
-            return (PyEvent.EV_TIMEOUT, "")
-        cdef QueuedEvent* e = &self.evq[self.ev_head]
-        self.ev_head = (self.ev_head + 1) % EVQ
-        self.ev_count -= 1
-        return (PyEvent(e.code), e.msg.decode("utf-8", "replace"))
+        return events_next(&self.ev, PyEvent)
 
     def disconnect(self, name=None):
         """End the session (and connection on probation) of peer name, or every session and
@@ -1303,32 +1209,16 @@ cdef class MultiLoop:
         }
         out.update(loop_stats(&self.tun, &self.c, _DROP_NAMES))
         out["replays"] = self.c.replays
-        out["pending_handshakes"] = sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0)
+        out["pending_handshakes"] = pending_count(self.pend, MAX_PENDING)
         return out
 
     def take_pfs_hello(self):
         """The next verified extended hello waiting for its reply, or None; see _multi.pyi."""
-        cdef int i, j
-        cdef Pending* p
-        for i in range(MAX_PENDING):
-            p = &self.pend[i]
-            if p.fd < 0 or p.stage != PEND_READY:
-                continue
-            p.stage = PEND_TAKEN
-            state = state_bytes(&p.st)
-            j = HS_RANDOM_LEN + HS_TIMESTAMP_LEN  # E_c
-            who = f"{p.addr.ip.decode()}, peer {self.peers[p.peer].name.decode()}"
-            return (p.seq, state, bytes(p.buf[j:j + X25519_LEN]), who)
-        return None
-
-    cdef int _taken(self, uint64_t token) noexcept:
-        """The pending handshake with this token that Python is answering, or -1."""
-        cdef int i
-        for i in range(MAX_PENDING):
-            if self.pend[i].fd >= 0 and self.pend[i].seq == token \
-                    and self.pend[i].stage == PEND_TAKEN:
-                return i
-        return -1
+        cdef int i = pending_ready(self.pend, MAX_PENDING)
+        if i < 0:
+            return None
+        p = &self.pend[i]
+        return take_hello(p, f"{p.addr.ip.decode()}, peer {self.peers[p.peer].name.decode()}")
 
     def pfs_reply(self, uint64_t token, reply, key):
         """Send the extended reply of the hello take_pfs_hello() returned with token, and
@@ -1337,10 +1227,8 @@ cdef class MultiLoop:
         cdef const uint8_t[:] k = key
         cdef int i, idx, fd
         cdef Pending* p
-        if r.shape[0] != PFS_REPLY_LEN or k.shape[0] != CHARM_KEY_LEN:
-            raise ValueError(f"the reply must be {PFS_REPLY_LEN} bytes and the key "
-                             f"{CHARM_KEY_LEN}")
-        i = self._taken(token)
+        check_reply(r.shape[0], k.shape[0])
+        i = pending_taken(self.pend, MAX_PENDING, token)
         if i < 0:
             return False
         p = &self.pend[i]
@@ -1358,7 +1246,7 @@ cdef class MultiLoop:
 
     def pfs_abort(self, uint64_t token, str why):
         """Close that handshake's connection without a reply and log why; see _multi.pyi."""
-        cdef int i = self._taken(token)
+        cdef int i = pending_taken(self.pend, MAX_PENDING, token)
         cdef bytes w = why.encode("utf-8", "replace")
         if i >= 0:
             self._pending_fail(i, HS_FAILED_FMT, w)

@@ -5,9 +5,9 @@ from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-from dsvpn.charm cimport CHARM_HASH_LEN, CHARM_STATE_LEN, charm_hash, charm_state
+from dsvpn.charm cimport CHARM_HASH_LEN, CHARM_KEY_LEN, CHARM_STATE_LEN, charm_hash, charm_state
 from dsvpn.loop_sys cimport dsvpn_random
-from dsvpn.wire cimport HS_RANDOM_LEN, HS_TIMESTAMP_LEN, TS_TOLERANCE_S
+from dsvpn.wire cimport HS_RANDOM_LEN, HS_TIMESTAMP_LEN, PFS_REPLY_LEN, TS_TOLERANCE_S
 
 
 cdef inline bint ct_eq(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
@@ -91,3 +91,10 @@ cdef inline bytearray state_bytes(charm_state* st):
         out[j] = <uint8_t> (st.w[j >> 2] >> (8 * (j & 3)))
     memset(st, 0, sizeof(charm_state))
     return out
+
+
+cdef inline int check_reply(Py_ssize_t reply_len, Py_ssize_t key_len) except -1:
+    """pfs_reply()'s arguments: the extended reply and the session key."""
+    if reply_len != PFS_REPLY_LEN or key_len != CHARM_KEY_LEN:
+        raise ValueError(f"the reply must be {PFS_REPLY_LEN} bytes and the key {CHARM_KEY_LEN}")
+    return 0

@@ -14,6 +14,7 @@ cdef enum:
     AF_HDR_LEN = 4              # the address-family header (Tun.header)
     TUN_READ_MAX = MAX_PAYLOAD + 1  # one more, so that an oversized tun packet is detectable
     TUN_SHORT = -3              # tun_read: no packet after the tun's own header (counted)
+    MIN_MTU = 68                # the smallest MTU of IPv4
 
 
 cdef struct Tun:
@@ -23,6 +24,20 @@ cdef struct Tun:
     uint32_t af_inet, af_inet6  # its values for IPv4 and IPv6
     dsvpn_gro gro               # vnet_hdr: segments merged on their way to the tun
     uint64_t rx_packets, rx_bytes, tx_packets, tx_errors, short_drops
+
+
+cdef inline int tun_setup(Tun* t, int mtu, bint header, int af_inet, int af_inet6,
+                          bint vnet_hdr) except -1:
+    """The loops' tun arguments, checked (ValueError) and kept in t (but for its fd)."""
+    if header and vnet_hdr:
+        raise ValueError("tun_header and vnet_hdr exclude each other")
+    if not MIN_MTU <= mtu <= MAX_PAYLOAD:
+        raise ValueError(f"the MTU must be {MIN_MTU}..{MAX_PAYLOAD}, not {mtu}")
+    t.header = header
+    t.vnet_hdr = vnet_hdr
+    t.af_inet = <uint32_t> af_inet
+    t.af_inet6 = <uint32_t> af_inet6
+    return 0
 
 
 cdef inline size_t tun_hdr_len(const Tun* t) noexcept nogil:
