@@ -22,6 +22,7 @@ cpdef enum Drop:
     DROP_SPOOFED = 3
     DROP_CONGESTION = 4
     DROP_NON_IP = 5
+    DROP_LINK_LOCAL = 6         # not spoofed: an IPv6 packet for its own link (admit.pxd)
 
 cpdef enum Timeout:
     # docs/protocol.md, Timeouts and limits

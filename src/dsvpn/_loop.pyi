@@ -48,6 +48,7 @@ class Drop(IntEnum):
     DROP_SPOOFED = ...
     DROP_CONGESTION = ...
     DROP_NON_IP = ...
+    DROP_LINK_LOCAL = ...
 
 class Timeout(IntEnum):
     """Milliseconds (docs/protocol.md, Timeouts and limits)."""
@@ -75,6 +76,9 @@ class Drops(TypedDict):
     spoofed     (client_ip4 set) packets whose source is not the client's tunnel address
     congestion  tun packets dropped by the bufferbloat control
     non_ip      (client_ip4 set) payloads that are not an IPv4/IPv6 packet
+    link_local  (client_ip4 set) IPv6 packets that only the client's own link may see: from
+                a link-local, unspecified or multicast source to a link-local address or a
+                link-scope multicast group (router solicitations, MLD reports); not spoofed
     """
 
     bad_tag: int
@@ -83,6 +87,7 @@ class Drops(TypedDict):
     spoofed: int
     congestion: int
     non_ip: int
+    link_local: int
 
 class Session(TypedDict):
     """One session's counters. Times are wall-clock Unix seconds; bytes are those of the
@@ -123,7 +128,8 @@ class Loop:
     72 bytes are no classic hello is read on as an extended one). Another IP is refused while
     a session is active. A handshake from the active client's IP puts its connection on
     probation: it replaces the session once its first frame authenticates, or when the session
-    ends; one connection at most is on probation (a newer one takes its place).
+    ends; one connection at most is on probation (a newer one takes its place), and it is closed
+    (logged) if no frame has authenticated within Timeout.ACCEPT_TIMEOUT_MS of its handshake.
 
     Frames from the peer: a bad tag ends the session ("corrupted stream"); an empty frame is
     accepted and writes nothing (as the reference: it works as a keepalive); a payload larger
@@ -211,9 +217,9 @@ class Loop:
         packets < 20 bytes not written), handshakes_ok, handshakes_failed, handshakes_pfs
         (completed forward-secret handshakes, also in handshakes_ok), probation (1 while a
         connection is on probation), probation_closed (connections closed on probation: bad
-        first frame, closed, or superseded), pending_handshakes, rx_buffered, tx_queued
-        (framed bytes not yet sent), tun_queued (bytes read from the tun waiting in the flow
-        queue to be framed)."""
+        first frame, closed, superseded, or past its deadline), pending_handshakes,
+        rx_buffered, tx_queued (framed bytes not yet sent), tun_queued (bytes read from the tun
+        waiting in the flow queue to be framed)."""
     def _set_test_random(self, data: bytes | None) -> None:
         """Test hook: the next handshakes take their 32 random bytes from data, 32 at a time
         (then the OS again)."""

@@ -29,7 +29,8 @@ What happens to a frame from the peer (``_frames``, ``_admit``):
 - a payload larger than the MTU is dropped (it could not have left the peer's tun);
 - with ``client_ip4`` (a server), a payload that is not an IPv4/IPv6 packet, or whose source is
   not the client's tunnel address (IPv4, or the IPv6 twin), is dropped, so that a client can
-  only ever send as itself.
+  only ever send as itself; an IPv6 packet for the client's own link (a router solicitation
+  from fe80::/10, say) is dropped too, but not counted as spoofed (admit.pxd).
 Every drop is counted by reason (the Drop enum of _loop.pxd).
 
 Server handshakes (docs/protocol.md, Handshake and Extensions): a pending connection's first 72
@@ -38,30 +39,31 @@ checked as the forward-secret hello on a copy of the PFS_IV state. A verified ex
 handed to Python (EV_PFS_HELLO, take_pfs_hello()), which does the X25519 part and gives the
 reply and the session key back (pfs_reply()). A completed handshake from the address of the
 live session does not replace it at once: the new connection is on probation until its first
-frame authenticates (or the live session ends), so a replayed hello cannot end a session.
+frame authenticates (or the live session ends), so a replayed hello cannot end a session; one
+whose first frame has not authenticated within the handshake deadline (ACCEPT_TIMEOUT_MS) is
+closed.
 """
 
 cimport cython
-from libc.errno cimport ECONNRESET, EINTR, EIO, errno
+from libc.errno cimport ECONNRESET, EINTR, errno
 from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy, memmove, memset, strerror
+from libc.string cimport memcmp, memcpy, memset, strerror
 from posix.unistd cimport close
 
+from dsvpn.admit cimport admit_source
 from dsvpn.charm cimport (
     CHARM_HASH_LEN,
     CHARM_IV_LEN,
     CHARM_KEY_LEN,
-    CHARM_STATE_LEN,
-    CHARM_TAG_LEN,
-    charm_decrypt,
-    charm_encrypt,
     charm_hash,
     charm_init,
     charm_state,
 )
+from dsvpn.counters cimport N_DROPS, Counters, Traffic, loop_stats
+from dsvpn.events cimport MSG_LEN, Events, events_next, events_push
 from dsvpn.flowq cimport (
     DSVPN_FQ_HDR_MAX,
     dsvpn_fq,
@@ -75,6 +77,9 @@ from dsvpn.flowq cimport (
     dsvpn_fq_room,
     dsvpn_fq_slot,
 )
+from dsvpn.frame cimport frame_len, frame_open, frame_seal, rx_consume
+from dsvpn.hello cimport (TestRandom, check_reply, hello_ts, hello_verifies, set_test_random,
+                          take_random, ts_in_window)
 from dsvpn.loop_sys cimport (
     DSVPN_ENDPOINT_TEXT,
     DSVPN_IO_AGAIN,
@@ -85,11 +90,11 @@ from dsvpn.loop_sys cimport (
     POLLOUT,
     dsvpn_accept,
     dsvpn_addr,
+    dsvpn_drain,
     dsvpn_now_ms,
     dsvpn_peer,
     dsvpn_random,
     dsvpn_read,
-    dsvpn_readv,
     dsvpn_send,
     dsvpn_set_cloexec,
     dsvpn_set_nonblock,
@@ -98,35 +103,34 @@ from dsvpn.loop_sys cimport (
     dsvpn_tcp_min_rtt_us,
     dsvpn_unread,
     dsvpn_wall_s,
-    dsvpn_write,
-    iovec,
     poll,
     pollfd,
 )
+from dsvpn.loop_text cimport (BAD_HELLO_FMT, HS_FAILED_FMT, KX_IV, NO_RANDOM, PFS_IV,
+                              PROB_TIMEOUT_MSG, TOO_MANY_FMT)
+from dsvpn.pending cimport (PEND_BASE, PEND_EXTENDED, PEND_READY, Pending, lost_fmt, pending_count,
+                            pending_read, pending_ready, pending_slot, pending_start, pending_taken,
+                            take_hello, unmatched)
+from dsvpn.tun_io cimport (
+    AF_HDR_LEN,
+    TUN_READ_MAX,
+    TUN_SHORT,
+    Tun,
+    tun_error,
+    tun_hdr_len,
+    tun_read,
+    tun_setup,
+    tun_write,
+)
 from dsvpn.tun_vnet cimport (
     DSVPN_VNET_HDR_LEN,
-    dsvpn_gro,
-    dsvpn_gro_add,
     dsvpn_gro_flush,
     dsvpn_gso_count,
     dsvpn_gso_segment,
     dsvpn_vnet_finish_csum,
     dsvpn_vnet_hdr,
 )
-from dsvpn.wire cimport (
-    FRAME_HDR_LEN,
-    HS_RANDOM_LEN,
-    HS_TIMESTAMP_LEN,
-    MAX_PAYLOAD,
-    NOTSENT_LOWAT,
-    PFS_HELLO_LEN,
-    PFS_REPLY_LEN,
-    PKT1_LEN,
-    PKT2_LEN,
-    TS_TOLERANCE_S,
-    WIRE_TAG_LEN,
-    X25519_LEN,
-)
+from dsvpn.wire cimport *  # the protocol's sizes (docs/protocol.md)
 
 # The events as module attributes too (EV_SESSION_UP, ...), straight from the one enum.
 globals().update(Event.__members__)
@@ -143,7 +147,6 @@ cdef enum:
     # Slack after the batch limit: one 64 KiB TSO packet cut into segments of the smallest
     # MSS (88) with the largest headers (120) still fits (< 160 KiB; see _tun_gso).
     TX_CAP = TX_BATCH_BYTES + 262144
-    TUN_READ_MAX = MAX_PAYLOAD + 1  # one more, so that an oversized tun packet is detectable
     RX_READ = 65536             # one recv(): decrypted and written before anything else runs
     RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
     # The receive budget (_rx_budget): every RXW_EVERY_MS the session's receive buffer is set to
@@ -160,12 +163,7 @@ cdef enum:
     # wake, control, session, tun, client handshake, listener, probation, pending handshakes
     POLL_MAX = 7 + MAX_PENDING
     PROB_CAP = FRAME_HDR_LEN + MAX_PAYLOAD  # a connection on probation: its first frame
-    EVQ = 32
-    MSG_LEN = 256
-    AF_HDR_LEN = 4              # the BSD tun's address-family header (tun_header)
-    MIN_MTU = 68                # the smallest MTU of IPv4
-    N_DROPS = DROP_NON_IP + 1
-    SHORT_READ = -3             # _tun_read: a packet shorter than the tun's own header
+    EVQ = 32                    # events queued at most (events.pxd)
 
 # BUFFERBLOAT_CONTROL (docs/protocol.md, Congestion drop): when a send() of a fresh batch could take
 # nothing at all (EAGAIN), the next tun packet read is discarded, as the reference does after
@@ -175,55 +173,17 @@ cdef enum:
 cdef enum:
     BUFFERBLOAT_CONTROL = 1
 
-cdef const char* KX_IV = b"VPN Key Exchange"
-cdef const char* PFS_IV = b"DSVPN PFS X25519"  # dsvpn.pfs.PFS_IV
 cdef const char* CLIENT_EOF_MSG = (
     b"the server closed the connection during the handshake: "
     b"wrong key, or the server is busy with another client")
 cdef const char* REFUSED_FMT = b"connection from %s refused: a session from %s is already active"
-cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
 cdef const char* CLOCK_FMT = b"clock difference too large from %s: %s"
-cdef const char* NO_RANDOM = b"the system's random source failed"
-cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage"
 cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs)"
 
 # stats() and session() name each drop counter after its Drop member.
 _DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
-
-
-cdef enum PendStage:
-    PEND_CLASSIC = 0            # reading the first 72 bytes (classic hello, or not yet known)
-    PEND_EXTENDED = 1           # not classic: reading the extended hello's last 32 bytes
-    PEND_READY = 2              # extended hello verified: for take_pfs_hello()
-    PEND_TAKEN = 3              # Python is computing the reply (pfs_reply(), pfs_abort())
-
-
-cdef struct Pending:
-    int fd
-    int got
-    PendStage stage
-    int64_t deadline
-    uint64_t seq                # also the token of take_pfs_hello()
-    charm_state st
-    uint8_t buf[PFS_HELLO_LEN]
-    dsvpn_addr addr
-
-
-cdef struct QueuedEvent:
-    Event code
-    char msg[MSG_LEN]
-
-
-cdef struct Traffic:
-    # session socket bytes and frames, and drops by reason (the part session() reports)
-    uint64_t rx_bytes, tx_bytes, rx_packets, tx_packets
-    uint64_t drops[N_DROPS]
-
-
-cdef struct Counters:
-    uint64_t tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors, short_drops
-    uint64_t handshakes_ok, handshakes_failed, handshakes_pfs, probation_closed
-    Traffic t
+if len(_DROP_NAMES) != N_DROPS:
+    raise ImportError("counters.pxd: N_DROPS is not the number of Drop members")
 
 
 cdef struct SessionRec:
@@ -241,14 +201,6 @@ cdef struct PollSet:
     int wake, control, sock, tun, hs, listen, prob
     int pend[MAX_PENDING]
     uint64_t pseq[MAX_PENDING]
-
-
-cdef inline bint ct_eq(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
-    cdef uint8_t d = 0
-    cdef size_t i
-    for i in range(n):
-        d |= a[i] ^ b[i]
-    return d == 0
 
 
 cdef inline int poll_add(PollSet* ps, int fd, short events) noexcept nogil:
@@ -304,11 +256,10 @@ def tcp_options(int fd, int mark=0):
 
 @cython.final
 cdef class Loop:
-    cdef int tun_fd, wake_fd, control_fd, listen_fd, is_server, tun_header, af_inet, af_inet6
+    cdef Tun tun                    # the tun, its header and counters (tun_io.pxd)
+    cdef int wake_fd, control_fd, listen_fd, is_server
     cdef int mark                   # SO_MARK of accepted sockets (0: none)
     cdef size_t mtu
-    cdef bint vnet_hdr              # Linux IFF_VNET_HDR tun: see tun_vnet.h
-    cdef dsvpn_gro gro
     cdef bint closed
     cdef charm_state kx
     cdef charm_state pkx            # the forward-secret handshake's state (PFS_IV)
@@ -348,14 +299,13 @@ cdef class Loop:
     cdef int prob_fd
     cdef bint prob_pfs
     cdef int64_t prob_hs            # wall-clock time of its handshake
+    cdef int64_t prob_deadline      # its first frame must authenticate by then (monotonic ms)
     cdef charm_state prob_tx, prob_rx
     cdef dsvpn_addr prob_addr
     cdef uint8_t* prob_buf          # its first frame, until that has authenticated
     cdef size_t prob_len
     # test hooks
-    cdef uint8_t* trand
-    cdef size_t trand_len, trand_pos
-    cdef bint trand_fail
+    cdef TestRandom trand
     cdef bint has_tclock
     cdef int64_t tclock
     cdef int64_t accept_timeout_ms, connect_timeout_ms, send_timeout_ms
@@ -365,10 +315,10 @@ cdef class Loop:
     cdef bint has_last
     cdef uint64_t gap_base          # c.t.drops[<int> DROP_NO_SESSION] when the last session ended
     # events
-    cdef QueuedEvent evq[EVQ]
-    cdef int ev_head, ev_count
+    cdef Events ev
 
     def __cinit__(self):
+        self.ev.cap = EVQ
         self.sock = -1
         self.hs_fd = -1
         self.prob_fd = -1
@@ -390,19 +340,12 @@ cdef class Loop:
         cdef const uint8_t[:] k = bytes(key)
         if k.shape[0] != CHARM_KEY_LEN:
             raise ValueError(f"the key must be exactly {CHARM_KEY_LEN} bytes")
-        if tun_header and vnet_hdr:
-            raise ValueError("tun_header and vnet_hdr exclude each other")
-        if not MIN_MTU <= mtu <= MAX_PAYLOAD:
-            raise ValueError(f"the MTU must be {MIN_MTU}..{MAX_PAYLOAD}, not {mtu}")
-        self.tun_fd = tun_fd
+        tun_setup(&self.tun, mtu, tun_header, af_inet, af_inet6, vnet_hdr)
+        self.tun.fd = tun_fd
         self.wake_fd = wake_fd
         self.control_fd = control_fd
         self.listen_fd = listen_fd
         self.is_server = is_server
-        self.tun_header = tun_header
-        self.vnet_hdr = vnet_hdr
-        self.af_inet = af_inet
-        self.af_inet6 = af_inet6
         self.mtu = <size_t> mtu
         self.mark = mark
         self._set_source(client_ip4, client_ip6)
@@ -447,33 +390,17 @@ cdef class Loop:
         free(self.rxbuf)
         free(self.prob_buf)
         dsvpn_fq_destroy(&self.fq)
-        free(self.trand)
+        free(self.trand.buf)
         memset(&self.kx, 0, sizeof(charm_state))
         memset(&self.pkx, 0, sizeof(charm_state))
 
     # ---------------------------------------------------------------- helpers
 
     cdef void _push(self, Event code, const char* msg) noexcept nogil:
-        cdef int i
-        if self.ev_count == EVQ:
-            return  # only possible with a log flood; losing a log line is acceptable
-        i = (self.ev_head + self.ev_count) % EVQ
-        self.evq[i].code = code
-        snprintf(self.evq[i].msg, MSG_LEN, "%s", msg)
-        self.ev_count += 1
+        events_push(&self.ev, code, msg)
 
     cdef int _random(self, uint8_t* out, size_t n) noexcept nogil:
-        """Fill out with n random bytes: 0, or the errno of the failure (the handshake must
-        then fail: weak bytes would make the session key predictable)."""
-        if self.trand_fail:
-            return EIO
-        if self.trand != NULL and self.trand_pos + n <= self.trand_len:
-            memcpy(out, self.trand + self.trand_pos, n)
-            self.trand_pos += n
-            return 0
-        if dsvpn_random(out, n) != 0:
-            return errno if errno != 0 else EIO
-        return 0
+        return take_random(&self.trand, out, n)
 
     cdef int64_t _wall(self) noexcept nogil:
         return self.tclock if self.has_tclock else dsvpn_wall_s()
@@ -488,7 +415,7 @@ cdef class Loop:
         if self.pend[i].fd >= 0:
             close(self.pend[i].fd)
             self.pend[i].fd = -1
-        self.pend[i].stage = PEND_CLASSIC
+        self.pend[i].stage = PEND_BASE
         memset(&self.pend[i].st, 0, sizeof(charm_state))
 
     cdef void _drop_probation(self) noexcept nogil:
@@ -579,7 +506,7 @@ cdef class Loop:
         dsvpn_fq_reset(&self.fq)
         self.rxw = 0
         self.rx_len = 0
-        self.gro.segs = 0
+        self.tun.gro.segs = 0
         self.congestion = False
 
     # ---------------------------------------------------------------- probation (server)
@@ -598,6 +525,7 @@ cdef class Loop:
         self.prob_addr = peer[0]
         self.prob_pfs = pfs
         self.prob_hs = dsvpn_wall_s()
+        self.prob_deadline = dsvpn_now_ms() + self.accept_timeout_ms
         self.prob_len = 0
         snprintf(msg, MSG_LEN, "new connection from %s: it replaces the active session once "
                  "its first frame authenticates", peer.ip)
@@ -645,7 +573,7 @@ cdef class Loop:
         while True:
             need = FRAME_HDR_LEN
             if self.prob_len >= FRAME_HDR_LEN:
-                need += <size_t> self.prob_buf[0] | (<size_t> self.prob_buf[1] << 8)
+                need += frame_len(self.prob_buf)
             if self.prob_len == need:
                 break
             n = dsvpn_read(self.prob_fd, self.prob_buf + self.prob_len, need - self.prob_len)
@@ -659,8 +587,7 @@ cdef class Loop:
                 return
             self.prob_len += <size_t> n
         plen = need - FRAME_HDR_LEN
-        if charm_decrypt(&self.prob_rx, self.prob_buf + FRAME_HDR_LEN, plen,
-                         self.prob_buf + 2, WIRE_TAG_LEN) != 0:
+        if frame_open(&self.prob_rx, self.prob_buf, plen) != 0:
             self._probation_fail(b"its first frame failed authentication (a replayed hello?)")
             return
         self.prob_len = 0
@@ -670,8 +597,8 @@ cdef class Loop:
         if plen > 0:
             drop = self._admit(self.prob_buf + FRAME_HDR_LEN, plen)
             if drop < 0:
-                self._tun_write(self.prob_buf, plen)
-                dsvpn_gro_flush(self.tun_fd, &self.gro)
+                tun_write(&self.tun, self.prob_buf, plen)
+                dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
             else:
                 self.c.t.drops[drop] += 1
 
@@ -691,7 +618,8 @@ cdef class Loop:
     # ---------------------------------------------------------------- server side
 
     cdef void _accept(self, int64_t now) noexcept nogil:
-        cdef int _n, fd
+        cdef int _n, fd, i
+        cdef bint full
         cdef dsvpn_addr addr
         cdef char msg[MSG_LEN]
         for _n in range(ACCEPT_BUDGET):
@@ -705,37 +633,12 @@ cdef class Loop:
                 continue
             # Only the client's mark is vital (tcp_options); here an error is ignored.
             dsvpn_tcp_opts(fd, self.mark, TIMEOUT_MS, NOTSENT_LOWAT)
-            self._pending_add(self._pending_slot(), fd, &addr, now)
-
-    cdef int _pending_slot(self) noexcept nogil:
-        """A free pending slot; when all are taken, the oldest handshake is dropped, so that a
-        flood cannot exhaust our descriptors."""
-        cdef int i, slot = 0
-        cdef char msg[MSG_LEN]
-        for i in range(MAX_PENDING):
-            if self.pend[i].fd < 0:
-                return i
-        for i in range(1, MAX_PENDING):
-            if self.pend[i].seq < self.pend[slot].seq:
-                slot = i
-        snprintf(msg, MSG_LEN, "handshake from %s dropped: too many pending handshakes",
-                 self.pend[slot].addr.ip)
-        self._drop_pending(slot)
-        self.c.handshakes_failed += 1
-        self._push(EV_LOG, msg)
-        return slot
-
-    cdef void _pending_add(self, int i, int fd, const dsvpn_addr* addr,
-                           int64_t now) noexcept nogil:
-        cdef Pending* p = &self.pend[i]
-        self.pend_seq += 1
-        p.fd = fd
-        p.got = 0
-        p.seq = self.pend_seq
-        p.stage = PEND_CLASSIC
-        p.deadline = now + self.accept_timeout_ms
-        p.st = self.kx
-        p.addr = addr[0]
+            i = pending_slot(self.pend, MAX_PENDING, &full)
+            if full:
+                self._pending_fail(i, TOO_MANY_FMT, b"")
+            self.pend_seq += 1
+            pending_start(&self.pend[i], fd, &addr, self.pend_seq, now + self.accept_timeout_ms)
+            self.pend[i].st = self.kx
 
     cdef void _pending_fail(self, int i, const char* fmt, const char* arg) noexcept nogil:
         """Drop pending handshake i and log fmt, formatted with its peer's IP and arg."""
@@ -753,7 +656,7 @@ cdef class Loop:
         cdef char ip[DSVPN_IP_TEXT]
         cdef char arg[MSG_LEN]
         cdef int fd
-        if p.stage == PEND_CLASSIC:
+        if p.stage == PEND_BASE:
             if not self._pending_read(i, PKT1_LEN):
                 return
             if self._classic_hello(p):
@@ -790,48 +693,30 @@ cdef class Loop:
         self._push(EV_PFS_HELLO, ip)
 
     cdef bint _pending_read(self, int i, int upto) noexcept nogil:
-        """Read what has arrived of the hello, up to byte upto; True once there. Never past
-        it: after a classic hello, the next bytes belong to the frame stream."""
-        cdef Pending* p = &self.pend[i]
-        cdef ssize_t n
-        if p.got >= upto:
+        """Read what has arrived of the hello, up to byte upto; True once there."""
+        cdef const char* lost = NULL
+        if pending_read(&self.pend[i], upto, &lost):
             return True
-        n = dsvpn_read(p.fd, p.buf + p.got, <size_t> (upto - p.got))
-        if n == DSVPN_IO_AGAIN:
-            return False
-        if n == 0:
-            self._pending_lost(i, b"connection closed")
-            return False
-        if n < 0:
-            self._pending_lost(i, strerror(errno))
-            return False
-        p.got += <int> n
-        return p.got == upto
+        if lost != NULL:
+            self._pending_lost(i, lost)
+        return False
 
     cdef void _pending_lost(self, int i, const char* what) noexcept nogil:
-        """Pending handshake i ended before its hello was complete (what happened)."""
-        if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
-            # 72 bytes that are no classic hello under our key, and nothing more: a classic
-            # client with another key, most likely.
-            self._pending_fail(i, BAD_HELLO_FMT, b"")
-        else:
-            self._pending_fail(i, HS_FAILED_FMT, what)
+        """Pending handshake i ended (closed, error, deadline) before its hello was whole."""
+        cdef const char* fmt = lost_fmt(&self.pend[i], &what)
+        self._pending_fail(i, fmt, what)
 
     cdef bint _classic_hello(self, Pending* p) noexcept nogil:
         """p.buf[0..72) is a classic hello under our key. Advances p.st (a copy of the
         key-exchange state) over its first 40 bytes, as the session key derivation expects."""
-        cdef uint8_t h[CHARM_HASH_LEN]
-        charm_hash(&p.st, p.buf, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
-        return ct_eq(h, p.buf + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN)
+        return hello_verifies(&p.st, p.buf, HS_RANDOM_LEN + HS_TIMESTAMP_LEN)
 
     cdef const char* _verify_pfs_hello(self, Pending* p, char* arg) noexcept nogil:
         """NULL if p.buf holds an authentic, fresh extended hello, else the log format (%s:
         the peer's IP, then arg: see _check_ts). p.st becomes the transcript state after H1."""
-        cdef uint8_t h[CHARM_HASH_LEN]
         arg[0] = 0
         p.st = self.pkx
-        charm_hash(&p.st, p.buf, PKT1_LEN, h)
-        if not ct_eq(h, p.buf + PKT1_LEN, CHARM_HASH_LEN):
+        if not hello_verifies(&p.st, p.buf, PKT1_LEN):
             return BAD_HELLO_FMT
         return self._check_ts(p.buf, arg)
 
@@ -839,17 +724,14 @@ cdef class Loop:
         """NULL if the (authenticated) timestamp of a hello is within the window, else the
         log format (%s: the peer's IP, then arg, MSG_LEN bytes, filled in here: by how much
         the clocks differ, so the operator knows which one to fix)."""
-        cdef uint64_t ts = 0
+        cdef int64_t ts = hello_ts(hello)
         cdef int64_t diff
-        cdef int j
         arg[0] = 0
-        for j in range(HS_TIMESTAMP_LEN):
-            ts |= (<uint64_t> hello[HS_RANDOM_LEN + j]) << (8 * j)
-        if ts > <uint64_t> 0x7fffffffffffffff:
+        if ts < 0:
             snprintf(arg, MSG_LEN, "its timestamp is out of range")
             return CLOCK_FMT
-        diff = <int64_t> ts - self._wall()
-        if diff > TS_TOLERANCE_S or diff < -TS_TOLERANCE_S:
+        diff = ts - self._wall()
+        if not ts_in_window(diff):
             snprintf(arg, MSG_LEN, "its clock is %lld s %s ours (at most %d s)",
                      <long long> (diff if diff > 0 else -diff),
                      <const char*> (b"ahead of" if diff > 0 else b"behind"), <int> TS_TOLERANCE_S)
@@ -948,11 +830,9 @@ cdef class Loop:
 
     cdef void _client_finish(self) noexcept nogil:
         """pkt2 is complete: check the server's proof of the key and make fd the session."""
-        cdef uint8_t h[CHARM_HASH_LEN]
         cdef dsvpn_addr peer
         cdef int fd
-        charm_hash(&self.hs_st, self.hs_in, HS_RANDOM_LEN, h)
-        if not ct_eq(h, self.hs_in + HS_RANDOM_LEN, CHARM_HASH_LEN):
+        if not hello_verifies(&self.hs_st, self.hs_in, HS_RANDOM_LEN):
             self._client_fail(b"the server's reply failed authentication: wrong key?")
             return
         fd = self.hs_fd
@@ -965,16 +845,12 @@ cdef class Loop:
         the session, and send one empty frame at once so that the server can take the
         connection off probation without waiting for traffic (docs/protocol.md, Replay)."""
         cdef dsvpn_addr peer
-        cdef uint8_t tag[CHARM_TAG_LEN]
         cdef int64_t now = dsvpn_now_ms()
         self._drop_session(b"replaced by a new connection")
         self._drop_client_hs()
         dsvpn_peer(fd, &peer)
         self._complete(fd, key, &peer, True)
-        charm_encrypt(&self.tx_st, self.txbuf + FRAME_HDR_LEN, 0, tag)
-        self.txbuf[0] = 0
-        self.txbuf[1] = 0
-        memcpy(self.txbuf + 2, tag, WIRE_TAG_LEN)
+        frame_seal(&self.tx_st, self.txbuf, 0)
         self.tx_end = FRAME_HDR_LEN
         self.c.t.tx_packets += 1
         self.tx_since = now
@@ -1000,10 +876,9 @@ cdef class Loop:
 
     cdef void _tun_stop(self, ssize_t n) noexcept nogil:
         """A tun read returned n <= 0: nothing more to read, or a fatal error (event)."""
-        if n == 0:
-            self._push(EV_TUN_ERROR, b"end of file on the tun device")
-        elif n != DSVPN_IO_AGAIN:
-            self._push(EV_TUN_ERROR, strerror(errno))
+        cdef const char* why = tun_error(n)
+        if why != NULL:
+            self._push(EV_TUN_ERROR, why)
 
     cdef void _tun_discard(self) noexcept nogil:
         """No session: read and drop what the tun has (up to DISCARD_PKTS packets)."""
@@ -1011,28 +886,21 @@ cdef class Loop:
         cdef ssize_t n
         for _i in range(DISCARD_PKTS):
             # (with a vnet header, the header simply lands at the start of the buffer)
-            n = dsvpn_read(self.tun_fd, self.txbuf, TUN_READ_MAX + AF_HDR_LEN + DSVPN_VNET_HDR_LEN)
+            n = dsvpn_read(self.tun.fd, self.txbuf, TUN_READ_MAX + AF_HDR_LEN + DSVPN_VNET_HDR_LEN)
             if n <= 0:
                 self._tun_stop(n)
                 return
-            self.c.tun_rx_packets += 1
-            self.c.tun_rx_bytes += <uint64_t> n
+            self.tun.rx_packets += 1
+            self.tun.rx_bytes += <uint64_t> n
             self.c.t.drops[<int> DROP_NO_SESSION] += 1
-
-    cdef size_t _tun_hdr_len(self) noexcept nogil:
-        """The tun's own header before each packet: a vnet header, an AF header, or none."""
-        if self.vnet_hdr:
-            return DSVPN_VNET_HDR_LEN
-        return AF_HDR_LEN if self.tun_header else 0
 
     cdef void _tun_fill(self, int64_t now) noexcept nogil:
         """Drain the tun into the flow queue (up to TUN_FILL_PKTS packets). A lone small packet
         arriving while nothing waits is sent at once."""
         cdef int count = 0
         cdef ssize_t n, slot
-        cdef size_t plen, hoff = self._tun_hdr_len()
+        cdef size_t plen, hoff = tun_hdr_len(&self.tun)
         cdef uint8_t hdr[DSVPN_FQ_HDR_MAX]
-        cdef iovec iov[2]
         cdef uint8_t* pkt
         cdef bint idle
         while count < TUN_FILL_PKTS:
@@ -1040,21 +908,15 @@ cdef class Loop:
             if slot < 0:
                 return      # full: the tun's own queue holds the rest (backpressure)
             pkt = self.fq.ring + slot
-            iov[0].iov_base = hdr
-            iov[0].iov_len = hoff
-            iov[1].iov_base = pkt
-            iov[1].iov_len = TUN_READ_MAX
-            n = dsvpn_readv(self.tun_fd, &iov[0] if hoff else &iov[1], 2 if hoff else 1)
+            n = tun_read(&self.tun, hdr, pkt)
+            if n == TUN_SHORT:
+                count += 1
+                continue
             if n <= 0:
                 self._tun_stop(n)
                 return
             count += 1
-            self.c.tun_rx_packets += 1
-            if <size_t> n < hoff:
-                self.c.short_drops += 1
-                continue
-            plen = <size_t> n - hoff
-            self.c.tun_rx_bytes += plen
+            plen = <size_t> n
             idle = self.fq.packets == 0 and self.tx_end == self.tx_off
             if idle:
                 self.tx_since = now     # the send timeout counts from here
@@ -1069,7 +931,6 @@ cdef class Loop:
 
     cdef void _emit(self, uint8_t* p, size_t plen) noexcept nogil:
         """Turn the tun packet at p + 8 (p = txbuf + tx_end) into a frame and append it."""
-        cdef uint8_t tag[CHARM_TAG_LEN]
         if self.congestion:
             # The reference's congestion signal: drop one packet, state not advanced.
             self.congestion = False
@@ -1078,10 +939,7 @@ cdef class Loop:
         if plen > MAX_PAYLOAD or plen == 0:
             self.c.t.drops[<int> DROP_OVERSIZE] += 1
             return
-        charm_encrypt(&self.tx_st, p + FRAME_HDR_LEN, plen, tag)
-        p[0] = <uint8_t> (plen & 0xff)
-        p[1] = <uint8_t> (plen >> 8)
-        memcpy(p + 2, tag, WIRE_TAG_LEN)
+        frame_seal(&self.tx_st, p, plen)
         self.tx_end += FRAME_HDR_LEN + plen
         self.c.t.tx_packets += 1
 
@@ -1095,7 +953,7 @@ cdef class Loop:
         if nseg == 0 or self.tx_end + room > TX_CAP:
             self.c.t.drops[<int> DROP_OVERSIZE] += 1
             return
-        self.c.tun_rx_packets += nseg - 1
+        self.tun.rx_packets += nseg - 1
         for i in range(nseg):
             p = self.txbuf + self.tx_end
             self._emit(p, dsvpn_gso_segment(vh, src, plen, i, nseg, p + FRAME_HDR_LEN))
@@ -1120,7 +978,7 @@ cdef class Loop:
             plen = pkt.len
             src = self.fq.ring + pkt.off
             p = self.txbuf + self.tx_end
-            if self.vnet_hdr:
+            if self.tun.vnet_hdr:
                 memcpy(&vh, pkt.hdr, DSVPN_VNET_HDR_LEN)
                 if vh.gso_type != 0:
                     self._tun_gso(&vh, src, plen)
@@ -1128,7 +986,7 @@ cdef class Loop:
                     continue
             memcpy(p + FRAME_HDR_LEN, src, plen)
             dsvpn_fq_release(&self.fq, pi)
-            if self.vnet_hdr and (vh.flags & 1) and \
+            if self.tun.vnet_hdr and (vh.flags & 1) and \
                     dsvpn_vnet_finish_csum(&vh, p + FRAME_HDR_LEN, plen) != 0:
                 self.c.t.drops[<int> DROP_OVERSIZE] += 1
                 continue
@@ -1157,11 +1015,8 @@ cdef class Loop:
         if used < 0:
             return
         # Merged packets point into rxbuf: write them before it is compacted.
-        dsvpn_gro_flush(self.tun_fd, &self.gro)
-        if used > 0:
-            if <size_t> used < self.rx_len:
-                memmove(self.rxbuf, self.rxbuf + used, self.rx_len - <size_t> used)
-            self.rx_len -= <size_t> used
+        dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
+        rx_consume(self.rxbuf, &self.rx_len, <size_t> used)
         return
 
     cdef ssize_t _frames(self) noexcept nogil:
@@ -1172,12 +1027,12 @@ cdef class Loop:
         cdef int drop
         while self.rx_len - pos >= FRAME_HDR_LEN:
             p = self.rxbuf + pos
-            plen = <size_t> p[0] | (<size_t> p[1] << 8)
+            plen = frame_len(p)
             if self.rx_len - pos < FRAME_HDR_LEN + plen:
                 break
-            if charm_decrypt(&self.rx_st, p + FRAME_HDR_LEN, plen, p + 2, WIRE_TAG_LEN) != 0:
+            if frame_open(&self.rx_st, p, plen) != 0:
                 # Frames before this one were already written to the tun, as in the reference.
-                dsvpn_gro_flush(self.tun_fd, &self.gro)
+                dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
                 self.c.t.drops[<int> DROP_BAD_TAG] += 1
                 self._session_down(b"corrupted stream")
                 return -1
@@ -1185,7 +1040,7 @@ cdef class Loop:
             if plen > 0:
                 drop = self._admit(p + FRAME_HDR_LEN, plen)
                 if drop < 0:
-                    self._tun_write(p, plen)
+                    tun_write(&self.tun, p, plen)
                 else:
                     self.c.t.drops[drop] += 1
             pos += FRAME_HDR_LEN + plen
@@ -1193,62 +1048,11 @@ cdef class Loop:
 
     cdef inline int _admit(self, const uint8_t* pkt, size_t plen) noexcept nogil:
         """-1 if the decrypted packet may go to the tun, else the Drop reason."""
-        cdef int version
         if plen > self.mtu:
             return DROP_OVERSIZE
         if not self.check_src:
             return -1
-        version = pkt[0] >> 4
-        if version == 4:
-            if plen < 20:
-                return DROP_NON_IP
-            return -1 if memcmp(pkt + 12, self.src4, 4) == 0 else DROP_SPOOFED
-        if version == 6:
-            if plen < 40:
-                return DROP_NON_IP
-            return -1 if memcmp(pkt + 8, self.src6, 16) == 0 else DROP_SPOOFED
-        return DROP_NON_IP
-
-    cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
-        """Write the plaintext at frame + 8 to the tun; frame[0..8] is free scratch space."""
-        cdef uint8_t* out = frame + FRAME_HDR_LEN
-        cdef size_t olen = plen
-        if self.vnet_hdr:
-            dsvpn_gro_add(self.tun_fd, &self.gro, out, olen)
-            self.c.tun_tx_packets += 1
-            return
-        if self.tun_header:
-            out = self._af_header(frame, plen)
-            if out == NULL:
-                return
-            olen = plen + AF_HDR_LEN
-        if dsvpn_write(self.tun_fd, out, olen) < 0:
-            self.c.tun_tx_errors += 1
-        else:
-            self.c.tun_tx_packets += 1
-
-    cdef uint8_t* _af_header(self, uint8_t* frame, size_t plen) noexcept nogil:
-        """tun_header: put the packet's address family (big-endian) in the 4 bytes before
-        it; returns where the tun packet starts, or NULL if it is not IPv4/IPv6 (counted)."""
-        cdef uint8_t* out = frame + FRAME_HDR_LEN - AF_HDR_LEN
-        cdef uint32_t af
-        cdef int version
-        if plen < 20:
-            self.c.short_drops += 1
-            return NULL
-        version = frame[FRAME_HDR_LEN] >> 4
-        if version == 4:
-            af = <uint32_t> self.af_inet
-        elif version == 6:
-            af = <uint32_t> self.af_inet6
-        else:
-            self.c.tun_tx_errors += 1
-            return NULL
-        out[0] = <uint8_t> (af >> 24)
-        out[1] = <uint8_t> (af >> 16)
-        out[2] = <uint8_t> (af >> 8)
-        out[3] = <uint8_t> af
-        return out
+        return admit_source(pkt, plen, self.src4, self.src6)
 
     cdef void _rx_budget(self, int64_t now) noexcept nogil:
         """The session's receive buffer, sized as BQL sizes a NIC's queue: what the path needs
@@ -1300,12 +1104,14 @@ cdef class Loop:
         cdef int i
         for i in range(MAX_PENDING):
             if self.pend[i].fd >= 0 and now >= self.pend[i].deadline:
-                if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
+                if unmatched(&self.pend[i]):
                     self._pending_lost(i, b"handshake timeout")
                 else:
                     self._pending_fail(i, b"handshake timeout from %s", b"")
         if self.hs_fd >= 0 and now >= self.hs_deadline:
             self._client_fail(b"handshake timed out")
+        if self.prob_fd >= 0 and now >= self.prob_deadline:
+            self._probation_fail(PROB_TIMEOUT_MSG)
         if (self.sock >= 0 and self._tx_waiting()
                 and now - self.tx_since >= self.send_timeout_ms):
             self._session_down(b"send timeout")
@@ -1318,6 +1124,8 @@ cdef class Loop:
                 limit = self.pend[i].deadline
         if self.hs_fd >= 0 and self.hs_deadline < limit:
             limit = self.hs_deadline
+        if self.prob_fd >= 0 and self.prob_deadline < limit:
+            limit = self.prob_deadline
         if (self.sock >= 0 and self._tx_waiting()
                 and self.tx_since + self.send_timeout_ms < limit):
             limit = self.tx_since + self.send_timeout_ms
@@ -1336,7 +1144,7 @@ cdef class Loop:
         # the packets are discarded).
         ps.tun = -1
         if self.sock < 0 or dsvpn_fq_room(&self.fq, TUN_READ_MAX):
-            ps.tun = poll_add(ps, self.tun_fd, POLLIN)
+            ps.tun = poll_add(ps, self.tun.fd, POLLIN)
         ps.hs = -1
         if self.hs_fd >= 0:
             ps.hs = poll_add(ps, self.hs_fd,
@@ -1355,7 +1163,7 @@ cdef class Loop:
     cdef void _dispatch(self, PollSet* ps, uint64_t gen, int64_t now) noexcept nogil:
         """Serve what poll() found ready. gen is the session generation polled for: a socket
         replaced in the meantime is not served from stale readiness."""
-        cdef uint64_t wrote = self.c.tun_tx_packets
+        cdef uint64_t wrote = self.tun.tx_packets
         cdef short rev
         cdef int i
         cdef bint room = False
@@ -1374,7 +1182,7 @@ cdef class Loop:
         # Writing to the tun usually makes the answer (a forwarded reply, the local stack's
         # ACK) ready at once, in the same call: read it now, not after one more poll() round.
         if ps.tun >= 0 and (revents(ps, ps.tun) or (
-                self.c.tun_tx_packets != wrote and self.sock >= 0)):
+                self.tun.tx_packets != wrote and self.sock >= 0)):
             if self.sock < 0:
                 self._tun_discard()
             else:
@@ -1398,9 +1206,7 @@ cdef class Loop:
         self._probation_orphan()
 
     cdef void _drain_wake(self) noexcept nogil:
-        cdef uint8_t drain[256]
-        while dsvpn_read(self.wake_fd, drain, 256) > 0:
-            pass
+        dsvpn_drain(self.wake_fd)
         self._push(EV_WAKE, b"")
 
     cdef void _run(self, int64_t timeout_ms) noexcept nogil:
@@ -1412,7 +1218,7 @@ cdef class Loop:
         cdef int64_t nxt
         while True:
             self._deadlines(now)
-            if self.ev_count:
+            if self.ev.count:
                 return
             self._poll_set(&ps)
             nxt = self._next_deadline(end if end >= 0 else now + 3600000)
@@ -1429,7 +1235,7 @@ cdef class Loop:
                 self._dispatch(&ps, gen, now)
             if self.sock >= 0 and now - self.rxw_since >= RXW_EVERY_MS:
                 self._rx_budget(now)
-            if self.ev_count or (end >= 0 and now >= end):
+            if self.ev.count or (end >= 0 and now >= end):
                 return
 
     # ---------------------------------------------------------------- Python API
@@ -1477,30 +1283,10 @@ cdef class Loop:
     def take_pfs_hello(self):
         """Server: the next verified extended hello waiting for its reply, or None; see
         _loop.pyi."""
-        cdef int i, j
-        cdef Pending* p
-        cdef bytearray state
-        for i in range(MAX_PENDING):
-            p = &self.pend[i]
-            if p.fd < 0 or p.stage != PEND_READY:
-                continue
-            p.stage = PEND_TAKEN
-            state = bytearray(CHARM_STATE_LEN)
-            for j in range(CHARM_STATE_LEN):
-                state[j] = <uint8_t> (p.st.w[j >> 2] >> (8 * (j & 3)))
-            memset(&p.st, 0, sizeof(charm_state))
-            j = HS_RANDOM_LEN + HS_TIMESTAMP_LEN  # E_c
-            return (p.seq, state, bytes(p.buf[j:j + X25519_LEN]), p.addr.ip.decode())
-        return None
-
-    cdef int _taken(self, uint64_t token) noexcept:
-        """The pending handshake with this token that Python is answering, or -1."""
-        cdef int i
-        for i in range(MAX_PENDING):
-            if self.pend[i].fd >= 0 and self.pend[i].seq == token \
-                    and self.pend[i].stage == PEND_TAKEN:
-                return i
-        return -1
+        cdef int i = pending_ready(self.pend, MAX_PENDING)
+        if i < 0:
+            return None
+        return take_hello(&self.pend[i], self.pend[i].addr.ip.decode())
 
     def pfs_reply(self, uint64_t token, reply, key):
         """Server: send the extended reply of the hello take_pfs_hello() returned with token,
@@ -1509,10 +1295,8 @@ cdef class Loop:
         cdef const uint8_t[:] r = reply
         cdef const uint8_t[:] k = key
         cdef int i, fd
-        if r.shape[0] != PFS_REPLY_LEN or k.shape[0] != CHARM_KEY_LEN:
-            raise ValueError(f"the reply must be {PFS_REPLY_LEN} bytes and the key "
-                             f"{CHARM_KEY_LEN}")
-        i = self._taken(token)
+        check_reply(r.shape[0], k.shape[0])
+        i = pending_taken(self.pend, MAX_PENDING, token)
         if i < 0:
             return False
         if self._busy_for(&self.pend[i].addr):
@@ -1524,14 +1308,14 @@ cdef class Loop:
             return False
         fd = self.pend[i].fd
         self.pend[i].fd = -1
-        self.pend[i].stage = PEND_CLASSIC
+        self.pend[i].stage = PEND_BASE
         self._complete(fd, &k[0], &self.pend[i].addr, True)
         return True
 
     def pfs_abort(self, uint64_t token, str why):
         """Server: the hello of token cannot be answered (why, e.g. a low-order public key):
         close the connection without a reply and log it, naming the client."""
-        cdef int i = self._taken(token)
+        cdef int i = pending_taken(self.pend, MAX_PENDING, token)
         cdef bytes w = why.encode("utf-8", "replace")
         if i >= 0:
             self._pending_fail(i, HS_FAILED_FMT, w)
@@ -1541,15 +1325,10 @@ cdef class Loop:
         """Run until the first event or timeout_ms (negative: no timeout); see _loop.pyi."""
         if self.closed:
             raise RuntimeError("loop is closed")
-        if self.ev_count == 0:
+        if self.ev.count == 0:
             with nogil:
                 self._run(timeout_ms)
-        if self.ev_count == 0:
-            return (EV_TIMEOUT, "")
-        cdef QueuedEvent* e = &self.evq[self.ev_head]
-        self.ev_head = (self.ev_head + 1) % EVQ
-        self.ev_count -= 1
-        return (e.code, e.msg.decode("utf-8", "replace"))
+        return events_next(&self.ev, Event)
 
     def disconnect(self):
         """Drop the session and every handshake in progress (no event)."""
@@ -1585,51 +1364,23 @@ cdef class Loop:
         return out
 
     def stats(self):
-        out = {
-            "tun_rx_packets": self.c.tun_rx_packets,
-            "tun_rx_bytes": self.c.tun_rx_bytes,
-            "tun_tx_packets": self.c.tun_tx_packets,
-            "tun_tx_errors": self.c.tun_tx_errors + self.gro.errors,
-            "tun_writes": self.gro.writes if self.vnet_hdr else self.c.tun_tx_packets,
-            "tun_merged": self.gro.merged,
-            "sock_rx_bytes": self.c.t.rx_bytes,
-            "sock_tx_bytes": self.c.t.tx_bytes,
-            "frames_rx": self.c.t.rx_packets,
-            "frames_tx": self.c.t.tx_packets,
-            "short_drops": self.c.short_drops,
-            "handshakes_ok": self.c.handshakes_ok,
-            "handshakes_failed": self.c.handshakes_failed,
-            "handshakes_pfs": self.c.handshakes_pfs,
+        out = loop_stats(&self.tun, &self.c, _DROP_NAMES)
+        out.update({
             "probation": int(self.prob_fd >= 0),
-            "probation_closed": self.c.probation_closed,
-            "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
+            "pending_handshakes": pending_count(self.pend, MAX_PENDING),
             "rx_buffered": self.rx_len,
             "tx_queued": self.tx_end - self.tx_off,
             "tun_queued": self.fq.bytes,
-        }
-        for i, name in _DROP_NAMES.items():
-            out[f"{name}_drops"] = self.c.t.drops[i]
+        })
         return out
 
     def _set_test_random(self, data):
         """Test hook: the next handshakes take their 32 random bytes from data."""
-        free(self.trand)
-        self.trand = NULL
-        self.trand_len = self.trand_pos = 0
-        if data is None:
-            return
-        cdef const uint8_t[:] d = bytes(data)
-        if d.shape[0] == 0:
-            return
-        self.trand = <uint8_t*> malloc(d.shape[0])
-        if self.trand == NULL:
-            raise MemoryError()
-        memcpy(self.trand, &d[0], d.shape[0])
-        self.trand_len = d.shape[0]
+        set_test_random(&self.trand, data)
 
     def _set_test_random_failure(self, bint fail):
         """Test hook: the system's random source fails (EIO) while fail is True."""
-        self.trand_fail = fail
+        self.trand.fail = fail
 
     def _set_test_clock(self, t):
         """Test hook: fixed wall-clock seconds for the handshake timestamp and its check."""
@@ -1672,7 +1423,7 @@ cdef class Loop:
 
     def _set_test_refuse_uso(self, bint refuse):
         """Test hook: UDP GSO writes to the tun fail as on a kernel without USO (EINVAL)."""
-        self.gro.test_refuse_uso = refuse
+        self.tun.gro.test_refuse_uso = refuse
 
     def _set_test_timeouts(self, accept_ms=None, connect_ms=None, send_ms=None):
         """Test hook: shorten the handshake and send deadlines (None restores the default)."""

@@ -46,8 +46,9 @@ class MultiLoop:
 
     The loop never closes tun_fd, listen_fd, wake_fd or control_fd, but sets O_NONBLOCK on
     tun_fd and listen_fd. It owns every accepted socket. At most 64 handshakes are pending
-    at once (the oldest is dropped), each with Timeout.ACCEPT_TIMEOUT_MS. Linux tun only
-    (no address-family header); vnet_hdr as for _loop.Loop.
+    at once (the oldest is dropped), each with Timeout.ACCEPT_TIMEOUT_MS, which is also the
+    time a connection on probation has for its first frame to authenticate. tun_header,
+    af_inet, af_inet6 and vnet_hdr as for _loop.Loop.
     Not thread-safe: call every method from one thread (run() releases the GIL inside).
     """
 
@@ -61,6 +62,9 @@ class MultiLoop:
         control_fd: int = -1,
         mtu: int = 9000,
         vnet_hdr: bool = False,
+        tun_header: bool = False,
+        af_inet: int = 2,
+        af_inet6: int = 10,
         mark: int = 0,
         require_pfs: bool = False,
     ) -> None:

@@ -11,7 +11,8 @@ Xoodoo permutations per peer tried). A verified hello whose random value the sam
 used within the timestamp window is refused (a replay); one that passes is answered, and its
 connection becomes the peer's session at once when the peer has none. When the peer has one,
 the new connection is on probation: it replaces the live session only once its first frame
-authenticates (a replayed hello cannot get that far), or when the live session ends first.
+authenticates (a replayed hello cannot get that far), or when the live session ends first; it is
+closed if no frame has authenticated within the handshake deadline (ACCEPT_TIMEOUT_MS).
 
 Forward-secret hellos (docs/protocol.md, Extensions): 72 bytes that no peer's KX authenticates
 may be the start of an extended hello, so 32 more are read (same deadline) and each peer's PX
@@ -24,16 +25,17 @@ With require_pfs, a base hello is identified and then refused.
 Packets: a tun packet goes to the session of the peer that owns its destination (the peer's
 IPv4 address or its 64:ff9b:: twin), found in O(1) through a table indexed by the host part of
 the pool's address. A frame from a peer whose packet is not from that peer's own address is
-dropped (spoofed). Each session has its own send buffer: a session whose unsent data reach
-TX_LIMIT takes no more packets (they are dropped and counted) while the others flow; only when
-every session is full does the loop stop reading the tun, which is the backpressure of _loop.
+dropped (spoofed; an IPv6 packet for the peer's own link is dropped as link_local, admit.pxd).
+Each session has its own send buffer: a session whose unsent data reach TX_LIMIT takes no more
+packets (they are dropped and counted) while the others flow; only when every session is full
+does the loop stop reading the tun, which is the backpressure of _loop.
 Per turn each ready socket gets one read and one send, and the tun a bounded batch, so one
 busy peer cannot starve another. Readiness comes from poller.h (epoll on Linux). Deadlines
 (handshakes, stalled sends) are checked at least once a second, never per packet.
 """
 
 cimport cython
-from libc.errno cimport EINTR, EIO, errno
+from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -45,9 +47,7 @@ from dsvpn._loop cimport (
     DROP_BAD_TAG,
     DROP_CONGESTION,
     DROP_NO_SESSION,
-    DROP_NON_IP,
     DROP_OVERSIZE,
-    DROP_SPOOFED,
     EV_CONTROL,
     EV_LOG,
     EV_PFS_HELLO,
@@ -58,33 +58,34 @@ from dsvpn._loop cimport (
     TIMEOUT_MS,
     Event,
 )
+from dsvpn.admit cimport admit_source
 from dsvpn.charm cimport (
     CHARM_HASH_LEN,
     CHARM_IV_LEN,
     CHARM_KEY_LEN,
-    CHARM_STATE_LEN,
-    CHARM_TAG_LEN,
-    charm_decrypt,
-    charm_encrypt,
     charm_hash,
     charm_init,
     charm_state,
 )
+from dsvpn.counters cimport Counters, Traffic, loop_stats
+from dsvpn.events cimport EVQ_MAX, MSG_LEN, Events, events_next, events_push
+from dsvpn.frame cimport frame_len, frame_open, frame_seal, rx_consume
+from dsvpn.hello cimport (TestRandom, check_reply, hello_ts, hello_verifies, set_test_random,
+                          take_random, ts_in_window)
 from dsvpn.loop_sys cimport (
     DSVPN_IO_AGAIN,
     dsvpn_accept,
     dsvpn_addr,
+    dsvpn_drain,
     dsvpn_now_ms,
-    dsvpn_random,
     dsvpn_read,
-    dsvpn_readv,
     dsvpn_send,
     dsvpn_set_nonblock,
     dsvpn_tcp_opts,
     dsvpn_wall_s,
-    dsvpn_write,
-    iovec,
 )
+from dsvpn.loop_text cimport (BAD_HELLO_FMT, HS_FAILED_FMT, KX_IV, NO_RANDOM, PFS_IV,
+                              PROB_TIMEOUT_MSG, TOO_MANY_FMT)
 from dsvpn.poller cimport (
     DSVPN_PERR,
     DSVPN_PIN,
@@ -98,30 +99,19 @@ from dsvpn.poller cimport (
     dsvpn_poller_new,
     dsvpn_poller_wait,
 )
+from dsvpn.pending cimport (PEND_BASE, PEND_EXTENDED, PEND_READY, Pending, lost_fmt, pending_count,
+                            pending_read, pending_ready, pending_slot, pending_start, pending_taken,
+                            take_hello, unmatched)
+from dsvpn.tun_io cimport (TUN_READ_MAX, TUN_SHORT, Tun, tun_error, tun_read, tun_setup,
+                           tun_write)
 from dsvpn.tun_vnet cimport (
-    DSVPN_VNET_HDR_LEN,
-    dsvpn_gro,
-    dsvpn_gro_add,
     dsvpn_gro_flush,
     dsvpn_gso_count,
     dsvpn_gso_segment,
     dsvpn_vnet_finish_csum,
     dsvpn_vnet_hdr,
 )
-from dsvpn.wire cimport (
-    FRAME_HDR_LEN,
-    HS_RANDOM_LEN,
-    HS_TIMESTAMP_LEN,
-    MAX_PAYLOAD,
-    NOTSENT_LOWAT,
-    PFS_HELLO_LEN,
-    PFS_REPLY_LEN,
-    PKT1_LEN,
-    PKT2_LEN,
-    TS_TOLERANCE_S,
-    WIRE_TAG_LEN,
-    X25519_LEN,
-)
+from dsvpn.wire cimport *  # the protocol's sizes (docs/protocol.md)
 
 from dsvpn._loop import Drop
 from dsvpn._loop import Event as PyEvent
@@ -132,7 +122,6 @@ cdef enum:
     # of the smallest MSS (< 160 KiB, tun_vnet.h).
     TX_LIMIT = 262144
     TX_CAP = TX_LIMIT + 262144
-    TUN_READ_MAX = MAX_PAYLOAD + 1  # one more, so that an oversized tun packet is detectable
     SCRATCH_CAP = FRAME_HDR_LEN + TUN_READ_MAX + 16
     RX_READ = 262144
     RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
@@ -140,15 +129,10 @@ cdef enum:
     ACCEPT_BUDGET = 16          # accept() calls per turn
     MAX_PENDING = 64            # concurrent handshakes; the oldest is dropped
     MAX_EVENTS = 256            # readiness reports per wait
-    EVQ = 256
-    MSG_LEN = 256
     NAME_CAP = 33               # dsvpn.peers: names of at most 32 characters
     REPLAY_SLOTS = 8            # accepted hellos remembered per peer
     REPLAY_BYTES = 16           # of each one's random value
     CHECK_MS = 1000             # deadlines are looked at least this often
-    MIN_MTU = 68
-    N_DROPS = DROP_NON_IP + 1
-    SHORT_READ = -3
     MAX_PEERS = 1 << 20
 
 # What a readiness report is about: kind | index << 8 | generation << 32.
@@ -160,33 +144,12 @@ cdef enum Kind:
     K_PEND = 5
     K_SESS = 6
 
-cdef const char* KX_IV = b"VPN Key Exchange"
-cdef const char* PFS_IV = b"DSVPN PFS X25519"  # dsvpn.pfs.PFS_IV
-cdef const char* HS_FAILED_FMT = b"handshake failed from %s: %s"
-cdef const char* BAD_HELLO_FMT = b"authentication failed from %s: wrong key or garbage%s"
 cdef const char* CLASSIC_REFUSED_FMT = b"classic handshake from %s refused (--require-pfs): peer %s"
-cdef const char* NO_RANDOM = b"the system's random source failed"
 cdef uint8_t NAT64[12]  # the 64:ff9b::/96 prefix of the peers' IPv6 twins
 
 NAT64[:] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0]
 
 _DROP_NAMES = {int(d): d.name.removeprefix("DROP_").lower() for d in Drop}
-
-
-cdef struct QueuedEvent:
-    Event code
-    char msg[MSG_LEN]
-
-
-cdef struct Traffic:
-    uint64_t rx_bytes, tx_bytes, rx_packets, tx_packets
-    uint64_t drops[N_DROPS]
-
-
-cdef struct Counters:
-    uint64_t tun_rx_packets, tun_rx_bytes, tun_tx_packets, tun_tx_errors, short_drops
-    uint64_t handshakes_ok, handshakes_failed, handshakes_pfs, replays, probation_closed
-    Traffic t
 
 
 cdef struct Peer:
@@ -207,6 +170,7 @@ cdef struct Sess:
     int peer
     uint32_t gen                # bumped when the slot is freed: stale reports are ignored
     bint probation, want_out, blocked, dirty
+    int64_t prob_deadline       # probation: its first frame must authenticate by then
     charm_state tx_st, rx_st
     dsvpn_addr addr
     uint8_t* txbuf
@@ -219,36 +183,8 @@ cdef struct Sess:
     bint pfs                    # keyed by the forward-secret handshake
 
 
-cdef enum Stage:
-    PEND_BASE = 0               # reading the first 72 bytes (a base hello, or not yet known)
-    PEND_EXTENDED = 1           # no peer's KX matched: reading the extended hello's last 32
-    PEND_READY = 2              # extended hello verified: for take_pfs_hello()
-    PEND_TAKEN = 3              # Python is computing the reply (pfs_reply(), pfs_abort())
-
-
-cdef struct Pending:
-    int fd
-    int got
-    Stage stage
-    int peer                    # PEND_READY, PEND_TAKEN: whose key the hello verified under
-    uint32_t gen
-    int64_t deadline
-    uint64_t seq                # also the token of take_pfs_hello()
-    charm_state st              # PEND_READY: the transcript state after h1
-    uint8_t buf[PFS_HELLO_LEN]
-    dsvpn_addr addr
-
-
 cdef inline uint64_t tag_of(Kind kind, uint32_t index, uint32_t gen) noexcept nogil:
     return <uint64_t> kind | (<uint64_t> index << 8) | (<uint64_t> gen << 32)
-
-
-cdef inline bint ct_eq(const uint8_t* a, const uint8_t* b, size_t n) noexcept nogil:
-    cdef uint8_t d = 0
-    cdef size_t i
-    for i in range(n):
-        d |= a[i] ^ b[i]
-    return d == 0
 
 
 cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
@@ -265,10 +201,10 @@ cdef str _ipv4_text(const uint8_t* a):
 
 @cython.final
 cdef class MultiLoop:
-    cdef int tun_fd, wake_fd, control_fd, listen_fd, mark
+    cdef Tun tun                    # the tun, its header and counters (tun_io.pxd)
+    cdef int wake_fd, control_fd, listen_fd, mark
     cdef size_t mtu
-    cdef bint vnet_hdr, closed, tun_on, require_pfs
-    cdef dsvpn_gro gro
+    cdef bint closed, tun_on, require_pfs
     cdef dsvpn_poller* poller
     cdef dsvpn_pev* pevs
     # the pool: route[address - net] is a peer's index + 1 (0: none)
@@ -286,35 +222,33 @@ cdef class MultiLoop:
     cdef uint64_t pend_seq
     cdef int64_t now, next_check
     # test hooks
-    cdef uint8_t* trand
-    cdef size_t trand_len, trand_pos
+    cdef TestRandom trand
     cdef bint has_tclock
     cdef int64_t tclock
     cdef int64_t accept_timeout_ms, send_timeout_ms
     cdef Counters c
-    cdef QueuedEvent evq[EVQ]
-    cdef int ev_head, ev_count
+    cdef Events ev
 
     def __cinit__(self):
         cdef int i
-        self.tun_fd = self.wake_fd = self.control_fd = self.listen_fd = -1
+        self.ev.cap = EVQ_MAX
+        self.tun.fd = self.wake_fd = self.control_fd = self.listen_fd = -1
         for i in range(MAX_PENDING):
             self.pend[i].fd = -1
         self.guess = -1
 
     def __init__(self, int tun_fd, *, int listen_fd, pool, int wake_fd=-1, int control_fd=-1,
-                 int mtu=9000, bint vnet_hdr=False, int mark=0, bint require_pfs=False):
+                 int mtu=9000, bint vnet_hdr=False, bint tun_header=False, int af_inet=2,
+                 int af_inet6=10, int mark=0, bint require_pfs=False):
         import ipaddress
 
         net = ipaddress.IPv4Network(pool)
         if not 16 <= net.prefixlen <= 30:
             raise ValueError(f"the pool must be a /16 to a /30, not {pool}")
-        if not MIN_MTU <= mtu <= MAX_PAYLOAD:
-            raise ValueError(f"the MTU must be {MIN_MTU}..{MAX_PAYLOAD}, not {mtu}")
+        tun_setup(&self.tun, mtu, tun_header, af_inet, af_inet6, vnet_hdr)
         self.net = int(net.network_address)
         self.size = net.num_addresses
         self.mtu = <size_t> mtu
-        self.vnet_hdr = vnet_hdr
         self.mark = mark
         self.require_pfs = require_pfs
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
@@ -338,7 +272,7 @@ cdef class MultiLoop:
             self._watch(wake_fd, DSVPN_PIN, tag_of(K_WAKE, 0, 0))
         if control_fd >= 0:
             self._watch(control_fd, DSVPN_PIN, tag_of(K_CONTROL, 0, 0))
-        self.tun_fd, self.listen_fd = tun_fd, listen_fd
+        self.tun.fd, self.listen_fd = tun_fd, listen_fd
         self.wake_fd, self.control_fd = wake_fd, control_fd
         self.tun_on = True
 
@@ -362,29 +296,16 @@ cdef class MultiLoop:
         free(self.scratch)
         free(self.gsobuf)
         free(self.pevs)
-        free(self.trand)
+        free(self.trand.buf)
         dsvpn_poller_free(self.poller)
 
     # ---------------------------------------------------------------- helpers
 
     cdef void _push(self, Event code, const char* msg) noexcept nogil:
-        cdef int i
-        if self.ev_count == EVQ:
-            return  # only possible with a log flood; losing a log line is acceptable
-        i = (self.ev_head + self.ev_count) % EVQ
-        self.evq[i].code = code
-        snprintf(self.evq[i].msg, MSG_LEN, "%s", msg)
-        self.ev_count += 1
+        events_push(&self.ev, code, msg)
 
     cdef int _random(self, uint8_t* out, size_t n) noexcept nogil:
-        """n random bytes: 0, or the errno of a failure (the handshake then fails)."""
-        if self.trand != NULL and self.trand_pos + n <= self.trand_len:
-            memcpy(out, self.trand + self.trand_pos, n)
-            self.trand_pos += n
-            return 0
-        if dsvpn_random(out, n) != 0:
-            return errno if errno != 0 else EIO
-        return 0
+        return take_random(&self.trand, out, n)
 
     cdef int64_t _wall(self) noexcept nogil:
         return self.tclock if self.has_tclock else dsvpn_wall_s()
@@ -469,7 +390,7 @@ cdef class MultiLoop:
         memset(&s.tx_st, 0, sizeof(charm_state))
         memset(&s.rx_st, 0, sizeof(charm_state))
         # Merged packets waiting for the tun may point into its buffer: write them first.
-        dsvpn_gro_flush(self.tun_fd, &self.gro)
+        dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
         free(s.txbuf)
         free(s.rxbuf)
         s.txbuf = s.rxbuf = NULL
@@ -546,6 +467,8 @@ cdef class MultiLoop:
         if p.prob >= 0:
             self._end(p.prob, b"a newer connection completed its handshake", False)
         s.probation = True
+        s.prob_deadline = dsvpn_now_ms() + self.accept_timeout_ms
+        self._soon(s.prob_deadline)
         p.prob = idx
         snprintf(msg, MSG_LEN, "peer %s: new connection from %s; it replaces the session from "
                  "%s once its first frame authenticates", p.name, addr.ip,
@@ -592,6 +515,7 @@ cdef class MultiLoop:
 
     cdef void _accept(self) noexcept nogil:
         cdef int _n, fd, i
+        cdef bint full
         cdef dsvpn_addr addr
         cdef Pending* p
         for _n in range(ACCEPT_BUDGET):
@@ -599,38 +523,17 @@ cdef class MultiLoop:
             if fd < 0:
                 return  # EAGAIN, or a transient error (ECONNABORTED, EMFILE): retried later
             dsvpn_tcp_opts(fd, self.mark, TIMEOUT_MS, NOTSENT_LOWAT)
-            i = self._pending_slot()
+            i = pending_slot(self.pend, MAX_PENDING, &full)
+            if full:
+                self._pending_fail(i, TOO_MANY_FMT, b"")
             p = &self.pend[i]
             if dsvpn_poller_add(self.poller, fd, DSVPN_PIN,
                                 tag_of(K_PEND, <uint32_t> i, p.gen)) != 0:
                 close(fd)
                 continue
             self.pend_seq += 1
-            p.fd = fd
-            p.got = 0
-            p.stage = PEND_BASE
-            p.seq = self.pend_seq
-            p.deadline = self.now + self.accept_timeout_ms
-            p.addr = addr
+            pending_start(p, fd, &addr, self.pend_seq, self.now + self.accept_timeout_ms)
             self._soon(p.deadline)
-
-    cdef int _pending_slot(self) noexcept nogil:
-        """A free handshake slot; when all are taken, the oldest handshake is dropped, so that
-        a flood cannot exhaust our descriptors."""
-        cdef int i, slot = 0
-        cdef char msg[MSG_LEN]
-        for i in range(MAX_PENDING):
-            if self.pend[i].fd < 0:
-                return i
-        for i in range(1, MAX_PENDING):
-            if self.pend[i].seq < self.pend[slot].seq:
-                slot = i
-        snprintf(msg, MSG_LEN, "handshake from %s dropped: too many pending handshakes",
-                 self.pend[slot].addr.ip)
-        self._drop_pending(slot)
-        self.c.handshakes_failed += 1
-        self._push(EV_LOG, msg)
-        return slot
 
     cdef void _pending_io(self, int i) noexcept nogil:
         """Read the hello: once its 72 bytes are in, answer it if a peer's KX authenticates
@@ -648,57 +551,37 @@ cdef class MultiLoop:
 
     cdef bint _pending_read(self, int i, int upto) noexcept nogil:
         """Read what has arrived of the hello, up to byte upto; True once there."""
-        cdef Pending* p = &self.pend[i]
-        cdef ssize_t n
-        if p.got >= upto:
+        cdef const char* lost = NULL
+        if pending_read(&self.pend[i], upto, &lost):
             return True
-        n = dsvpn_read(p.fd, p.buf + p.got, <size_t> (upto - p.got))
-        if n == DSVPN_IO_AGAIN:
-            return False
-        if n == 0:
-            self._pending_lost(i, b"connection closed")
-            return False
-        if n < 0:
-            self._pending_lost(i, strerror(errno))
-            return False
-        p.got += <int> n
-        return p.got == upto
+        if lost != NULL:
+            self._pending_lost(i, lost)
+        return False
 
     cdef void _pending_lost(self, int i, const char* what) noexcept nogil:
         """Pending handshake i ended (closed, error, deadline) before its hello was whole."""
-        if self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
-            # 72 bytes no peer's KX authenticates, and nothing more: most likely a base
-            # client whose key is not (or no longer) in the peers file.
-            self._pending_fail(i, BAD_HELLO_FMT, b"")
-        else:
-            self._pending_fail(i, HS_FAILED_FMT, what)
+        cdef const char* fmt = lost_fmt(&self.pend[i], &what)
+        self._pending_fail(i, fmt, what)
 
-    cdef int _identify(self, const uint8_t* hello, charm_state* st) noexcept nogil:
-        """The peer whose key authenticates the hello (st: its state after the hello's first
-        40 bytes), or -1. Every peer's state is tried: about five permutations each."""
-        cdef uint8_t h[CHARM_HASH_LEN]
+    cdef int _identify(self, const uint8_t* hello, charm_state* st, bint pfs) noexcept nogil:
+        """The peer whose key authenticates the hello, base or extended (pfs), or -1; st: its
+        state after the hello's first 40 bytes, or its transcript state after h1. Every peer's
+        KX (PX) is tried: about five permutations each (twice that for PX)."""
+        cdef size_t n = PKT1_LEN if pfs else HS_RANDOM_LEN + HS_TIMESTAMP_LEN
         cdef int k
         for k in range(self.npeers):
-            st[0] = self.peers[k].kx
-            charm_hash(st, hello, HS_RANDOM_LEN + HS_TIMESTAMP_LEN, h)
-            if ct_eq(h, hello + HS_RANDOM_LEN + HS_TIMESTAMP_LEN, CHARM_HASH_LEN):
+            st[0] = self.peers[k].px if pfs else self.peers[k].kx
+            if hello_verifies(st, hello, n):
                 return k
         memset(st, 0, sizeof(charm_state))
         return -1
 
     cdef int64_t _stamp(self, const uint8_t* hello) noexcept nogil:
         """The hello's timestamp, or -1 when it is outside the window."""
-        cdef uint64_t ts = 0
-        cdef int64_t diff
-        cdef int j
-        for j in range(HS_TIMESTAMP_LEN):
-            ts |= (<uint64_t> hello[HS_RANDOM_LEN + j]) << (8 * j)
-        if ts > <uint64_t> 0x7fffffffffffffff:
+        cdef int64_t ts = hello_ts(hello)
+        if ts < 0 or not ts_in_window(ts - self._wall()):
             return -1
-        diff = <int64_t> ts - self._wall()
-        if diff > TS_TOLERANCE_S or diff < -TS_TOLERANCE_S:
-            return -1
-        return <int64_t> ts
+        return ts
 
     cdef bint _replayed(self, Peer* p, const uint8_t* hello, int64_t ts) noexcept nogil:
         """Whether the peer already used this hello's random value within the window; if
@@ -719,19 +602,6 @@ cdef class MultiLoop:
         if slot == p.seen_next:
             p.seen_next = (p.seen_next + 1) % REPLAY_SLOTS
         return False
-
-    cdef int _identify_pfs(self, const uint8_t* hello, charm_state* st) noexcept nogil:
-        """The peer whose key authenticates the extended hello (st: its transcript state after
-        h1), or -1. Every peer's PX is tried, as _identify tries every KX."""
-        cdef uint8_t h[CHARM_HASH_LEN]
-        cdef int k
-        for k in range(self.npeers):
-            st[0] = self.peers[k].px
-            charm_hash(st, hello, PKT1_LEN, h)
-            if ct_eq(h, hello + PKT1_LEN, CHARM_HASH_LEN):
-                return k
-        memset(st, 0, sizeof(charm_state))
-        return -1
 
     cdef bint _fresh(self, int i, int peer) noexcept nogil:
         """Whether the authenticated hello of pending handshake i is within the window and not
@@ -785,7 +655,7 @@ cdef class MultiLoop:
         cdef uint8_t k[CHARM_HASH_LEN]
         cdef char why[MSG_LEN]
         cdef int peer, err, idx, fd
-        peer = self._identify(p.buf, &st)
+        peer = self._identify(p.buf, &st, False)
         if peer < 0:
             return False
         if self.require_pfs:
@@ -816,7 +686,7 @@ cdef class MultiLoop:
         authenticates it and it is fresh, it waits for Python (EV_PFS_HELLO)."""
         cdef Pending* p = &self.pend[i]
         cdef char who[MSG_LEN]
-        cdef int peer = self._identify_pfs(p.buf, &p.st)
+        cdef int peer = self._identify(p.buf, &p.st, True)
         if peer < 0:
             self._pending_fail(i, BAD_HELLO_FMT, b"")
             return
@@ -851,11 +721,8 @@ cdef class MultiLoop:
         if used < 0:
             return
         # Merged packets point into rxbuf: write them before it is compacted.
-        dsvpn_gro_flush(self.tun_fd, &self.gro)
-        if used > 0:
-            if <size_t> used < s.rx_len:
-                memmove(s.rxbuf, s.rxbuf + used, s.rx_len - <size_t> used)
-            s.rx_len -= <size_t> used
+        dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
+        rx_consume(s.rxbuf, &s.rx_len, <size_t> used)
 
     cdef ssize_t _frames(self, int idx) noexcept nogil:
         """Decrypt and deliver every complete frame of session idx. Returns the bytes used, or
@@ -866,12 +733,12 @@ cdef class MultiLoop:
         cdef int drop
         while s.rx_len - pos >= FRAME_HDR_LEN:
             f = s.rxbuf + pos
-            plen = <size_t> f[0] | (<size_t> f[1] << 8)
+            plen = frame_len(f)
             if s.rx_len - pos < FRAME_HDR_LEN + plen:
                 break
-            if charm_decrypt(&s.rx_st, f + FRAME_HDR_LEN, plen, f + 2, WIRE_TAG_LEN) != 0:
+            if frame_open(&s.rx_st, f, plen) != 0:
                 # Frames before this one were already written to the tun, as in the reference.
-                dsvpn_gro_flush(self.tun_fd, &self.gro)
+                dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
                 s.t.drops[<int> DROP_BAD_TAG] += 1
                 self.c.t.drops[<int> DROP_BAD_TAG] += 1
                 self._end(idx, b"corrupted stream", True)
@@ -884,7 +751,7 @@ cdef class MultiLoop:
             if plen > 0:
                 drop = self._admit(&self.peers[s.peer], f + FRAME_HDR_LEN, plen)
                 if drop < 0:
-                    self._tun_write(f, plen)
+                    tun_write(&self.tun, f, plen)
                 else:
                     s.t.drops[drop] += 1
                     self.c.t.drops[drop] += 1
@@ -894,30 +761,9 @@ cdef class MultiLoop:
     cdef inline int _admit(self, const Peer* p, const uint8_t* pkt, size_t plen) noexcept nogil:
         """-1 if the decrypted packet may go to the tun (an IP packet from the peer's own
         address), else the Drop reason."""
-        cdef int version
         if plen > self.mtu:
             return DROP_OVERSIZE
-        version = pkt[0] >> 4
-        if version == 4:
-            if plen < 20:
-                return DROP_NON_IP
-            return -1 if memcmp(pkt + 12, p.ip4, 4) == 0 else DROP_SPOOFED
-        if version == 6:
-            if plen < 40:
-                return DROP_NON_IP
-            return -1 if memcmp(pkt + 8, p.ip6, 16) == 0 else DROP_SPOOFED
-        return DROP_NON_IP
-
-    cdef void _tun_write(self, uint8_t* frame, size_t plen) noexcept nogil:
-        """Write the plaintext at frame + 8 to the tun."""
-        if self.vnet_hdr:
-            dsvpn_gro_add(self.tun_fd, &self.gro, frame + FRAME_HDR_LEN, plen)
-            self.c.tun_tx_packets += 1
-            return
-        if dsvpn_write(self.tun_fd, frame + FRAME_HDR_LEN, plen) < 0:
-            self.c.tun_tx_errors += 1
-        else:
-            self.c.tun_tx_packets += 1
+        return admit_source(pkt, plen, p.ip4, p.ip6)
 
     # ---------------------------------------------------------------- tun -> sessions
 
@@ -941,36 +787,9 @@ cdef class MultiLoop:
 
     cdef void _tun_stop(self, ssize_t n) noexcept nogil:
         """A tun read returned n <= 0: nothing more to read, or a fatal error (event)."""
-        if n == 0:
-            self._push(EV_TUN_ERROR, b"end of file on the tun device")
-        elif n != DSVPN_IO_AGAIN:
-            self._push(EV_TUN_ERROR, strerror(errno))
-
-    cdef ssize_t _tun_read(self, uint8_t* p, dsvpn_vnet_hdr* vh) noexcept nogil:
-        """Read one tun packet so that it starts at p + 8: its length, SHORT_READ (counted),
-        or what dsvpn_read returned (0, -1, DSVPN_IO_AGAIN)."""
-        cdef ssize_t n
-        cdef iovec iov[2]
-        if self.vnet_hdr:
-            iov[0].iov_base = vh
-            iov[0].iov_len = DSVPN_VNET_HDR_LEN
-            iov[1].iov_base = p + FRAME_HDR_LEN
-            iov[1].iov_len = TUN_READ_MAX
-            n = dsvpn_readv(self.tun_fd, iov, 2)
-            if n <= 0:
-                return n
-            self.c.tun_rx_packets += 1
-            if n < DSVPN_VNET_HDR_LEN:
-                self.c.short_drops += 1
-                return SHORT_READ
-            n -= DSVPN_VNET_HDR_LEN
-        else:
-            n = dsvpn_read(self.tun_fd, p + FRAME_HDR_LEN, TUN_READ_MAX)
-            if n <= 0:
-                return n
-            self.c.tun_rx_packets += 1
-        self.c.tun_rx_bytes += <uint64_t> n
-        return n
+        cdef const char* why = tun_error(n)
+        if why != NULL:
+            self._push(EV_TUN_ERROR, why)
 
     cdef bint _tx_room(self, Sess* s, size_t need) noexcept nogil:
         """Whether need more bytes fit after s's queued data (moved to the front if that
@@ -989,17 +808,13 @@ cdef class MultiLoop:
 
     cdef void _emit(self, Sess* s, size_t plen) noexcept nogil:
         """Turn the tun packet at s.txbuf + tx_end + 8 into a frame and queue it."""
-        cdef uint8_t tag[CHARM_TAG_LEN]
         cdef uint8_t* f = s.txbuf + s.tx_end
         if plen > MAX_PAYLOAD or plen == 0:
             self._drop(s, DROP_OVERSIZE)
             return
         if s.tx_end == s.tx_off:
             s.tx_since = self.now  # the send deadline counts from here
-        charm_encrypt(&s.tx_st, f + FRAME_HDR_LEN, plen, tag)
-        f[0] = <uint8_t> (plen & 0xff)
-        f[1] = <uint8_t> (plen >> 8)
-        memcpy(f + 2, tag, WIRE_TAG_LEN)
+        frame_seal(&s.tx_st, f, plen)
         s.tx_end += FRAME_HDR_LEN + plen
         s.t.tx_packets += 1
         self.c.t.tx_packets += 1
@@ -1016,7 +831,7 @@ cdef class MultiLoop:
         if nseg == 0 or not self._tx_room(s, room):
             self._drop(s, DROP_OVERSIZE)
             return
-        self.c.tun_rx_packets += nseg - 1
+        self.tun.rx_packets += nseg - 1
         for i in range(nseg):
             self._emit(s, dsvpn_gso_segment(vh, self.gsobuf, plen, i, nseg,
                                             s.txbuf + s.tx_end + FRAME_HDR_LEN))
@@ -1050,9 +865,10 @@ cdef class MultiLoop:
                 break  # every session is full: the packets wait in the tun's queue
             g = self._guess()
             p = g.txbuf + g.tx_end if g != NULL else self.scratch
-            n = self._tun_read(p, &vh)
+            # (vh: room for the tun's own header, whichever it is)
+            n = tun_read(&self.tun, &vh, p + FRAME_HDR_LEN)
             count += 1
-            if n == SHORT_READ:
+            if n == TUN_SHORT:
                 continue
             if n <= 0:
                 self._tun_stop(n)
@@ -1066,10 +882,10 @@ cdef class MultiLoop:
             if s.blocked:
                 self._drop(s, DROP_CONGESTION)
                 continue
-            if self.vnet_hdr and vh.gso_type != 0:
+            if self.tun.vnet_hdr and vh.gso_type != 0:
                 self._gso(s, &vh, p + FRAME_HDR_LEN, plen)
             else:
-                if self.vnet_hdr and (vh.flags & 1) and \
+                if self.tun.vnet_hdr and (vh.flags & 1) and \
                         dsvpn_vnet_finish_csum(&vh, p + FRAME_HDR_LEN, plen) != 0:
                     self._drop(s, DROP_OVERSIZE)
                     continue
@@ -1136,13 +952,20 @@ cdef class MultiLoop:
             if self.pend[i].fd >= 0:
                 if now < self.pend[i].deadline:
                     self._soon(self.pend[i].deadline)
-                elif self.pend[i].stage == PEND_EXTENDED and self.pend[i].got == PKT1_LEN:
+                elif unmatched(&self.pend[i]):
                     self._pending_lost(i, b"handshake timeout")
                 else:
                     self._pending_fail(i, b"handshake timeout from %s%s", b"")
         for i in range(self.cap):
             s = self.sess[i]
-            if s == NULL or s.fd < 0 or unsent(s) == 0:
+            if s == NULL or s.fd < 0:
+                continue
+            if s.probation:
+                if now >= s.prob_deadline:
+                    self._end(i, PROB_TIMEOUT_MSG, False)
+                    continue
+                self._soon(s.prob_deadline)
+            if unsent(s) == 0:
                 continue
             if now - s.tx_since >= self.send_timeout_ms:
                 self._end(i, b"send timeout", True)
@@ -1156,15 +979,13 @@ cdef class MultiLoop:
         if want == self.tun_on:
             return
         if want:
-            self.tun_on = dsvpn_poller_add(self.poller, self.tun_fd, DSVPN_PIN,
+            self.tun_on = dsvpn_poller_add(self.poller, self.tun.fd, DSVPN_PIN,
                                            tag_of(K_TUN, 0, 0)) == 0
-        elif dsvpn_poller_del(self.poller, self.tun_fd) == 0:
+        elif dsvpn_poller_del(self.poller, self.tun.fd) == 0:
             self.tun_on = False
 
     cdef void _drain_wake(self) noexcept nogil:
-        cdef uint8_t drain[256]
-        while dsvpn_read(self.wake_fd, drain, 256) > 0:
-            pass
+        dsvpn_drain(self.wake_fd)
         self._push(EV_WAKE, b"")
 
     cdef void _dispatch(self, int n) noexcept nogil:
@@ -1175,7 +996,7 @@ cdef class MultiLoop:
         cdef uint32_t ev, gen
         cdef Kind kind
         cdef bint tun = False
-        cdef uint64_t wrote = self.c.tun_tx_packets
+        cdef uint64_t wrote = self.tun.tx_packets
         cdef Sess* s
         for i in range(n):
             tag = self.pevs[i].data
@@ -1202,7 +1023,7 @@ cdef class MultiLoop:
                 self._drain_wake()
             elif kind == K_CONTROL:
                 self._push(EV_CONTROL, b"")  # left unread: Python answers it
-        if self.tun_on and (tun or self.c.tun_tx_packets != wrote):
+        if self.tun_on and (tun or self.tun.tx_packets != wrote):
             self._tun_batch()
 
     cdef void _run(self, int64_t timeout_ms) noexcept nogil:
@@ -1215,7 +1036,7 @@ cdef class MultiLoop:
         while True:
             if self.now >= self.next_check:
                 self._deadlines()
-            if self.ev_count:
+            if self.ev.count:
                 return
             self._tun_interest()
             nxt = self.next_check
@@ -1230,7 +1051,7 @@ cdef class MultiLoop:
                 return
             if n > 0:
                 self._dispatch(n)
-            if self.ev_count or (end >= 0 and self.now >= end):
+            if self.ev.count or (end >= 0 and self.now >= end):
                 return
 
     # ---------------------------------------------------------------- Python API
@@ -1328,15 +1149,10 @@ cdef class MultiLoop:
         """Run until the first event or timeout_ms (negative: no timeout); see _multi.pyi."""
         if self.closed:
             raise RuntimeError("loop is closed")
-        if self.ev_count == 0:
+        if self.ev.count == 0:
             with nogil:
                 self._run(timeout_ms)
-        if self.ev_count == 0:
-            return (PyEvent.EV_TIMEOUT, "")
-        cdef QueuedEvent* e = &self.evq[self.ev_head]
-        self.ev_head = (self.ev_head + 1) % EVQ
-        self.ev_count -= 1
-        return (PyEvent(e.code), e.msg.decode("utf-8", "replace"))
+        return events_next(&self.ev, PyEvent)
 
     def disconnect(self, name=None):
         """End the session (and connection on probation) of peer name, or every session and
@@ -1390,55 +1206,19 @@ cdef class MultiLoop:
             "sessions": self.nlive,
             "sessions_full": self.nblocked,
             "probation": sum(1 for i in range(self.npeers) if self.peers[i].prob >= 0),
-            "tun_rx_packets": self.c.tun_rx_packets,
-            "tun_rx_bytes": self.c.tun_rx_bytes,
-            "tun_tx_packets": self.c.tun_tx_packets,
-            "tun_tx_errors": self.c.tun_tx_errors + self.gro.errors,
-            "tun_writes": self.gro.writes if self.vnet_hdr else self.c.tun_tx_packets,
-            "tun_merged": self.gro.merged,
-            "sock_rx_bytes": self.c.t.rx_bytes,
-            "sock_tx_bytes": self.c.t.tx_bytes,
-            "frames_rx": self.c.t.rx_packets,
-            "frames_tx": self.c.t.tx_packets,
-            "short_drops": self.c.short_drops,
-            "handshakes_ok": self.c.handshakes_ok,
-            "handshakes_failed": self.c.handshakes_failed,
-            "handshakes_pfs": self.c.handshakes_pfs,
-            "replays": self.c.replays,
-            "probation_closed": self.c.probation_closed,
-            "pending_handshakes": sum(1 for i in range(MAX_PENDING) if self.pend[i].fd >= 0),
         }
-        for i, name in _DROP_NAMES.items():
-            out[f"{name}_drops"] = self.c.t.drops[i]
+        out.update(loop_stats(&self.tun, &self.c, _DROP_NAMES))
+        out["replays"] = self.c.replays
+        out["pending_handshakes"] = pending_count(self.pend, MAX_PENDING)
         return out
 
     def take_pfs_hello(self):
         """The next verified extended hello waiting for its reply, or None; see _multi.pyi."""
-        cdef int i, j
-        cdef Pending* p
-        cdef bytearray state
-        for i in range(MAX_PENDING):
-            p = &self.pend[i]
-            if p.fd < 0 or p.stage != PEND_READY:
-                continue
-            p.stage = PEND_TAKEN
-            state = bytearray(CHARM_STATE_LEN)
-            for j in range(CHARM_STATE_LEN):
-                state[j] = <uint8_t> (p.st.w[j >> 2] >> (8 * (j & 3)))
-            memset(&p.st, 0, sizeof(charm_state))
-            j = HS_RANDOM_LEN + HS_TIMESTAMP_LEN  # E_c
-            who = f"{p.addr.ip.decode()}, peer {self.peers[p.peer].name.decode()}"
-            return (p.seq, state, bytes(p.buf[j:j + X25519_LEN]), who)
-        return None
-
-    cdef int _taken(self, uint64_t token) noexcept:
-        """The pending handshake with this token that Python is answering, or -1."""
-        cdef int i
-        for i in range(MAX_PENDING):
-            if self.pend[i].fd >= 0 and self.pend[i].seq == token \
-                    and self.pend[i].stage == PEND_TAKEN:
-                return i
-        return -1
+        cdef int i = pending_ready(self.pend, MAX_PENDING)
+        if i < 0:
+            return None
+        p = &self.pend[i]
+        return take_hello(p, f"{p.addr.ip.decode()}, peer {self.peers[p.peer].name.decode()}")
 
     def pfs_reply(self, uint64_t token, reply, key):
         """Send the extended reply of the hello take_pfs_hello() returned with token, and
@@ -1447,10 +1227,8 @@ cdef class MultiLoop:
         cdef const uint8_t[:] k = key
         cdef int i, idx, fd
         cdef Pending* p
-        if r.shape[0] != PFS_REPLY_LEN or k.shape[0] != CHARM_KEY_LEN:
-            raise ValueError(f"the reply must be {PFS_REPLY_LEN} bytes and the key "
-                             f"{CHARM_KEY_LEN}")
-        i = self._taken(token)
+        check_reply(r.shape[0], k.shape[0])
+        i = pending_taken(self.pend, MAX_PENDING, token)
         if i < 0:
             return False
         p = &self.pend[i]
@@ -1468,7 +1246,7 @@ cdef class MultiLoop:
 
     def pfs_abort(self, uint64_t token, str why):
         """Close that handshake's connection without a reply and log why; see _multi.pyi."""
-        cdef int i = self._taken(token)
+        cdef int i = pending_taken(self.pend, MAX_PENDING, token)
         cdef bytes w = why.encode("utf-8", "replace")
         if i >= 0:
             self._pending_fail(i, HS_FAILED_FMT, w)
@@ -1476,17 +1254,7 @@ cdef class MultiLoop:
 
     def _set_test_random(self, data):
         """Test hook: the next handshakes take their 32 random bytes from data."""
-        free(self.trand)
-        self.trand = NULL
-        self.trand_len = self.trand_pos = 0
-        if data is None or len(data) == 0:
-            return
-        cdef const uint8_t[:] d = bytes(data)
-        self.trand = <uint8_t*> malloc(d.shape[0])
-        if self.trand == NULL:
-            raise MemoryError()
-        memcpy(self.trand, &d[0], d.shape[0])
-        self.trand_len = d.shape[0]
+        set_test_random(&self.trand, data)
 
     def _set_test_clock(self, t):
         """Test hook: fixed wall-clock seconds for the handshake timestamp check."""

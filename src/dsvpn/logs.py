@@ -29,6 +29,7 @@ DROP_NAMES = {
     "spoofed": "spoofed source",
     "congestion": "congestion",
     "non_ip": "not IP",
+    "link_local": "link-local",
 }
 
 # sd-daemon(3) prefixes: journald takes them as the line's priority.

@@ -281,6 +281,14 @@ static inline ssize_t dsvpn_read(int fd, void *buf, size_t len)
     return dsvpn_io_result(n);
 }
 
+/* Read and discard what a non-blocking descriptor holds (a wake pipe). */
+static inline void dsvpn_drain(int fd)
+{
+    uint8_t buf[256];
+    while (dsvpn_read(fd, buf, sizeof buf) > 0) {
+    }
+}
+
 static inline ssize_t dsvpn_readv(int fd, const struct iovec *iov, int iovcnt)
 {
     ssize_t n;

@@ -39,6 +39,7 @@ cdef extern from "loop_sys.h" nogil:
     int dsvpn_accept(int lfd, dsvpn_addr* peer)
     int dsvpn_peer(int fd, dsvpn_addr* peer)
     ssize_t dsvpn_read(int fd, void* buf, size_t n)
+    void dsvpn_drain(int fd)
     ssize_t dsvpn_readv(int fd, const iovec* iov, int iovcnt)
     ssize_t dsvpn_write(int fd, const void* buf, size_t n)
     ssize_t dsvpn_send(int fd, const void* buf, size_t n)

@@ -18,13 +18,14 @@ from dsvpn.errors import DsvpnError
 
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
     from dsvpn._multi import MultiLoop
+    from dsvpn.platform import TunFraming
 
 log = logging.getLogger("dsvpn")
 
 
 def make_loop(
     tun_fd: int, listen_fd: int, cfg: ServerConfig, current: peers.Peers, wake_fd: int,
-    *, vnet_hdr: bool, control_fd: int = -1,
+    *, framing: TunFraming, control_fd: int = -1,
 ) -> MultiLoop:  # fmt: skip
     from dsvpn._multi import MultiLoop
 
@@ -36,7 +37,10 @@ def make_loop(
         wake_fd=wake_fd,
         control_fd=control_fd,
         mtu=cfg.mtu,
-        vnet_hdr=vnet_hdr,
+        vnet_hdr=framing.vnet_hdr,
+        tun_header=framing.header,
+        af_inet=framing.af_inet,
+        af_inet6=framing.af_inet6,
         # As the reference, accepted sockets carry the mark too (ignored if refused).
         mark=ROUTING_TABLE,
         require_pfs=cfg.require_pfs,

@@ -207,13 +207,6 @@ class Tunnel:
         self.cfg = backend.prepare(cfg)  # a bad tun name is refused before the key is read
         # A server of several clients reads its peers file (and their keys) instead.
         self.peers = _load_peers(self.cfg)
-        if self.peers is not None and backend.framing.header:
-            # Planned for macOS and OpenBSD, but dsvpn._multi does not yet take (or strip) the
-            # 4-byte address-family header their tun puts before each packet.
-            raise DsvpnError(
-                f"a server of several clients cannot run on {backend.name} yet: its loop does "
-                "not read the tun's packet header (`--dry-run` shows the plan)"
-            )
         self.key = load_key(cfg.key_file) if self.peers is None else b""
         self._run_dir = run_dir
         self._run = run  # how commands are run (a fake host in tests)
@@ -370,7 +363,7 @@ class Tunnel:
             assert isinstance(self.cfg, ServerConfig) and listener is not None
             return peers_server.make_loop(
                 tun_fd, listener.fileno(), self.cfg, self.peers, signals.fd,
-                vnet_hdr=framing.vnet_hdr, control_fd=control_fd,
+                framing=framing, control_fd=control_fd,
             )  # fmt: skip
         return Loop(
             tun_fd,

@@ -163,7 +163,7 @@ def test_retry() -> None:
 # -- -v counters -------------------------------------------------------------------------------
 
 
-def session(rx: int, tx: int, congestion: int = 0) -> dict[str, Any]:
+def session(rx: int, tx: int, congestion: int = 0, link_local: int = 0) -> dict[str, Any]:
     return {
         "endpoint": "198.51.100.2:53422",
         "since": 1000,
@@ -171,7 +171,7 @@ def session(rx: int, tx: int, congestion: int = 0) -> dict[str, Any]:
         "tx_bytes": tx,
         "rx_packets": rx // 100,
         "tx_packets": tx // 100,
-        "drops": {"bad_tag": 0, "congestion": congestion},
+        "drops": {"bad_tag": 0, "congestion": congestion, "link_local": link_local},
     }
 
 
@@ -183,6 +183,10 @@ def test_stats_only_when_something_moved(restore_logger: None) -> None:
     assert stats.lines([session(2048, 100)]) == []  # nothing moved
     assert stats.lines([session(2048, 100, congestion=3)]) == [
         "198.51.100.2 port 53422: received 2.00 KiB (+0 B), sent 100 B (+0 B); drops: congestion 3"
+    ]
+    assert stats.lines([session(2048, 100, congestion=3, link_local=2)]) == [
+        "198.51.100.2 port 53422: received 2.00 KiB (+0 B), sent 100 B (+0 B); "
+        "drops: congestion 3, link-local 2"
     ]
     assert stats.lines([]) == []
 

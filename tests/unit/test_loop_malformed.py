@@ -75,7 +75,19 @@ DROPPED = {
     "the server's own IPv4 source": (ip4_packet("10.9.0.1"), "spoofed"),
     "another tunnel IPv6 source": (ip6_packet("64:ff9b::a09:63"), "spoofed"),
     "a public IPv6 source": (ip6_packet("2001:db8::1"), "spoofed"),
+    # A link-local source passes for no one, but one that leaves the link is still spoofed.
     "a link-local IPv6 source": (ip6_packet("fe80::1"), "spoofed"),
+    "a link-local source to a site-scope group": (ip6_packet("fe80::1", "ff05::2"), "spoofed"),
+    "another tunnel source to all nodes": (ip6_packet("64:ff9b::a09:63", "ff02::1"), "spoofed"),
+    "a public source to a link-local address": (ip6_packet("2001:db8::1", "fe80::1"), "spoofed"),
+    # What the client's kernel sends on its own link: not spoofing, counted apart.
+    "a router solicitation": (ip6_packet("fe80::1", "ff02::2"), "link_local"),
+    "an MLD report from the unspecified address": (ip6_packet("::", "ff02::16"), "link_local"),
+    "a neighbour solicitation": (ip6_packet("fe80::1", "ff02::1:ff00:2"), "link_local"),
+    "to a link-local neighbour": (ip6_packet("fe80::1", "fe80::2"), "link_local"),
+    "to an interface-local group": (ip6_packet("fe80::1", "ff01::1"), "link_local"),
+    "to a transient link-scope group": (ip6_packet("fe80::1", "ff12::1:3"), "link_local"),
+    "from a multicast source": (ip6_packet("ff02::1", "ff02::1"), "link_local"),
 }
 
 
@@ -198,7 +210,7 @@ def test_every_malformed_frame_in_one_session(rig: ServerRig) -> None:
     assert tun_packets(rig) == [good] * len(DROPPED)
     session = rig.loop.session()
     assert session is not None
-    for reason in ("oversize", "non_ip", "spoofed"):
+    for reason in ("oversize", "non_ip", "spoofed", "link_local"):
         want = sum(1 for _, r in DROPPED.values() if r == reason)
         assert session["drops"][reason] == want, reason
         assert stat(rig.loop, f"{reason}_drops") == want

@@ -61,7 +61,10 @@ def test_drop_names_and_timeouts() -> None:
     loop = L.Loop(tun.fileno(), KEY, is_server=True)
     try:
         names = [d.name.removeprefix("DROP_").lower() for d in L.Drop]
-        assert names == ["bad_tag", "oversize", "no_session", "spoofed", "congestion", "non_ip"]
+        assert names == [
+            *("bad_tag", "oversize", "no_session", "spoofed", "congestion", "non_ip"),
+            "link_local",
+        ]
         st = loop.stats()
         assert all(st[f"{n}_drops"] == 0 for n in names)
     finally:

@@ -370,6 +370,29 @@ def test_replayed_classic_hello_does_not_end_the_live_session(rigs):
     roundtrip(rig, live)
 
 
+def test_probation_has_the_handshake_deadline(rigs):
+    rig = rigs()
+    live = connect_pfs(rig)
+    rig.loop._set_test_timeouts(accept_ms=300)
+    began = time.monotonic()
+    silent = connect_pfs(rig)  # same address: on probation
+    assert stat(rig.loop, "probation") == 1
+    silent.sock.sendall(silent.frame(ip4_packet("10.0.0.2"))[:5])  # only the start of a frame
+    evs = pump(rig.loop, has(L.EV_LOG, "closed before it replaced"))
+    assert time.monotonic() - began >= 0.3
+    assert evs[-1] == (
+        L.EV_LOG,
+        "new connection from 127.0.0.1 closed before it replaced the active session: no frame "
+        "authenticated within the handshake timeout",
+    )
+    assert all(code != L.EV_SESSION_DOWN for code, _ in evs)
+    assert_closed(silent.sock)
+    st = rig.loop.stats()
+    assert st["probation"] == 0 and st["probation_closed"] == 1
+    assert rig.loop.session_active and rig.loop.ended_session() is None
+    roundtrip(rig, live)
+
+
 def test_genuine_reconnect_replaces_the_session_after_its_first_frame(rigs):
     rig = rigs()
     old = connect_pfs(rig)

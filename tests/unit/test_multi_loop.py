@@ -179,6 +179,28 @@ def test_a_peer_cannot_send_as_another_or_as_the_server(rig: MultiRig) -> None:
     assert tun_recv(rig) == pkt
 
 
+def test_a_peers_own_link_traffic_is_not_called_spoofed(rig: MultiRig) -> None:
+    alice = rig.client("alice")
+    own_link = [
+        ip6_packet("fe80::1", "ff02::2"),  # router solicitation
+        ip6_packet("::", "ff02::16"),  # MLD report
+        ip6_packet("fe80::1", "fe80::2"),  # neighbour solicitation
+    ]
+    leaving = [
+        ip6_packet("fe80::1", "2001:db8::9"),  # a link-local source off the link
+        ip6_packet(f"64:ff9b::{ADDR['bob']}", "ff02::1"),  # bob's address, even on the link
+    ]
+    for pkt in own_link + leaving:
+        alice.send(pkt)
+    good = ip4_packet(ADDR["alice"])
+    alice.send(good)
+    assert tun_recv(rig) == good  # nothing else went through
+    drops = rig.loop.sessions()["alice"]["drops"]
+    assert drops["link_local"] == 3 and drops["spoofed"] == 2
+    stats = rig.loop.stats()
+    assert stats["link_local_drops"] == 3 and stats["spoofed_drops"] == 2
+
+
 def test_no_session_no_delivery(rig: MultiRig) -> None:
     alice = rig.client("alice")
     for dst in (ADDR["bob"], "10.8.0.77", "10.9.0.1"):
@@ -300,6 +322,36 @@ def test_probation_ends_when_the_old_session_does(rig: MultiRig) -> None:
     pkt = ip4_packet("10.0.0.9", ADDR["alice"])
     rig.peer_tun.send(pkt)
     assert recv_on(rig, new) == pkt
+
+
+def test_probation_has_the_handshake_deadline(rig: MultiRig) -> None:
+    live = rig.client("alice")
+    bob = rig.client("bob")
+    rig.loop._set_test_timeouts(accept_ms=300)
+    silent = rig.connect("alice")
+    began = time.monotonic()
+    pump(rig.loop, lambda e: any("new connection" in m for _, m in e))
+    silent.finish()
+    # The start of a frame is not an authenticated frame.
+    silent.sock.sendall(silent.frame(ip4_packet(ADDR["alice"]))[:5])
+    evs = pump(rig.loop, lambda e: any("closed before" in m for _, m in e))
+    assert time.monotonic() - began >= 0.3
+    assert evs[-1] == (
+        L.EV_LOG,
+        "peer alice: new connection from 127.0.0.1 closed before it replaced the session: "
+        "no frame authenticated within the handshake timeout",
+    )
+    assert all(code != L.EV_SESSION_DOWN for code, _ in evs)
+    assert closed(rig, silent)
+    stats = rig.loop.stats()
+    assert stats["probation"] == 0 and stats["probation_closed"] == 1
+    assert rig.loop.sessions()["alice"]["replacement"] is None
+    # The live sessions carry on.
+    for name, c in (("alice", live), ("bob", bob)):
+        pkt = ip4_packet("10.0.0.9", ADDR[name])
+        rig.peer_tun.send(pkt)
+        assert recv_on(rig, c) == pkt
+    assert sorted(rig.loop.sessions()) == ["alice", "bob"]
 
 
 def test_a_newer_connection_takes_the_probation_place(rig: MultiRig) -> None:
@@ -513,3 +565,54 @@ def test_vnet_hdr_tso_to_its_peer_and_gso_from_a_peer() -> None:
         alice.send(tcp4(99, b"x", sport=7))
         assert tun_recv(rig) == NO_VH + tcp4(99, b"x", sport=7)
         assert rig.loop.sessions()["bob"]["drops"]["spoofed"] == 1
+
+
+# -- a tun with an address-family header (macOS utun, OpenBSD tun) -----------------------------
+
+
+@pytest.mark.parametrize(("af_inet", "af_inet6"), [(2, 30), (2, 24)], ids=["macos", "openbsd"])
+def test_tun_header_is_stripped_on_read_and_added_on_write(af_inet: int, af_inet6: int) -> None:
+    def af(n: int) -> bytes:
+        return struct.pack("!I", n)
+
+    with MultiRig(PEERS, tun_header=True, af_inet=af_inet, af_inet6=af_inet6) as rig:
+        alice = rig.client("alice")
+        bob = rig.client("bob")
+        # tun -> peers: routed by the packet after the header, which is not framed
+        for name, c in (("alice", alice), ("bob", bob)):
+            v4 = ip4_packet("10.0.0.9", ADDR[name])
+            v6 = ip6_packet("2001:db8::9", f"64:ff9b::{ADDR[name]}")
+            rig.peer_tun.send(af(af_inet) + v4)
+            assert recv_on(rig, c) == v4
+            rig.peer_tun.send(af(af_inet6) + v6)
+            assert recv_on(rig, c) == v6
+        # peers -> tun: each packet gets the family of its version
+        for name, c in (("alice", alice), ("bob", bob)):
+            v4 = ip4_packet(ADDR[name])
+            v6 = ip6_packet(f"64:ff9b::{ADDR[name]}")
+            c.send(v4)
+            assert tun_recv(rig) == af(af_inet) + v4
+            c.send(v6)
+            assert tun_recv(rig) == af(af_inet6) + v6
+        # a read shorter than the header, or nothing after it: dropped, the loop reads on
+        rig.peer_tun.send(b"\0\0")
+        rig.peer_tun.send(af(af_inet))
+        pkt = ip4_packet("10.0.0.9", ADDR["alice"])
+        rig.peer_tun.send(af(af_inet) + pkt)
+        assert recv_on(rig, alice) == pkt
+        stats = rig.loop.stats()
+        assert stats["short_drops"] == 2 and stats["tun_tx_errors"] == 0
+        assert stats["tun_tx_packets"] == 4 and stats["frames_tx"] == 5
+        nothing_for(rig, bob, 20)
+
+
+def test_tun_header_excludes_vnet_hdr() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lst = socket.socket()
+    try:
+        with pytest.raises(ValueError, match="exclude each other"):
+            MultiLoop(a.fileno(), listen_fd=lst.fileno(), pool="10.0.0.0/24",
+                      tun_header=True, vnet_hdr=True)  # fmt: skip
+    finally:
+        for s in (a, b, lst):
+            s.close()

@@ -17,6 +17,7 @@ from dsvpn import _loop as L
 from dsvpn import cli, peers, peers_server, pfs
 from dsvpn.charm import Charm
 from dsvpn.config import ServerConfig
+from dsvpn.platform import TunFraming
 
 KEYS = {name: os.urandom(32) for name in ("alice", "bob", "carol")}
 ADDR = {"alice": "10.8.0.1", "bob": "10.8.0.2", "carol": "10.8.0.3"}
@@ -313,7 +314,9 @@ def test_require_pfs_with_a_peers_file_from_the_command_line_to_the_loop(
     current = peers.load(path)
     tun, peer_tun = tun_pair()
     lst = listener()
-    loop = peers_server.make_loop(tun.fileno(), lst.fileno(), cfg, current, -1, vnet_hdr=False)
+    loop = peers_server.make_loop(
+        tun.fileno(), lst.fileno(), cfg, current, -1, framing=TunFraming(False, 2, 10)
+    )
     c = RawClient(lst, current.peers[0].key)
     try:
         c.hello()

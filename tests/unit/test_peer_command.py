@@ -288,17 +288,34 @@ def test_dry_run_of_a_pool_on_macos_and_openbsd(
     assert f"#     {nat}" in lines
 
 
-@pytest.mark.parametrize("name", ["macos", "openbsd"])
-def test_a_pool_server_there_waits_for_a_loop_that_reads_the_tun_header(
-    peers_file: Path, name: str
+@pytest.mark.parametrize(("name", "af_inet6"), [("macos", 30), ("openbsd", 24), ("linux", 10)])
+def test_a_pool_server_gets_a_loop_that_reads_its_tun_header(
+    peers_file: Path, name: str, af_inet6: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dsvpn import tunnel
+    import types
+
+    from dsvpn import _multi, tunnel
     from dsvpn.platform import by_name
 
     cfg = cli.parse_args(["server", str(peers_file)]).config
     assert cfg is not None
-    with pytest.raises(DsvpnError, match=f"cannot run on {name} yet: .* packet header"):
-        tunnel.Tunnel(cfg, by_name(name))
+    made: list[dict[str, object]] = []
+
+    class FakeLoop:
+        def __init__(self, tun_fd: int, **kw: object) -> None:
+            made.append(kw)
+
+        def set_peers(self, peers: object) -> list[str]:
+            return []
+
+    monkeypatch.setattr(_multi, "MultiLoop", FakeLoop)
+    t = tunnel.Tunnel(cfg, by_name(name))
+    listener = types.SimpleNamespace(fileno=lambda: 7)
+    t._make_loop(5, types.SimpleNamespace(fd=-1), listener)  # type: ignore[arg-type]
+    [kw] = made
+    header = name != "linux"
+    assert (kw["tun_header"], kw["vnet_hdr"]) == (header, not header)
+    assert (kw["af_inet"], kw["af_inet6"]) == (2, af_inet6)
 
 
 def test_dry_run_of_a_pool(peers_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

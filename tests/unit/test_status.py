@@ -36,6 +36,7 @@ SESSION: dict[str, Any] = {
         "spoofed": 0,
         "congestion": 3,
         "non_ip": 0,
+        "link_local": 2,
     },
 }
 
@@ -378,6 +379,7 @@ def test_render_a_server_with_a_session() -> None:
     assert "1.21 MiB in 1,234 packets" in text
     assert "6.00 GiB in 4,567,890 packets" in text
     assert "congestion 3" in text and "bad tag" not in text
+    assert "link-local 2" in text and "spoofed" not in text
     assert "2 ok, 1,234 failed" in text
     # one column for every value of the instance
     columns = {len(line) - len(line.split(":", 1)[1].lstrip()) for line in lines if ":" in line}
