@@ -11,7 +11,9 @@ NAT set by hand for that step) for comparison:
   retransmissions (iperf3 sum_sent.retransmits) and the tun devices' dropped packets on both
   ends per run; CPU seconds per GB moved by these runs, per process;
 - latency: ping RTT through the tunnel (p50, p99, max) while one iperf3 flow saturates it,
-  upload then download, and that flow's throughput against the unloaded one;
+  upload then download, and that flow's throughput against the unloaded one; and the floor
+  under those figures: ping through the idle path while two CPU-bound processes spin (on a
+  machine of few cores, waking each process on the path waits for the scheduler);
 - udp: iperf3 UDP offered at a fixed rate (1400-byte datagrams at 1.5 Gbit/s, 64-byte datagrams
   at 300 k/s), each way: what the far end delivers, against the bare underlay;
 - bidir: iperf3 --bidir, the sum of both directions against one way alone;
@@ -68,6 +70,7 @@ RR_COUNT = 300
 PING_COUNT = 300  # 30 cannot resolve the 20-40 µs differences that matter here
 PING_INTERVAL = 0.02
 LOAD_WARMUP = 1.0  # seconds of the saturating flow before the pings start (slow start)
+CPU_HOGS = 2  # spinning processes for the scheduling floor: as many as a transfer runs
 TUN_SERVER_IP = testbed.SERVER_TUN_IP
 
 MEASURES = ("tcp", "latency", "udp", "bidir", "flows", "idle", "multi")
@@ -191,6 +194,22 @@ class Measure:
                 time.sleep(1)
         raise testbed.TestbedError(f"loaded iperf3 failed twice: {error}")
 
+    def busy_ping(self) -> dict[str, float]:
+        """Ping the far host through the idle path while CPU_HOGS processes spin: what waking
+        each process on the path costs on a busy machine. A transfer's iperf3 processes are
+        such spinners, so this is the floor under the latency measured during one."""
+        hogs = [
+            self.tb.start(self.tb.inet, ["sh", "-c", "while :; do :; done"], f"hog{i}-{self.label}")
+            for i in range(CPU_HOGS)
+        ]
+        try:
+            time.sleep(LOAD_WARMUP)
+            stats = self.tb.client.ping(self.far, count=PING_COUNT, interval=PING_INTERVAL)
+            return rtt_stats(stats)
+        finally:
+            for hog in hogs:
+                hog.kill()
+
     def udp(self, size: str, rate: str, reverse: bool) -> dict[str, float]:
         """UDP offered at rate (-b) in datagrams of size bytes: what the far end received."""
         args = ["-u", "-l", size, "-b", rate, *(["-R"] if reverse else [])]
@@ -258,6 +277,7 @@ class Measure:
         if "latency" in only:
             for direction, reverse in DIRECTIONS:
                 res[f"loaded_{direction}"] = self.loaded_ping(reverse)
+            res["busy_ping"] = self.busy_ping()
         if "udp" in only:
             for name, (size, rate, _) in UDP_TESTS.items():
                 for direction, reverse in DIRECTIONS:
@@ -564,6 +584,12 @@ def table(results: dict[str, Any]) -> str:
                 ),
             )
         )
+    lines.append(
+        row(
+            f"ping ms p50/p99/max, idle, {CPU_HOGS} CPU-bound processes",
+            lambda r: ms3(r["busy_ping"]),
+        )
+    )
     for test, unit, key, fmt in (
         ("udp1400", "Gbit/s", "gbps", "{:.3f}"),
         ("udp64", "k/s", "kpps", "{:.0f}"),
