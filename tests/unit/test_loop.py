@@ -81,11 +81,11 @@ def test_wake_fd_and_timeout_promptness():
     try:
         t0 = time.monotonic()
         assert loop.run(150) == (L.EV_TIMEOUT, "")
-        assert 0.14 < time.monotonic() - t0 < 0.5
+        assert 0.14 < time.monotonic() - t0 < 2  # bounds loose enough for a busy machine
         os.write(w, b"\x02\x0f")
         t0 = time.monotonic()
         assert loop.run(5000)[0] == L.EV_WAKE
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 2
         with pytest.raises(BlockingIOError):
             os.read(r, 10)  # the loop drained it
         assert loop.run(0) == (L.EV_TIMEOUT, "")

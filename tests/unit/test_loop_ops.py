@@ -187,7 +187,7 @@ def test_control_fd_returns_without_reading() -> None:
         theirs.send(b"?")
         t0 = time.monotonic()
         assert loop.run(5000) == (L.EV_CONTROL, "")
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 2
         # not read by the loop: it says so again until Python reads it
         assert loop.run(5000) == (L.EV_CONTROL, "")
         assert ours.recv(10) == b"?"
@@ -240,8 +240,10 @@ def test_control_fd_is_answered_promptly_at_full_throughput() -> None:
             assert ours.recv(10) == b"s"
             p.cli.run(5)  # traffic flows between the requests
         assert stat(p.cli, "frames_tx") > 2000
-        assert statistics.median(delays) < 0.1, delays
-        assert max(delays) < 0.25, delays
+        # Unanswered, a request would wait for run()'s 1 s timeout; the margins are for a
+        # busy machine.
+        assert statistics.median(delays) < 0.3, delays
+        assert max(delays) < 0.9, delays
     finally:
         stop.set()
         for t in threads:

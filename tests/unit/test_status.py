@@ -152,7 +152,7 @@ def test_a_request_in_pieces_never_blocks(served: StatusServer) -> None:
         t0 = time.monotonic()
         served.handle()
         served.handle()
-        assert time.monotonic() - t0 < 0.05  # returned at once, twice
+        assert time.monotonic() - t0 < 1  # returned at once, twice (a blocking read never would)
         c.sendall(b"tus\n")
         served.handle()
         c.settimeout(2)
