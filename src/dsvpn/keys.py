@@ -36,10 +36,7 @@ def load_key(path: str) -> bytes:
             f"key file {path} holds {len(data)} bytes; a key is {KEY_BYTES} raw bytes "
             f"(create one with: dsvpn keygen {path})"
         )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        log.warning(
-            "warning: key file %s is readable by group or others; run: chmod 600 %s", path, path
-        )
+    warn_if_exposed(path, st)
     if _TEXT_KEY.fullmatch(data):
         log.warning(
             "warning: key file %s looks like base64 text; its first 32 characters are used as "
@@ -49,6 +46,14 @@ def load_key(path: str) -> bytes:
             path,
         )
     return data[:KEY_BYTES]
+
+
+def warn_if_exposed(path: str, st: os.stat_result) -> None:
+    """A key others can read is not secret any more: say so, and how to fix it."""
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        log.warning(
+            "warning: key file %s is readable by group or others; run: chmod 600 %s", path, path
+        )
 
 
 def generate_key_file(path: str) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dsvpn.config import DEFAULT_PORT, NAT64_PREFIX, POOL_PREFIXES
 from dsvpn.errors import DsvpnError
-from dsvpn.keys import KEY_BYTES, generate_key_file
+from dsvpn.keys import KEY_BYTES, generate_key_file, warn_if_exposed
 
 log = logging.getLogger("dsvpn")
 
@@ -146,17 +146,23 @@ def is_peers_text(data: bytes) -> bool:
 # -- reading ----------------------------------------------------------------------------------
 
 
-def _read(path: str) -> tuple[str, os.stat_result]:
+def _read_capped(path: str, limit: int, what: str, fail: _Fail) -> tuple[bytes, os.stat_result]:
+    """At most limit bytes of the file ``what`` (peers file, key file) and its status; a
+    missing or unreadable file is one line through fail."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            data = f.read(MAX_FILE_BYTES + 1)
+            return f.read(limit), st
     except FileNotFoundError:
-        raise PeersError(f"peers file {path} does not exist") from None
+        raise fail(f"{what} {path} does not exist") from None
     except IsADirectoryError:
-        raise PeersError(f"peers file {path} is a directory") from None
+        raise fail(f"{what} {path} is a directory") from None
     except OSError as exc:
-        raise PeersError(f"cannot read peers file {path}: {exc.strerror}") from None
+        raise fail(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _read(path: str) -> tuple[str, os.stat_result]:
+    data, st = _read_capped(path, MAX_FILE_BYTES + 1, "peers file", PeersError)
     if len(data) > MAX_FILE_BYTES:
         raise PeersError(f"peers file {path} is larger than {MAX_FILE_BYTES >> 20} MiB")
     try:
@@ -289,25 +295,13 @@ def _check_in_pool(address: str, pool: ipaddress.IPv4Network, server: str, fail:
 
 
 def _load_key(path: str, fail: _Fail) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read(KEY_BYTES + 1)
-    except FileNotFoundError:
-        raise fail(f"key file {path} does not exist") from None
-    except IsADirectoryError:
-        raise fail(f"key file {path} is a directory") from None
-    except OSError as exc:
-        raise fail(f"cannot read key file {path}: {exc.strerror}") from None
+    data, st = _read_capped(path, KEY_BYTES + 1, "key file", fail)
     if len(data) != KEY_BYTES:
         raise fail(
             f"key file {path} is not a key: a key file is exactly {KEY_BYTES} raw bytes "
             f"(dsvpn keygen writes one)"
         )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        log.warning(
-            "warning: key file %s is readable by group or others; run: chmod 600 %s", path, path
-        )
+    warn_if_exposed(path, st)
     return data
 
 
