@@ -92,6 +92,10 @@ class TestbedError(RuntimeError):
 # Commands
 
 
+# How ping and `ip route get` say that the kernel has no way out for an address.
+UNREACHABLE = ("No route to host", "Network is unreachable")
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -205,6 +209,16 @@ class Netns:
 
     def ping_ok(self, dest: str, wait: float = 1.0) -> bool:
         return bool(self.ping(dest, 1, wait)["received"] == 1)
+
+    def reaches(self, dest: str) -> bool:
+        """One ping; False also when the kernel refuses to send it at all (no route to it, or
+        a REJECT of a kill switch)."""
+        try:
+            return self.ping_ok(dest)
+        except TestbedError as exc:
+            if any(why in str(exc) for why in UNREACHABLE):
+                return False
+            raise
 
     def wait_ping(
         self, dest: str, timeout: float = 20, what: str | None = None, procs: Iterable[Proc] = ()

@@ -24,7 +24,6 @@ pytestmark = pytest.mark.e2e
 
 PROBE_PORT = 7000
 # What a program sees when it hits an `unreachable` route, or the kill switch's REJECT.
-UNREACHABLE = ("No route to host", "Network is unreachable")
 NO_ROUTE = errno.errorcode[errno.EHOSTUNREACH]
 REJECTED = errno.errorcode[errno.ENETUNREACH]
 DNS_NAME = "probe.dsvpn.test"
@@ -119,16 +118,6 @@ def _up(
     return server, client
 
 
-def _reaches(tb: testbed.Testbed, dest: str) -> bool:
-    """One ping from the client; False also when the kernel refuses to send it at all."""
-    try:
-        return tb.client.ping_ok(dest)
-    except testbed.TestbedError as exc:
-        if any(why in str(exc) for why in UNREACHABLE):
-            return False
-        raise
-
-
 def _connect(tb: testbed.Testbed, host: str, dev: str = "-") -> str | None:
     out = tb.client.run([sys.executable, "-c", CONNECT, host, str(PROBE_PORT), dev], timeout=30)
     return json.loads(out.stdout)["errno"]
@@ -143,7 +132,7 @@ def _route_get(tb: testbed.Testbed, dest: str) -> str:
 
 def _no_route(tb: testbed.Testbed, dest: str) -> bool:
     """The client's kernel finds no way out for dest (an `unreachable` route)."""
-    return any(why.lower() in _route_get(tb, dest).lower() for why in UNREACHABLE)
+    return any(why.lower() in _route_get(tb, dest).lower() for why in testbed.UNREACHABLE)
 
 
 def _cleanup(tb: testbed.Testbed, impl: testbed.Impl, *args: str) -> str:
@@ -178,9 +167,9 @@ def test_kill9_fails_closed_until_cleanup_and_restart(tb, impl, key):
     client.kill()
 
     # Fail closed: what the tunnel carried is unreachable, it does not leave around it.
-    assert not _reaches(tb, tb.inet.ip)
-    assert not _reaches(tb, outside)
-    assert not _reaches(tb, outside6)
+    assert not tb.client.reaches(tb.inet.ip)
+    assert not tb.client.reaches(outside)
+    assert not tb.client.reaches(outside6)
     assert _no_route(tb, outside)
     assert _no_route(tb, outside6)
     assert _connect(tb, outside) == NO_ROUTE
@@ -199,7 +188,7 @@ def test_kill9_fails_closed_until_cleanup_and_restart(tb, impl, key):
 
     # After `dsvpn cleanup` the network is back as it was.
     client.kill()
-    assert not _reaches(tb, outside)
+    assert not tb.client.reaches(outside)
     _cleanup(tb, impl)
     tb.client.wait_ping(outside, 10, what="the outside host after cleanup")
     assert _connect(tb, outside) is None
@@ -220,7 +209,7 @@ def test_route_fails_closed_only_for_what_it_carries(tb, impl, key):
     tb.client.wait_ping(outside, 10)
 
     client.kill()
-    assert not _reaches(tb, tb.inet.ip)
+    assert not tb.client.reaches(tb.inet.ip)
     assert _no_route(tb, tb.inet.ip)
     # Everything else keeps its normal path.
     assert tb.client.ping_ok(outside)
