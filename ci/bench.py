@@ -2,6 +2,7 @@
 
     sudo python ci/bench.py [--runs 3] [--seconds 8] [--reference /path/to/c/dsvpn] [--soak 60]
                             [--only tcp,latency,udp,bidir,flows,idle,multi] [--variant NAME=SRC]
+                            [--multi-workers N]
 
 Testbed (dsvpn.testbed): client host -> server host (NAT) -> far host, veth links, MTU 1500.
 Measured per implementation, on the same testbed, and over the plain underlay (forwarding and
@@ -23,7 +24,8 @@ NAT set by hand for that step) for comparison:
   both at once (same start, same duration), each way; total / alone, Jain's fairness index,
   the server's cores used meanwhile, against issue 10's goals (bench_multi.py); and the
   handshake cost with 1, 100 and 10,000 peers (bench_handshake.py, the installed dsvpn). Ours
-  only: the C reference has no peers file;
+  only: the C reference has no peers file. The server runs one worker per CPU (dsvpn.workers);
+  --multi-workers N adds a column of the same server with --workers N;
 - peak RSS (VmHWM) of the server and client processes after the load;
 - Charm throughput at 64/1500/9000 bytes if ci/bench_charm.py provides measure();
 - with --soak S: S seconds of iperf3 at full speed, RSS sampled every few seconds.
@@ -485,6 +487,14 @@ def variant(spec: str) -> Impl:
     return Impl(name, ("env", f"PYTHONPATH={path}", sys.executable, "-m", "dsvpn"))
 
 
+def with_workers(n: str) -> Impl:
+    """--multi-workers N: ours, its servers of a peers file run with --workers N."""
+    if not n.isdigit() or int(n) < 1:
+        raise testbed.TestbedError(f"--multi-workers {n!r}: want a number of workers")
+    ours = testbed.ours()
+    return Impl(f"{ours.name} --workers {n}", ours.base, server_options=("--workers", n))
+
+
 # --------------------------------------------------------------------------------------------
 # Summary
 
@@ -692,6 +702,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="also run iperf3 for S seconds and sample RSS",
     )
+    ap.add_argument(
+        "--multi-workers",
+        action="append",
+        default=[],
+        metavar="N",
+        help="--only multi: also a column of the server with --workers N",
+    )
     ap.add_argument("--no-ours", action="store_true", help="leave out the installed dsvpn")
     ap.add_argument("--no-charm", action="store_true")
     args = ap.parse_args(argv)
@@ -711,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         impls: list[Impl] = [] if args.no_ours else [testbed.ours()]
         impls += [variant(spec) for spec in args.variant]
+        impls += [with_workers(n) for n in args.multi_workers]
         if args.reference:
             impls.append(testbed.reference(args.reference))
     except testbed.TestbedError as exc:
@@ -741,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
                     soak = args.soak if n == 0 else 0  # memory over time: once is enough
                     res = (
                         bench_tunnel(tb, impl, key, args.seconds, one_client, soak)
-                        if one_client
+                        if one_client and not impl.server_options  # (a peers file's options)
                         else {}
                     )
                     if multi and not impl.reference:

@@ -12,6 +12,7 @@ cpdef enum Event:
     EV_TUN_ERROR = 6
     EV_CONTROL = 7
     EV_PFS_HELLO = 8
+    EV_HANDOFF = 9
 
 cpdef enum Drop:
     # why a packet was dropped: the index of its counter (stats() "<name>_drops", session()

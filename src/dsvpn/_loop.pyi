@@ -22,6 +22,8 @@ EV_CONTROL           control_fd is readable (message ""). The loop does not read
 EV_PFS_HELLO         server: a verified extended hello (docs/protocol.md, Extensions) waits for
                      its reply; message: the peer IP. Take every waiting one with
                      take_pfs_hello() (dsvpn.pfs.answer_hellos does it all).
+EV_HANDOFF           MultiLoop of several workers: a session authenticated for a peer another
+                     worker owns; take it with take_handoffs() (dsvpn.workers does).
 """
 
 from enum import IntEnum
@@ -37,6 +39,7 @@ class Event(IntEnum):
     EV_TUN_ERROR = ...
     EV_CONTROL = ...
     EV_PFS_HELLO = ...
+    EV_HANDOFF = ...
 
 class Drop(IntEnum):
     """Why a packet was dropped; the counter is named after the member ("DROP_NON_IP":
@@ -66,6 +69,7 @@ EV_HANDSHAKE_FAILED: Final[Event]
 EV_TUN_ERROR: Final[Event]
 EV_CONTROL: Final[Event]
 EV_PFS_HELLO: Final[Event]
+EV_HANDOFF: Final[Event]
 
 class Drops(TypedDict):
     """Dropped packets by reason (Drop):

@@ -25,6 +25,13 @@ from typing import TypedDict
 
 from dsvpn._loop import Drops, Event
 
+def steer(tun_fd: int, pool: str, workers: int) -> None:
+    """Attach to the multi-queue tun of tun_fd the program that gives queue owner(address) the
+    packets for each pool address (and its 64:ff9b:: twin); OSError if the kernel refuses."""
+
+def owner(address: str, pool: str, workers: int) -> int:
+    """The worker (tun queue) of the peer with this tunnel address."""
+
 class PeerSession(TypedDict):
     """A peer's live session. Times are wall-clock Unix seconds; bytes are those of its
     socket (framing included, the handshake not); packets are frames."""
@@ -67,10 +74,15 @@ class MultiLoop:
         af_inet6: int = 10,
         mark: int = 0,
         require_pfs: bool = False,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
         """pool: the peers' addresses, "192.168.192.0/24" (a /16 to a /30); mark: SO_MARK of
         accepted sockets (0: none; errors ignored); require_pfs: refuse base hellos (logged,
-        naming the client and its peer). No peer is served until set_peers()."""
+        naming the client and its peer). No peer is served until set_peers().
+        worker of workers (dsvpn.workers): this loop serves the peers owner() gives it; one
+        that completes a handshake for another worker's peer reports EV_HANDOFF instead of
+        starting the session. listen_fd -1: a loop that only adopt()s sessions."""
     def set_peers(self, peers: Iterable[tuple[str, bytes, str]]) -> list[str]:
         """Serve exactly these (name, 32-byte key, IPv4 address in the pool) from now on.
         A peer whose name, key and address are unchanged keeps its session; the sessions of
@@ -94,6 +106,15 @@ class MultiLoop:
     def pfs_abort(self, token: int, why: str) -> bool:
         """Close that handshake's connection without a reply and log why (naming the
         client); False if it was gone already."""
+    def take_handoffs(self) -> list[tuple[int, int, str, bytearray, bool]]:
+        """The sessions authenticated here for peers other workers own (EV_HANDOFF), as
+        (worker, socket fd, peer name, 32-byte session key, forward-secret): the fds are the
+        caller's from now on. Give each to its worker's adopt(); wipe the keys after."""
+    def adopt(self, fd: int, name: str, key: bytes | bytearray, pfs: bool = False) -> bool:
+        """Start peer name's session on fd (a socket another worker accepted and answered),
+        keyed with the session key (probation as for its own handshakes). The loop owns fd
+        from now on: if the peer is gone or not this worker's, fd is closed (logged) and False
+        returned. The loop keeps no reference to key."""
     def disconnect(self, name: str | None = None) -> bool:
         """End peer name's session (every session and handshake with None), no event."""
     def close(self) -> None:

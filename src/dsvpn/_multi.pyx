@@ -49,6 +49,7 @@ from dsvpn._loop cimport (
     DROP_NO_SESSION,
     DROP_OVERSIZE,
     EV_CONTROL,
+    EV_HANDOFF,
     EV_LOG,
     EV_PFS_HELLO,
     EV_SESSION_DOWN,
@@ -78,6 +79,7 @@ from dsvpn.loop_sys cimport (
     dsvpn_addr,
     dsvpn_drain,
     dsvpn_now_ms,
+    dsvpn_peer,
     dsvpn_read,
     dsvpn_send,
     dsvpn_set_nonblock,
@@ -102,6 +104,7 @@ from dsvpn.poller cimport (
 from dsvpn.pending cimport (PEND_BASE, PEND_EXTENDED, PEND_READY, Pending, lost_fmt, pending_count,
                             pending_read, pending_ready, pending_slot, pending_start, pending_taken,
                             take_hello, unmatched)
+from dsvpn.tun_steer cimport dsvpn_steer_queue, dsvpn_tun_steer
 from dsvpn.tun_io cimport (TUN_READ_MAX, TUN_SHORT, Tun, tun_error, tun_read, tun_setup,
                            tun_write)
 from dsvpn.tun_vnet cimport (
@@ -183,6 +186,14 @@ cdef struct Sess:
     bint pfs                    # keyed by the forward-secret handshake
 
 
+cdef struct Handoff:
+    # A session authenticated here for a peer another worker owns (take_handoffs)
+    int fd
+    int peer
+    bint pfs
+    uint8_t key[CHARM_HASH_LEN]
+
+
 cdef inline uint64_t tag_of(Kind kind, uint32_t index, uint32_t gen) noexcept nogil:
     return <uint64_t> kind | (<uint64_t> index << 8) | (<uint64_t> gen << 32)
 
@@ -197,6 +208,29 @@ cdef inline size_t unsent(const Sess* s) noexcept nogil:
 
 cdef str _ipv4_text(const uint8_t* a):
     return f"{a[0]}.{a[1]}.{a[2]}.{a[3]}"
+
+
+def steer(int tun_fd, pool, int workers):
+    """Make the kernel give each worker's tun queue the packets of the peers it owns (a
+    multi-queue tun, tun_steer.h); OSError if it cannot (e.g. no eBPF)."""
+    import ipaddress
+
+    cdef uint32_t net = <uint32_t> int(ipaddress.IPv4Network(pool).network_address)
+    cdef int err
+    if workers < 1:
+        raise ValueError("at least one worker")
+    err = dsvpn_tun_steer(tun_fd, net, <uint32_t> workers)
+    if err != 0:
+        raise OSError(err, strerror(err).decode())
+
+
+def owner(address, pool, int workers):
+    """The worker that serves the peer of this tunnel address (as the kernel steers)."""
+    import ipaddress
+
+    return dsvpn_steer_queue(<uint32_t> int(ipaddress.IPv4Address(address)),
+                             <uint32_t> int(ipaddress.IPv4Network(pool).network_address),
+                             <uint32_t> workers)
 
 
 @cython.final
@@ -220,6 +254,11 @@ cdef class MultiLoop:
     cdef uint8_t* gsobuf        # vnet_hdr: a TSO packet being cut into segments
     cdef Pending pend[MAX_PENDING]
     cdef uint64_t pend_seq
+    # workers (dsvpn.workers): this loop's index, how many there are; sessions of peers this
+    # one does not own wait in hand until take_handoffs()
+    cdef uint32_t worker, nworkers
+    cdef Handoff hand[MAX_PENDING]
+    cdef int nhand
     cdef int64_t now, next_check
     # test hooks
     cdef TestRandom trand
@@ -239,13 +278,17 @@ cdef class MultiLoop:
 
     def __init__(self, int tun_fd, *, int listen_fd, pool, int wake_fd=-1, int control_fd=-1,
                  int mtu=9000, bint vnet_hdr=False, bint tun_header=False, int af_inet=2,
-                 int af_inet6=10, int mark=0, bint require_pfs=False):
+                 int af_inet6=10, int mark=0, bint require_pfs=False, int worker=0,
+                 int workers=1):
         import ipaddress
 
         net = ipaddress.IPv4Network(pool)
         if not 16 <= net.prefixlen <= 30:
             raise ValueError(f"the pool must be a /16 to a /30, not {pool}")
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker {worker} of {workers}")
         tun_setup(&self.tun, mtu, tun_header, af_inet, af_inet6, vnet_hdr)
+        self.worker, self.nworkers = <uint32_t> worker, <uint32_t> workers
         self.net = int(net.network_address)
         self.size = net.num_addresses
         self.mtu = <size_t> mtu
@@ -264,10 +307,13 @@ cdef class MultiLoop:
         if not self._grow(16):
             raise MemoryError()
         # The loop drains the tun until EAGAIN, so its reads must not block.
-        if dsvpn_set_nonblock(tun_fd) != 0 or dsvpn_set_nonblock(listen_fd) != 0:
+        # (listen_fd -1: a worker that only serves the sessions handed to it)
+        if dsvpn_set_nonblock(tun_fd) != 0 or (listen_fd >= 0
+                                               and dsvpn_set_nonblock(listen_fd) != 0):
             raise OSError(errno, strerror(errno).decode())
         self._watch(tun_fd, DSVPN_PIN, tag_of(K_TUN, 0, 0))
-        self._watch(listen_fd, DSVPN_PIN, tag_of(K_LISTEN, 0, 0))
+        if listen_fd >= 0:
+            self._watch(listen_fd, DSVPN_PIN, tag_of(K_LISTEN, 0, 0))
         if wake_fd >= 0:
             self._watch(wake_fd, DSVPN_PIN, tag_of(K_WAKE, 0, 0))
         if control_fd >= 0:
@@ -284,6 +330,7 @@ cdef class MultiLoop:
     def __dealloc__(self):
         cdef int i
         self._close_all(b"loop closed", False)
+        self._drop_handoffs()
         if self.sess != NULL:
             for i in range(self.cap):
                 free(self.sess[i])
@@ -654,7 +701,7 @@ cdef class MultiLoop:
         cdef uint8_t pkt2[PKT2_LEN]
         cdef uint8_t k[CHARM_HASH_LEN]
         cdef char why[MSG_LEN]
-        cdef int peer, err, idx, fd
+        cdef int peer, err
         peer = self._identify(p.buf, &st, False)
         if peer < 0:
             return False
@@ -674,12 +721,48 @@ cdef class MultiLoop:
         charm_hash(&st, pkt2, HS_RANDOM_LEN, pkt2 + HS_RANDOM_LEN)
         charm_hash(&st, NULL, 0, k)  # the session key (docs/protocol.md, Handshake)
         memset(&st, 0, sizeof(charm_state))
-        idx = self._claim_slot(i)
-        if idx >= 0 and self._reply(i, idx, pkt2, PKT2_LEN):
-            fd = self._detach(i)
-            self._start(idx, fd, peer, k, &p.addr, False)
+        self._complete(i, peer, k, pkt2, PKT2_LEN, False)
         memset(k, 0, CHARM_HASH_LEN)
         return True
+
+    cdef bint _complete(self, int i, int peer, const uint8_t* key, const uint8_t* reply,
+                        size_t n, bint pfs) noexcept nogil:
+        """Send pending handshake i its reply and start the session keyed with key: here, or
+        in the worker that owns the peer (handed over). False if it failed (logged)."""
+        cdef Handoff* h
+        cdef int idx, fd
+        if self._owner(peer) != self.worker:
+            if self.nhand == MAX_PENDING:
+                self._pending_fail(i, HS_FAILED_FMT, b"too many sessions wait for their worker")
+                return False
+            if dsvpn_send(self.pend[i].fd, reply, n) != <ssize_t> n:
+                self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
+                return False
+            fd = self._detach(i)
+            dsvpn_poller_del(self.poller, fd)
+            h = &self.hand[self.nhand]
+            self.nhand += 1
+            h.fd, h.peer, h.pfs = fd, peer, pfs
+            memcpy(h.key, key, CHARM_HASH_LEN)
+            self._push(EV_HANDOFF, b"")
+            return True
+        idx = self._claim_slot(i)
+        if idx < 0 or not self._reply(i, idx, reply, n):
+            return False
+        fd = self._detach(i)
+        self._start(idx, fd, peer, key, &self.pend[i].addr, pfs)
+        return True
+
+    cdef inline uint32_t _owner(self, int peer) noexcept nogil:
+        """The worker whose tun queue the kernel gives the peer's packets (tun_steer.h)."""
+        return dsvpn_steer_queue(self.peers[peer].host, 0, self.nworkers)
+
+    cdef void _drop_handoffs(self) noexcept nogil:
+        cdef int i
+        for i in range(self.nhand):
+            close(self.hand[i].fd)
+        memset(self.hand, 0, sizeof(self.hand))
+        self.nhand = 0
 
     cdef void _pfs_hello(self, int i) noexcept nogil:
         """The 104 bytes of pending handshake i as an extended hello: once a peer's PX
@@ -1225,7 +1308,7 @@ cdef class MultiLoop:
         start the peer's session with session key key; see _multi.pyi."""
         cdef const uint8_t[:] r = reply
         cdef const uint8_t[:] k = key
-        cdef int i, idx, fd
+        cdef int i
         cdef Pending* p
         check_reply(r.shape[0], k.shape[0])
         i = pending_taken(self.pend, MAX_PENDING, token)
@@ -1237,12 +1320,7 @@ cdef class MultiLoop:
                             tag_of(K_PEND, <uint32_t> i, p.gen)) != 0:
             self._pending_fail(i, HS_FAILED_FMT, strerror(errno))
             return False
-        idx = self._claim_slot(i)
-        if idx < 0 or not self._reply(i, idx, &r[0], PFS_REPLY_LEN):
-            return False
-        fd = self._detach(i)
-        self._start(idx, fd, p.peer, &k[0], &p.addr, True)
-        return True
+        return self._complete(i, p.peer, &k[0], &r[0], PFS_REPLY_LEN, True)
 
     def pfs_abort(self, uint64_t token, str why):
         """Close that handshake's connection without a reply and log why; see _multi.pyi."""
@@ -1251,6 +1329,60 @@ cdef class MultiLoop:
         if i >= 0:
             self._pending_fail(i, HS_FAILED_FMT, w)
         return i >= 0
+
+    def take_handoffs(self):
+        """The sessions authenticated here for peers other workers own; see _multi.pyi."""
+        cdef int i
+        cdef Handoff* h
+        out = []
+        for i in range(self.nhand):
+            h = &self.hand[i]
+            key = bytearray(h.key[:CHARM_HASH_LEN])
+            out.append((self._owner(h.peer), h.fd, self.peers[h.peer].name.decode(), key,
+                        bool(h.pfs)))
+        memset(self.hand, 0, sizeof(self.hand))  # the fds are the caller's now
+        self.nhand = 0
+        return out
+
+    def adopt(self, int fd, str name, key, bint pfs=False):
+        """Start peer name's session on fd, whose handshake another worker completed with
+        session key key; see _multi.pyi."""
+        cdef const uint8_t[:] k = key
+        cdef int peer = -1, j, idx
+        cdef dsvpn_addr addr
+        cdef char msg[MSG_LEN]
+        cdef bytes name_b = name.encode()
+        cdef const char* why = NULL
+        if k.shape[0] != CHARM_KEY_LEN:
+            raise ValueError(f"the key must be {CHARM_KEY_LEN} bytes")
+        for j in range(self.npeers):
+            if self.peers[j].name == name_b:
+                peer = j
+                break
+        if peer < 0 or self._owner(peer) != self.worker:
+            why = b"its peer was removed or moved meanwhile"
+        elif dsvpn_peer(fd, &addr) != 0:
+            why = b"the connection was lost"
+        if why == NULL:
+            idx = self._new_slot()
+            if idx < 0:
+                why = b"out of memory"
+            elif dsvpn_poller_add(self.poller, fd, DSVPN_PIN,
+                                  tag_of(K_SESS, <uint32_t> idx, self.sess[idx].gen)) != 0:
+                free(self.sess[idx].txbuf)
+                free(self.sess[idx].rxbuf)
+                self.sess[idx].txbuf = self.sess[idx].rxbuf = NULL
+                why = strerror(errno)
+        if why != NULL:
+            close(fd)
+            self.c.handshakes_failed += 1
+            snprintf(msg, MSG_LEN, "peer %s: session closed before it started: %s",
+                     <const char*> name_b, <const char*> why)
+            self._push(EV_LOG, msg)
+            return False
+        dsvpn_set_nonblock(fd)
+        self._start(idx, fd, peer, &k[0], &addr, pfs)
+        return True
 
     def _set_test_random(self, data):
         """Test hook: the next handshakes take their 32 random bytes from data."""

@@ -12,6 +12,7 @@ from dsvpn.config import (
     DEFAULT_CLIENT_TUN_IP,
     DEFAULT_PORT,
     DEFAULT_SERVER_TUN_IP,
+    MAX_WORKERS,
     ClientConfig,
     ClientNetwork,
     Config,
@@ -51,6 +52,8 @@ options (anywhere after the mode word):
   --pfs                client: forward secrecy (an X25519 handshake); needs a dsvpn
                        server, never falls back to the classic handshake
   --require-pfs        server: refuse clients without --pfs (C DSVPN clients too)
+  --workers N          server of a peers file, Linux: N threads share the clients (default:
+                       one per CPU it may run on)
 
 client options:
   --route CIDR         only this destination goes through the tunnel (repeatable)
@@ -87,6 +90,7 @@ class _Options:
     platform: str | None = None
     pfs: bool = False
     require_pfs: bool = False
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,11 +172,19 @@ def _split_options(args: Sequence[str]) -> tuple[list[str], _Options]:
             opts.pfs = True
         elif arg == "--require-pfs":
             opts.require_pfs = True
+        elif arg == "--workers" or arg.startswith("--workers="):
+            opts.workers = _workers(next(it, None) if arg == "--workers" else arg[10:])
         elif arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
             raise UsageError(f"unknown option {arg!r} (see dsvpn --help)")
         else:
             positionals.append(arg)
     return positionals, opts
+
+
+def _workers(value: str | None) -> int:
+    if value is None or not value.isdigit() or not 0 < int(value) <= MAX_WORKERS:
+        raise UsageError(f"--workers needs a number from 1 to {MAX_WORKERS}")
+    return int(value)
 
 
 def _is_number(arg: str) -> bool:
@@ -245,6 +257,8 @@ def parse_args(argv: Sequence[str]) -> Invocation:
     if opts.require_pfs and command != "server":
         hint = " (a client asks for forward secrecy with --pfs)" if command == "client" else ""
         raise UsageError("--require-pfs is a server option" + hint)
+    if opts.workers is not None and command != "server":
+        raise UsageError("--workers is a server option")
     if client_options and command != "client":
         raise UsageError(f"{client_options[0]} is a client option")
 
@@ -277,6 +291,7 @@ def parse_args(argv: Sequence[str]) -> Invocation:
             external_ip=_ip(last_ip, "external ip"),
             firewall=_firewall(firewall),
             require_pfs=opts.require_pfs,
+            workers=opts.workers,
         )
     else:
         server = _auto(address)
@@ -308,6 +323,10 @@ def _with_peers(cfg: ServerConfig, local_ip: str | None, remote_ip: str | None) 
     from dsvpn import peers
 
     if not peers.looks_like_peers_file(cfg.key_file):
+        if cfg.workers is not None:
+            raise UsageError(
+                f"--workers goes with a peers file; {cfg.key_file} is a key file (one client)"
+            )
         return cfg
     loaded = peers.load(cfg.key_file)
     if local_ip is not None and local_ip != loaded.server:

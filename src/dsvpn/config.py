@@ -21,6 +21,9 @@ ROUTING_TABLE = 42069  # also the SO_MARK of the tunnel's own TCP socket
 ALL_IPV4 = "0.0.0.0/0"
 ALL_IPV6 = "::/0"
 NAT64_PREFIX = "64:ff9b::"  # IPv6 tunnel address = prefix + the IPv4 tunnel address
+# A server of a peers file runs at most this many workers (dsvpn.workers).
+MAX_WORKERS = 64
+
 # The prefix lengths of a pool of clients (dsvpn.peers): a /16 holds 65534, a /30 two.
 POOL_PREFIXES = range(16, 31)
 
@@ -75,6 +78,8 @@ class ServerConfig(BaseConfig):
     pool: str | None = None
     # Refuse the classic handshake: only clients with --pfs (docs/protocol.md, Extensions).
     require_pfs: bool = False
+    # --workers: threads sharing the clients of a peers file (dsvpn.workers); None: one per CPU.
+    workers: int | None = None
 
 
 @dataclass(frozen=True)

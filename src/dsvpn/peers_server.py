@@ -10,7 +10,9 @@ session carries on untouched.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from dsvpn import peers
 from dsvpn.config import ROUTING_TABLE, ServerConfig
@@ -19,48 +21,74 @@ from dsvpn.errors import DsvpnError
 if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never needs it
     from dsvpn._multi import MultiLoop
     from dsvpn.platform import TunFraming
+    from dsvpn.workers import OnEvent, Workers
 
 log = logging.getLogger("dsvpn")
 
 
 def make_loop(
     tun_fd: int, listen_fd: int, cfg: ServerConfig, current: peers.Peers, wake_fd: int,
-    *, framing: TunFraming, control_fd: int = -1,
-) -> MultiLoop:  # fmt: skip
+    *, framing: TunFraming, control_fd: int = -1, queues: Sequence[int] = (),
+    on_event: OnEvent | None = None, wake_main: Callable[[], None] | None = None,
+) -> MultiLoop | Workers:  # fmt: skip
+    """The loop of a server of several clients; with `queues` (more queues of the tun, whose
+    packets the kernel steers by peer), one worker per queue besides the first (dsvpn.workers):
+    its events go to on_event (from the worker's thread), a failure wakes the tunnel through
+    wake_main."""
     from dsvpn._multi import MultiLoop
+    from dsvpn.workers import Workers
 
     assert cfg.pool is not None
-    loop = MultiLoop(
-        tun_fd,
-        listen_fd=listen_fd,
-        pool=cfg.pool,
-        wake_fd=wake_fd,
-        control_fd=control_fd,
-        mtu=cfg.mtu,
-        vnet_hdr=framing.vnet_hdr,
-        tun_header=framing.header,
-        af_inet=framing.af_inet,
-        af_inet6=framing.af_inet6,
+    nworkers = 1 + len(queues)
+    settings: dict[str, Any] = {
+        "pool": cfg.pool,
+        "mtu": cfg.mtu,
+        "vnet_hdr": framing.vnet_hdr,
+        "tun_header": framing.header,
+        "af_inet": framing.af_inet,
+        "af_inet6": framing.af_inet6,
         # As the reference, accepted sockets carry the mark too (ignored if refused).
-        mark=ROUTING_TABLE,
-        require_pfs=cfg.require_pfs,
+        "mark": ROUTING_TABLE,
+        "require_pfs": cfg.require_pfs,
+        "workers": nworkers,
+    }
+    entries = _entries(current)
+    first = MultiLoop(
+        tun_fd, listen_fd=listen_fd, wake_fd=wake_fd, control_fd=control_fd, **settings
     )
-    loop.set_peers(_entries(current))
+    first.set_peers(entries)
     log.info(
-        "serving %d peer(s) of %s (pool %s, server %s)",
+        "serving %d peer(s) of %s (pool %s, server %s)%s",
         len(current.peers),
         current.path,
         current.pool,
         current.server,
+        f" with {nworkers} workers" if queues else "",
     )
-    return loop
+    if not queues:
+        return first
+    assert on_event is not None and wake_main is not None
+    others: list[tuple[MultiLoop, int]] = []
+    fds = list(queues)
+    try:
+        for index, queue_fd in enumerate(queues, start=1):
+            fds.append(wake := os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            loop = MultiLoop(queue_fd, listen_fd=-1, wake_fd=wake, worker=index, **settings)
+            loop.set_peers(entries)
+            others.append((loop, wake))
+    except BaseException:
+        first.close()
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Workers(first, others, on_event, wake_main, close_fds=fds)
 
 
 def _entries(current: peers.Peers) -> list[tuple[str, bytes, str]]:
     return [(p.name, p.key, p.address) for p in current.peers]
 
 
-def reload(loop: MultiLoop, current: peers.Peers) -> peers.Peers:
+def reload(loop: MultiLoop | Workers, current: peers.Peers) -> peers.Peers:
     """Serve what the peers file says now; on an error keep `current` (and say why)."""
     try:
         fresh = peers.load(current.path)

@@ -49,7 +49,8 @@ PLATFORMS = ("linux", "macos", "openbsd", "freebsd")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 # Words that need no quoting in a shell or a unit.
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_./+:,=@-]+")
-_OPTIONS = ("-v", "--verbose", "-q", "--quiet", "--pfs", "--require-pfs")
+# The options that take a value as the next argument.
+_VALUED = ("--platform", "--firewall", "--route", "--exclude", "--dns", "--workers")
 
 USAGE = """\
 usage:
@@ -174,7 +175,8 @@ def _absolute_key(args: Sequence[str], inv: Invocation) -> list[str]:
     if os.path.isabs(inv.config.key_file):
         return out
     for i in range(1, len(out)):
-        if out[i] not in _OPTIONS:  # the first positional after the mode is the key file
+        # The key file as parse_args found it (an option's value is never taken for it).
+        if out[i] == inv.config.key_file and out[i - 1] not in _VALUED:
             out[i] = os.path.abspath(out[i])
             break
     return out

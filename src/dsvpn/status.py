@@ -546,6 +546,8 @@ def _render_one(inst: dict[str, Any], now: float) -> str:
     if inst.get("mode") == "client":
         rows.append((2, "reconnects", human.count(int(inst.get("reconnects") or 0))))
     stats = inst.get("stats") or {}
+    if int(stats.get("workers", 1)) > 1:
+        rows.append((2, "workers", f"{stats['workers']} (threads sharing the clients)"))
     if "handshakes_ok" in stats:
         ok, failed = int(stats["handshakes_ok"]), int(stats.get("handshakes_failed", 0))
         rows.append((2, "handshakes", f"{human.count(ok)} ok, {human.count(failed)} failed"))
@@ -556,6 +558,8 @@ def _render_one(inst: dict[str, Any], now: float) -> str:
             # A server of a peers file: the session of a named peer, at its tunnel address.
             srows = [(2, "peer", f"{s['peer']} ({s.get('address')})"),
                      (4, "endpoint", str(s.get("endpoint")))]  # fmt: skip
+            if "worker" in s:
+                srows.append((4, "worker", str(s["worker"])))
             if s.get("replacement"):
                 srows.append((4, "replacement", f"{s['replacement']} (on probation)"))
         srows.append((4, "connected", _when(s.get("since"), now)))

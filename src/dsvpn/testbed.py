@@ -334,6 +334,7 @@ class Impl:
     name: str
     base: tuple[str, ...]
     reference: bool = False  # the C DSVPN: no -v/--dry-run/cleanup, logs on stdout too
+    server_options: tuple[str, ...] = ()  # given to every server it starts (e.g. --workers 1)
 
     def server_argv(
         self,
@@ -357,7 +358,7 @@ class Impl:
             local,
             remote,
             ext,
-            *self._extra(extra),
+            *self._extra([*extra, *self.server_options]),
         ]
 
     def client_argv(

@@ -19,7 +19,7 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
-from dsvpn import dns, instances, logs, peers, peers_server, platform, status
+from dsvpn import dns, instances, logs, peers, peers_server, platform, status, workers
 from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the compiled module is imported lazily, so --help never nee
     from dsvpn._loop import Loop
     from dsvpn._multi import MultiLoop
     from dsvpn.status import StatusServer
+    from dsvpn.workers import Workers
 
 log = logging.getLogger("dsvpn")
 
@@ -141,6 +142,11 @@ class Signals:
     def fd(self) -> int:
         return self._r.fileno()
 
+    def wake(self) -> None:
+        """Wake the loop from another thread (a worker that failed)."""
+        with contextlib.suppress(OSError):  # full: it is awake already
+            self._w.send(b"\0")
+
     def drain(self) -> None:
         with contextlib.suppress(OSError):
             while self._r.recv(4096):
@@ -218,7 +224,7 @@ class Tunnel:
         self.fully_up = False  # the whole plan is applied
         self.started = int(time.time())
         self.live: status.Live | None = None  # what `dsvpn status` and the logs say of us
-        self.loop: Loop | MultiLoop | None = None
+        self.loop: Loop | MultiLoop | Workers | None = None
         self.status_server: StatusServer | None = None
         self.sessions = logs.SessionLog(self.cfg.mode)
         self.stats = logs.SessionStats()
@@ -252,7 +258,13 @@ class Tunnel:
             # A plan that never names the gateway must not fail for the lack of one.
             self.follow_gateway = isinstance(cfg, ServerConfig) or backend.needs_gateway(cfg)
             self.net = backend.discover(cfg) if self.follow_gateway else NetInfo("", "")
-            tun_fd, tun = backend.open_tun(cfg.tun_name, cfg.mtu, self.runner.command)
+            # A server of several clients on several cores: a multi-queue tun, one per worker.
+            nworkers = 1
+            if self.peers is not None and isinstance(cfg, ServerConfig):
+                nworkers = workers.count(cfg.workers, backend)
+            tun_fd, tun = backend.open_tun(
+                cfg.tun_name, cfg.mtu, self.runner.command, queues=nworkers
+            )
             stack.callback(os.close, tun_fd)
             instance.set_tun(tun)
             log.info("opened tun device %s", tun)
@@ -269,7 +281,9 @@ class Tunnel:
             self.live = self._live(tun)
             self.status_server = self._status_server(instance)
             control_fd = self.status_server.fileno() if self.status_server else -1
-            loop = self.loop = self._make_loop(tun_fd, signals, listener, control_fd)
+            loop = self.loop = self._make_loop(
+                tun_fd, signals, listener, control_fd, tun=tun, nworkers=nworkers
+            )
             stack.callback(self._log_ended, loop)  # the session the stop ended, once closed
             stack.callback(loop.close)
             if self.status_server is not None:
@@ -353,8 +367,9 @@ class Tunnel:
         return self.live.answer(self.loop)
 
     def _make_loop(
-        self, tun_fd: int, signals: Signals, listener: socket.socket | None, control_fd: int = -1
-    ) -> Loop | MultiLoop:
+        self, tun_fd: int, signals: Signals, listener: socket.socket | None, control_fd: int = -1,
+        *, tun: str = "", nworkers: int = 1,
+    ) -> Loop | MultiLoop | Workers:  # fmt: skip
         from dsvpn._loop import Loop
         from dsvpn.config import ROUTING_TABLE
 
@@ -364,6 +379,8 @@ class Tunnel:
             return peers_server.make_loop(
                 tun_fd, listener.fileno(), self.cfg, self.peers, signals.fd,
                 framing=framing, control_fd=control_fd,
+                queues=self._more_queues(tun_fd, tun, nworkers),
+                on_event=self._worker_event, wake_main=signals.wake,
             )  # fmt: skip
         return Loop(
             tun_fd,
@@ -386,7 +403,36 @@ class Tunnel:
 
     # -- server -----------------------------------------------------------------------------
 
-    def _serve(self, loop: Loop | MultiLoop, signals: Signals) -> None:
+    def _more_queues(self, tun_fd: int, tun: str, nworkers: int) -> list[int]:
+        """The tun's other queues, one per worker but the first, their packets steered by peer;
+        none (one worker, said why) if the kernel refuses."""
+        from dsvpn._multi import steer
+
+        queues: list[int] = []
+        if nworkers == 1:
+            return queues
+        assert isinstance(self.cfg, ServerConfig) and self.cfg.pool is not None
+        try:
+            while len(queues) < nworkers - 1:
+                queues.append(self.backend.open_tun_queue(tun))
+            steer(tun_fd, self.cfg.pool, nworkers)
+        except (OSError, DsvpnError) as exc:
+            for fd in queues:
+                os.close(fd)
+            log.warning("one worker instead of %d: cannot steer the tun's queues: %s",
+                        nworkers, exc)  # fmt: skip
+            return []
+        return queues
+
+    def _worker_event(self, event: int, message: str) -> None:
+        """An event of a worker's loop (in its thread): as the first worker's own."""
+        from dsvpn._loop import EV_SESSION_UP
+
+        if event == EV_SESSION_UP and self.live is not None:
+            self.live.session_up()
+        peers_server.log_event(event, message)
+
+    def _serve(self, loop: Loop | MultiLoop | Workers, signals: Signals) -> None:
         from dsvpn import pfs
         from dsvpn._loop import EV_PFS_HELLO
 
@@ -402,7 +448,7 @@ class Tunnel:
         # The tun is up, every rule applied, the listener bound: the service works.
         self.notifier.ready(self.live.summary(0))
         if self.peers is not None:
-            self._serve_peers(cast("MultiLoop", loop), signals)
+            self._serve_peers(cast("MultiLoop | Workers", loop), signals)
             return
         loop = cast("Loop", loop)
         while signals.received is None:
@@ -414,7 +460,7 @@ class Tunnel:
             self._tick(loop)
         log.info("stopping (signal %d)", signals.received)
 
-    def _serve_peers(self, loop: MultiLoop, signals: Signals) -> None:
+    def _serve_peers(self, loop: MultiLoop | Workers, signals: Signals) -> None:
         """A server of a peers file: its events, and a reload of the file on SIGHUP."""
         from dsvpn import pfs
         from dsvpn._loop import EV_CONTROL, EV_PFS_HELLO, EV_SESSION_UP
@@ -462,18 +508,18 @@ class Tunnel:
         elif event == EV_TUN_ERROR:
             raise DsvpnError(f"tun device failed: {message}")
 
-    def _log_ended(self, loop: Loop | MultiLoop) -> None:
+    def _log_ended(self, loop: Loop | MultiLoop | Workers) -> None:
         if self.peers is not None:
             return  # a server of a peers file logs each session's end as it happens
         line = self.sessions.ended(cast("Loop", loop).ended_session())
         if line is not None:
             log.info("%s", line)
 
-    def _summary(self, loop: Loop | MultiLoop | None) -> str:
+    def _summary(self, loop: Loop | MultiLoop | Workers | None) -> str:
         assert self.live is not None
         return self.live.summary(len(status.sessions_of(loop)))
 
-    def _tick(self, loop: Loop | MultiLoop) -> None:
+    def _tick(self, loop: Loop | MultiLoop | Workers) -> None:
         """After every turn of the loop (at least every TICK_MS): never per packet."""
         self.notifier.status(self._summary(loop))  # sent only when it changed
         self.notifier.tick()  # WATCHDOG=1: the loop is alive

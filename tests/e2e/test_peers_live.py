@@ -46,6 +46,23 @@ def start_peer_client(
     )  # fmt: skip
 
 
+def all_transfer(tb: testbed.Testbed, nbytes: int = 4_000_000) -> None:
+    """Every client host sends nbytes to the far host at once, checked at both ends; the far
+    host sees the server's address (NAT)."""
+    n = len(tb.clients)
+    with ThreadPoolExecutor(n) as pool:
+        results = list(
+            pool.map(
+                lambda i: tb.transfer(tb.clients[i], tb.inet, tb.inet.ip, nbytes, port=5301 + i),
+                range(n),
+            )
+        )
+    for r in results:
+        assert r["received"]["bytes"] == r["sent"]["bytes"] == nbytes, r
+        assert r["received"]["sha256"] == r["sent"]["sha256"] == r["sent"]["echo"], r
+        assert r["received"]["peer"] == tb.server_ext_ip
+
+
 def client_impls(impl: testbed.Impl) -> list[testbed.Impl]:
     """Ours three times, or the C reference for the last client when DSVPN_REFERENCE names it."""
     path = os.environ.get("DSVPN_REFERENCE")
@@ -86,18 +103,7 @@ def test_three_clients_at_once(tb3: testbed.Testbed, ours: testbed.Impl) -> None
     for name in names:
         tb.wait_log(server, rf"session up: peer {name} from {re.escape(tb.lan)}\.", 10)
 
-    # All three transfer at once, checked at both ends; the far host sees the server (NAT).
-    with ThreadPoolExecutor(3) as pool:
-        results = list(
-            pool.map(
-                lambda i: tb.transfer(tb.clients[i], tb.inet, tb.inet.ip, 4_000_000, port=5301 + i),
-                range(3),
-            )
-        )
-    for r in results:
-        assert r["received"]["bytes"] == r["sent"]["bytes"] == 4_000_000, r
-        assert r["received"]["sha256"] == r["sent"]["sha256"] == r["sent"]["echo"], r
-        assert r["received"]["peer"] == tb.server_ext_ip
+    all_transfer(tb)
     # Clients reach each other through the server, each at its own address.
     assert tb.clients[0].ping(f"{POOL}.2", count=3, interval=0.1)["received"] == 3
     # `dsvpn status` shows each peer by name, with its address.

@@ -311,7 +311,8 @@ def test_a_pool_server_gets_a_loop_that_reads_its_tun_header(
     monkeypatch.setattr(_multi, "MultiLoop", FakeLoop)
     t = tunnel.Tunnel(cfg, by_name(name))
     listener = types.SimpleNamespace(fileno=lambda: 7)
-    t._make_loop(5, types.SimpleNamespace(fd=-1), listener)  # type: ignore[arg-type]
+    signals = types.SimpleNamespace(fd=-1, wake=lambda: None)
+    t._make_loop(5, signals, listener)  # type: ignore[arg-type]
     [kw] = made
     header = name != "linux"
     assert (kw["tun_header"], kw["vnet_hdr"]) == (header, not header)
@@ -337,3 +338,48 @@ def test_a_service_checks_every_key_of_a_peers_file(peers_file: Path) -> None:
     assert service._secret_files(str(key)) == [str(key)]
     with pytest.raises(DsvpnError, match=r"cannot see the key file /tmp/.*/peers"):
         service.install("office", ["server", str(peers_file)], print_only=True)
+
+
+def test_workers_option(peers_file: Path, tmp_path: Path) -> None:
+    for argv in (["--workers", "3"], ["--workers=3"]):
+        inv = cli.parse_args(["server", str(peers_file), *argv])
+        assert isinstance(inv.config, ServerConfig) and inv.config.workers == 3
+    inv = cli.parse_args(["server", str(peers_file)])
+    assert isinstance(inv.config, ServerConfig) and inv.config.workers is None  # one per CPU
+    key = tmp_path / "vpn.key"
+    key.write_bytes(bytes(32))
+    for argv, message in [
+        (["server", str(peers_file), "--workers"], "--workers needs a number from 1 to 64"),
+        (["server", str(peers_file), "--workers", "0"], "--workers needs a number"),
+        (["server", str(peers_file), "--workers=65"], "--workers needs a number"),
+        (["server", str(peers_file), "--workers", "two"], "--workers needs a number"),
+        (["client", str(key), "h", "--workers", "2"], "--workers is a server option"),
+        (["server", str(key), "--workers", "2"], "--workers goes with a peers file; .* is a key"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            cli.parse_args(argv)
+
+
+def test_worker_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsvpn import workers
+    from dsvpn.platform import by_name
+
+    linux, macos = by_name("linux"), by_name("macos")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert workers.count(None, linux) == 3  # one per CPU it may run on
+    assert workers.count(2, linux) == 2
+    assert workers.count(None, macos) == workers.count(4, macos) == 1  # no multi-queue tun
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(200)))
+    assert workers.count(None, linux) == 64
+
+
+def test_a_service_finds_the_key_file_after_an_option_value(
+    peers_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsvpn import service
+
+    monkeypatch.chdir(peers_file.parent)
+    args = ["server", "--workers", "2", "peers", "auto", "443"]
+    inv = service.check_args(args)
+    absolute = service._absolute_key(args, inv)
+    assert absolute == ["server", "--workers", "2", str(peers_file), "auto", "443"]

@@ -386,6 +386,23 @@ def test_render_a_server_with_a_session() -> None:
     assert len(columns) == 1, text
 
 
+def test_render_a_server_of_several_workers() -> None:
+    now = 1_000_200
+    live = server_live(pid=1234, started=now - 60)
+    answer = live.answer(FakeLoop(None))
+    answer["stats"]["workers"] = 2
+    answer["sessions"] = [
+        {**SESSION, "peer": "alice", "address": "10.8.0.1", "worker": 1},
+        {**SESSION, "peer": "bob", "address": "10.8.0.2", "worker": 0},
+    ]
+    lines = status.render([answer], now=now).splitlines()
+    assert "  workers:" in lines[5] and lines[5].endswith("2 (threads sharing the clients)")
+    rows = [line.split(":", 1)[0].strip() for line in lines]
+    alice, bob = rows.index("peer"), len(rows) - 1 - rows[::-1].index("peer")
+    assert lines[alice].endswith("alice (10.8.0.1)") and lines[alice + 2].endswith("1")
+    assert rows[alice + 2] == rows[bob + 2] == "worker" and lines[bob + 2].endswith("0")
+
+
 def test_render_a_reconnecting_client() -> None:
     live = Live(
         mode="client",

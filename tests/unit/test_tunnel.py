@@ -293,8 +293,9 @@ class FakeServerBackend(CmdDialect):
         return NetInfo("eth0", "10.0.0.1")
 
     def open_tun(
-        self, wanted: str | None, mtu: int, run: Callable[[Sequence[str]], None]
+        self, wanted: str | None, mtu: int, run: Callable[[Sequence[str]], None], *, queues: int = 1
     ) -> tuple[int, str]:
+        assert queues == 1  # a server of one client
         run(("ip", "link", "set", "dev", "tun9", "mtu", str(mtu)))
         return os.open(os.devnull, os.O_RDWR), "tun9"
 
@@ -361,7 +362,7 @@ def test_server_lifecycle_claim_apply_loop_release(
     run_dir = tmp_path / "run"
     loop = StopAtOnce(run_dir)
     monkeypatch.setattr(tunnel, "_listener", listener)
-    monkeypatch.setattr(tunnel.Tunnel, "_make_loop", lambda *a: loop)
+    monkeypatch.setattr(tunnel.Tunnel, "_make_loop", lambda *a, **kw: loop)
     host = FakeHost()
     listening_at_undo: list[bool] = []
 

@@ -122,9 +122,19 @@ class Backend(ABC):
         return bool(self.client_plan(cfg, "<tun>", self.placeholder_net()).gateway_steps())
 
     @abstractmethod
-    def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
+    def open_tun(
+        self, wanted: str | None, mtu: int, run: Run, *, queues: int = 1
+    ) -> tuple[int, str]:
         """Open a tun device (the `wanted` one, or the first free one), set its MTU with
-        `run(self.mtu_argv(...))` and return (fd, actual name)."""
+        `run(self.mtu_argv(...))` and return (fd, actual name). queues > 1 (only where
+        multi_queue_tun): a tun that more queues can join (open_tun_queue)."""
+
+    # Whether a tun can have several queues, one per worker of a server (dsvpn.workers).
+    multi_queue_tun = False
+
+    def open_tun_queue(self, name: str) -> int:
+        """Another queue of the multi-queue tun `name` (open_tun(queues > 1)): its fd."""
+        raise NotImplementedError(f"{self.name} has no multi-queue tun")
 
     @abstractmethod
     def mtu_argv(self, tun: str, mtu: int) -> Argv: ...

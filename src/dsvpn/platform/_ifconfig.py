@@ -236,7 +236,9 @@ class IfconfigBackend(Backend):
         # between these systems, and ifconfig is in every base system.
         return ("ifconfig", tun, "mtu", str(mtu))
 
-    def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
+    def open_tun(
+        self, wanted: str | None, mtu: int, run: Run, *, queues: int = 1
+    ) -> tuple[int, str]:
         fd, name = open_dev_tun(self._dev_dir, wanted)
         try:
             run(self.mtu_argv(name, mtu))

@@ -65,7 +65,9 @@ class DarwinBackend(IfconfigBackend):
         ctl_id: int = CTL_INFO.unpack(info)[0]
         return ctl_id
 
-    def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
+    def open_tun(
+        self, wanted: str | None, mtu: int, run: Run, *, queues: int = 1
+    ) -> tuple[int, str]:
         units = [parse_utun_name(wanted)] if wanted is not None else range(UTUN_UNITS)
         for n in units:
             name = f"utun{n}"

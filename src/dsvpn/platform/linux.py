@@ -46,6 +46,7 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUNSETOFFLOAD = 0x400454D0
 # TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN: the stack may hand us 64 KiB TCP
 # packets with partial checksums; the loop cuts them into ordinary packets (tun_vnet.h).
@@ -513,28 +514,16 @@ class LinuxBackend(Backend):
     def mtu_argv(self, tun: str, mtu: int) -> Argv:
         return (*_LINK_UP, tun, "mtu", str(mtu))
 
-    def open_tun(self, wanted: str | None, mtu: int, run: Run) -> tuple[int, str]:
+    multi_queue_tun = True
+
+    def open_tun(
+        self, wanted: str | None, mtu: int, run: Run, *, queues: int = 1
+    ) -> tuple[int, str]:
         if wanted is not None:
             self.check_tun_name(wanted)
-        label = wanted or "tun"
+        # An empty name lets the kernel pick tunN.
+        fd, name = self._attach(wanted or "", wanted or "tun", multi_queue=queues > 1)
         try:
-            fd = os.open(self._clone_dev, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise PrerequisiteError(
-                f"{self._clone_dev} does not exist (try: modprobe tun)"
-            ) from exc
-        except OSError as exc:
-            raise tun_open_error(exc, self._clone_dev) from exc
-        try:
-            # An empty name lets the kernel pick tunN.
-            # IFF_VNET_HDR: a virtio_net_hdr before every packet, for GSO in both directions.
-            flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR
-            ifr = struct.pack("16sH22x", (wanted or "").encode(), flags)
-            try:
-                ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
-            except OSError as exc:
-                raise tun_open_error(exc, label) from exc
-            name = ifr[:IFNAMSIZ].split(b"\0", 1)[0].decode()
             # TSO on the tun is only a speed-up: without it the kernel sends ordinary packets.
             with contextlib.suppress(OSError):
                 try:
@@ -546,3 +535,26 @@ class LinuxBackend(Backend):
             os.close(fd)
             raise
         return fd, name
+
+    def open_tun_queue(self, name: str) -> int:
+        return self._attach(name, name, multi_queue=True)[0]
+
+    def _attach(self, name: str, label: str, *, multi_queue: bool) -> tuple[int, str]:
+        """Open the clone device and attach it to tun `name` (created if needed): (fd, name)."""
+        try:
+            fd = os.open(self._clone_dev, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise PrerequisiteError(
+                f"{self._clone_dev} does not exist (try: modprobe tun)"
+            ) from exc
+        except OSError as exc:
+            raise tun_open_error(exc, self._clone_dev) from exc
+        # IFF_VNET_HDR: a virtio_net_hdr before every packet, for GSO in both directions.
+        flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
+        ifr = struct.pack("16sH22x", name.encode(), flags)
+        try:
+            ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as exc:
+            os.close(fd)
+            raise tun_open_error(exc, label) from exc
+        return fd, ifr[:IFNAMSIZ].split(b"\0", 1)[0].decode()
