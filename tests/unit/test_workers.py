@@ -23,6 +23,9 @@ KEYS = {name: os.urandom(32) for name in ("alice", "bob", "carol")}
 ADDR = {"alice": "10.8.0.1", "bob": "10.8.0.2", "carol": "10.8.0.3"}
 PEERS = [(n, KEYS[n], ADDR[n]) for n in ("alice", "bob", "carol")]
 
+# Workers exist where a tun has several queues (Linux), and wake through an eventfd.
+needs_eventfd = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="Linux (eventfd)")
+
 
 def test_the_owner_is_the_host_part_modulo_the_workers() -> None:
     assert [owner(f"10.8.0.{h}", POOL, 2) for h in (1, 2, 3, 4)] == [1, 0, 1, 0]
@@ -59,6 +62,7 @@ def pair() -> Iterator[tuple[MultiRig, Second]]:
     second.close()
 
 
+@needs_eventfd
 def test_a_session_of_another_workers_peer_is_handed_over(pair: tuple[MultiRig, Second]) -> None:
     first, second = pair
     bob = first.client("bob")  # .2: the first worker's own
@@ -102,6 +106,7 @@ def test_a_session_of_another_workers_peer_is_handed_over(pair: tuple[MultiRig, 
     bob.send(ip4_packet(ADDR["bob"], "10.0.0.9"))
 
 
+@needs_eventfd
 def test_a_handover_for_a_peer_gone_meanwhile_is_closed(pair: tuple[MultiRig, Second]) -> None:
     first, second = pair
     alice = first.connect("alice")
@@ -123,6 +128,7 @@ def test_a_handover_for_a_peer_gone_meanwhile_is_closed(pair: tuple[MultiRig, Se
     assert second.loop.adopt(other, "bob", bytes(32)) is False
 
 
+@needs_eventfd
 def test_adopt_checks_the_key_length(pair: tuple[MultiRig, Second]) -> None:
     _, second = pair
     with pytest.raises(ValueError, match="32 bytes"):
@@ -165,6 +171,7 @@ def front(pair: tuple[MultiRig, Second]) -> Iterator[tuple[MultiRig, Front]]:
     assert not f.workers.others[0].thread.is_alive()
 
 
+@needs_eventfd
 def test_the_front_hands_over_and_answers_for_every_worker(
     front: tuple[MultiRig, Front],
 ) -> None:
@@ -193,6 +200,7 @@ def test_the_front_hands_over_and_answers_for_every_worker(
     bob.sock.close()
 
 
+@needs_eventfd
 def test_a_failing_worker_stops_the_server(front: tuple[MultiRig, Front]) -> None:
     _, f = front
     f.second.peer_tun.close()  # the second worker's tun ends
