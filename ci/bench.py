@@ -21,7 +21,8 @@ NAT set by hand for that step) for comparison:
 - flows: four parallel flows (-P 4) against one flow, each way;
 - idle: ping RTT and 1-byte TCP request/response round trips (TCP_NODELAY, p50, p99, max);
 - multi: a server of a peers file with two peers, a client host each: one client alone, then
-  both at once (same start, same duration), each way; total / alone, Jain's fairness index,
+  both at once (same start, same duration), each way (pings through the tunnel while one
+  saturates it alone); total / alone, Jain's fairness index,
   the server's cores used meanwhile, against issue 10's goals (bench_multi.py); and the
   handshake cost with 1, 100 and 10,000 peers (bench_handshake.py, the installed dsvpn). Ours
   only: the C reference has no peers file. The server runs one worker per CPU (dsvpn.workers);
@@ -428,9 +429,10 @@ def bench_two_clients(tb: Testbed, impl: Impl, seconds: int) -> dict[str, Any]:
         m = Measure(tb, seconds, f"{impl.name} multi")
         for direction, reverse in DIRECTIONS:
             args = ["-R"] if reverse else []
-            alone = m.iperf(args)["sum_received"]["bits_per_second"] / 1e9
+            # One client alone: its rate, and pings through the tunnel meanwhile.
+            loaded = m.loaded_ping(reverse)
             rates, cores = m.at_once(args, server.pid)
-            res[direction] = bench_multi.figures(alone, rates, cores)
+            res[direction] = bench_multi.figures(loaded["gbps"], rates, cores, ping=loaded)
         for proc in reversed(procs):
             rc = proc.stop(signal.SIGTERM)
             if rc != 0:

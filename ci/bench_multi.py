@@ -39,10 +39,19 @@ def cores_used(cpu_seconds: float, wall_seconds: float) -> float:
     return cpu_seconds / wall_seconds
 
 
-def figures(alone: float, at_once: Sequence[float], cores: float) -> dict[str, float]:
-    """One direction of one run: rates in Gbit/s (one client alone, each client at once)."""
+def figures(
+    alone: float,
+    at_once: Sequence[float],
+    cores: float,
+    ping: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """One direction of one run: rates in Gbit/s (one client alone, each client at once);
+    ping: the RTTs through the tunnel while one client alone saturates it (bench.py's
+    rtt_stats), if measured."""
     total = sum(at_once)
     out = {"alone_gbps": alone}
+    if ping is not None:
+        out |= {f"ping_{k}": ping[k] for k in ("p50_ms", "p99_ms", "max_ms")}
     out |= {f"client{i + 1}_gbps": rate for i, rate in enumerate(at_once)}
     return out | {
         "total_gbps": total,
@@ -103,6 +112,10 @@ def _cores(f: Mapping[str, Any]) -> str:
     return f"{f['server_cores']:.2f}"
 
 
+def _ping(f: Mapping[str, Any]) -> str:
+    return f"{f['ping_p50_ms']:.2f}/{f['ping_p99_ms']:.2f}/{f['ping_max_ms']:.2f}"
+
+
 def _cell(direction: str, fmt: Callable[[Mapping[str, Any]], str]) -> Cell:
     return lambda r: fmt(r["multi"][direction])
 
@@ -113,6 +126,7 @@ def rows() -> list[tuple[str, Cell]]:
     for d, name in (("fwd", "upload"), ("rev", "download")):
         out += [
             (f"{name}: 1 peer alone Gbit/s (goal >= {GOALS['alone_gbps']})", _cell(d, _alone)),
+            ("  ping ms p50/p99/max meanwhile", _cell(d, _ping)),
             ("  both at once Gbit/s, each (total)", _cell(d, _each)),
             (f"  total / alone (goal >= {GOALS['share']:.0%})", _cell(d, _share)),
             (f"  Jain's index (goal >= {GOALS['jain']})", _cell(d, _jain)),

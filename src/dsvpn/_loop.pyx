@@ -71,7 +71,6 @@ from dsvpn.flowq cimport (
     dsvpn_fq_dequeue,
     dsvpn_fq_destroy,
     dsvpn_fq_init,
-    dsvpn_fq_pkt,
     dsvpn_fq_release,
     dsvpn_fq_reset,
     dsvpn_fq_room,
@@ -98,10 +97,7 @@ from dsvpn.loop_sys cimport (
     dsvpn_send,
     dsvpn_set_cloexec,
     dsvpn_set_nonblock,
-    dsvpn_set_rcvbuf,
     dsvpn_tcp_opts,
-    dsvpn_tcp_min_rtt_us,
-    dsvpn_unread,
     dsvpn_wall_s,
     poll,
     pollfd,
@@ -111,6 +107,8 @@ from dsvpn.loop_text cimport (BAD_HELLO_FMT, HS_FAILED_FMT, KX_IV, NO_RANDOM, PF
 from dsvpn.pending cimport (PEND_BASE, PEND_EXTENDED, PEND_READY, Pending, lost_fmt, pending_count,
                             pending_read, pending_ready, pending_slot, pending_start, pending_taken,
                             take_hello, unmatched)
+from dsvpn.rxbudget cimport RXW_QUEUE_US, RxBudget, rx_budget_due, rx_budget_set
+from dsvpn.sendq cimport QUICK_MAX, TX_CAP, Framer, bulk_ack, send_batch
 from dsvpn.tun_io cimport (
     AF_HDR_LEN,
     TUN_READ_MAX,
@@ -122,41 +120,20 @@ from dsvpn.tun_io cimport (
     tun_setup,
     tun_write,
 )
-from dsvpn.tun_vnet cimport (
-    DSVPN_VNET_HDR_LEN,
-    dsvpn_gro_flush,
-    dsvpn_gso_count,
-    dsvpn_gso_segment,
-    dsvpn_vnet_finish_csum,
-    dsvpn_vnet_hdr,
-)
+from dsvpn.tun_vnet cimport DSVPN_VNET_HDR_LEN, dsvpn_gro_flush
 from dsvpn.wire cimport *  # the protocol's sizes (docs/protocol.md)
 
 # The events as module attributes too (EV_SESSION_UP, ...), straight from the one enum.
 globals().update(Event.__members__)
 
-# Budgets. A tx batch stops at TX_BATCH_BYTES or TX_BATCH_PKTS: what is in a batch waits in
-# FIFO order, so it is kept small; TCP_NOTSENT_LOWAT caps what one send() takes anyway.
+# Budgets (a batch's are in sendq.pxd; TCP_NOTSENT_LOWAT caps what one send() takes anyway).
 cdef enum:
-    TX_BATCH_BYTES = 65536
-    TX_BATCH_PKTS = 128
     TUN_FILL_PKTS = 128         # tun reads per iteration
     FQ_RING = 4194304           # flow queue storage
     FQ_PKTS = 4096              # and the most packets it holds
     FQ_LIMIT = 2097152          # queued bytes at which the tun is no longer read
-    # Slack after the batch limit: one 64 KiB TSO packet cut into segments of the smallest
-    # MSS (88) with the largest headers (120) still fits (< 160 KiB; see _tun_gso).
-    TX_CAP = TX_BATCH_BYTES + 262144
     RX_READ = 65536             # one recv(): decrypted and written before anything else runs
     RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
-    # The receive budget (_rx_budget): every RXW_EVERY_MS the session's receive buffer is set to
-    # twice what the path holds (bytes read per round trip) plus RXW_QUEUE_US of our reading,
-    # shrinking by at most a quarter at a time.
-    RXW_EVERY_MS = 20
-    RXW_QUEUE_US = 1000
-    RXW_MIN = 65536
-    RXW_MAX = 33554432
-    QUICK_MAX = 512             # a lone tun packet up to this size is sent at once (_tun_fill)
     DISCARD_PKTS = 64           # tun packets discarded per iteration when there is no session
     ACCEPT_BUDGET = 16          # accept() calls per iteration
     MAX_PENDING = 8             # concurrent server-side handshakes; the oldest is dropped
@@ -228,21 +205,6 @@ cdef inline Traffic traffic_since(const Traffic* now, const Traffic* base) noexc
     return d
 
 
-cdef inline bint bulk_ack(const uint8_t* p, size_t n) noexcept nogil:
-    """A TCP segment without payload with only ACK set (or ACK|PSH): the reverse stream of
-    a bulk transfer, fine to batch. Anything else (SYN, FIN, RST, payload, non-TCP) is not."""
-    cdef size_t ipl
-    if n >= 40 and (p[0] >> 4) == 4 and p[9] == 6:
-        ipl = (p[0] & 15) * 4
-    elif n >= 60 and (p[0] >> 4) == 6 and p[6] == 6:
-        ipl = 40
-    else:
-        return False
-    if ipl + 20 > n:
-        return False
-    return ipl + (p[ipl + 12] >> 4) * 4 == n and (p[ipl + 13] & 0xf7) == 0x10
-
-
 def tcp_options(int fd, int mark=0):
     """Apply the TCP options of docs/protocol.md, TCP options (plus TCP_NODELAY); see _loop.pyi."""
     cdef int r, err = 0
@@ -277,11 +239,7 @@ cdef class Loop:
     cdef uint8_t* txbuf
     cdef size_t tx_off, tx_end
     cdef int64_t tx_since           # last send progress (or start of the wait)
-    # the receive budget (_rx_budget): its interval's start and bytes read then, the budget
-    # (0: none set yet), and whether the platform lets us set it
-    cdef int64_t rxw_since, rxw_queue_us
-    cdef uint64_t rxw_bytes, rxw
-    cdef bint rxw_off
+    cdef RxBudget rxw               # the session's receive buffer (rxbudget.pxd)
     cdef bint congestion
     cdef uint8_t* rxbuf
     cdef size_t rx_len
@@ -352,7 +310,7 @@ cdef class Loop:
         self.accept_timeout_ms = ACCEPT_TIMEOUT_MS
         self.connect_timeout_ms = TIMEOUT_MS
         self.send_timeout_ms = TIMEOUT_MS
-        self.rxw_queue_us = RXW_QUEUE_US
+        self.rxw.queue_us = RXW_QUEUE_US
         self.require_pfs = require_pfs
         charm_init(&self.kx, &k[0], <const uint8_t*> KX_IV)
         charm_init(&self.pkx, &k[0], <const uint8_t*> PFS_IV)
@@ -504,7 +462,7 @@ cdef class Loop:
         memset(&self.rx_st, 0, sizeof(charm_state))
         self.tx_off = self.tx_end = 0
         dsvpn_fq_reset(&self.fq)
-        self.rxw = 0
+        self.rxw.window = 0
         self.rx_len = 0
         self.tun.gro.segs = 0
         self.congestion = False
@@ -929,68 +887,14 @@ cdef class Loop:
                 if self.sock < 0:
                     return
 
-    cdef void _emit(self, uint8_t* p, size_t plen) noexcept nogil:
-        """Turn the tun packet at p + 8 (p = txbuf + tx_end) into a frame and append it."""
-        if self.congestion:
-            # The reference's congestion signal: drop one packet, state not advanced.
-            self.congestion = False
-            self.c.t.drops[<int> DROP_CONGESTION] += 1
-            return
-        if plen > MAX_PAYLOAD or plen == 0:
-            self.c.t.drops[<int> DROP_OVERSIZE] += 1
-            return
-        frame_seal(&self.tx_st, p, plen)
-        self.tx_end += FRAME_HDR_LEN + plen
-        self.c.t.tx_packets += 1
-
-    cdef void _tun_gso(self, const dsvpn_vnet_hdr* vh, const uint8_t* src,
-                       size_t plen) noexcept nogil:
-        """A TSO super-packet (src, in the flow queue): cut it into ordinary packets, one frame
-        each (tun_vnet.h), appended to txbuf."""
-        cdef size_t room = 0, i
-        cdef size_t nseg = dsvpn_gso_count(vh, src, plen, FRAME_HDR_LEN, &room)
-        cdef uint8_t* p
-        if nseg == 0 or self.tx_end + room > TX_CAP:
-            self.c.t.drops[<int> DROP_OVERSIZE] += 1
-            return
-        self.tun.rx_packets += nseg - 1
-        for i in range(nseg):
-            p = self.txbuf + self.tx_end
-            self._emit(p, dsvpn_gso_segment(vh, src, plen, i, nseg, p + FRAME_HDR_LEN))
-
     cdef void _tx_batch(self, int64_t now) noexcept nogil:
-        """Frame packets from the flow queue into the empty txbuf, in the queue's order (TSO
-        packets cut, partial checksums completed), and send the batch."""
-        cdef int count = 0
-        cdef int32_t pi
-        cdef size_t plen
-        cdef uint8_t* p
-        cdef const uint8_t* src
-        cdef dsvpn_fq_pkt* pkt
-        cdef dsvpn_vnet_hdr vh
-        vh.flags = vh.gso_type = 0
-        while count < TX_BATCH_PKTS and self.tx_end < TX_BATCH_BYTES:
-            pi = dsvpn_fq_dequeue(&self.fq)
-            if pi < 0:
-                break
-            count += 1
-            pkt = &self.fq.pkts[pi]
-            plen = pkt.len
-            src = self.fq.ring + pkt.off
-            p = self.txbuf + self.tx_end
-            if self.tun.vnet_hdr:
-                memcpy(&vh, pkt.hdr, DSVPN_VNET_HDR_LEN)
-                if vh.gso_type != 0:
-                    self._tun_gso(&vh, src, plen)
-                    dsvpn_fq_release(&self.fq, pi)
-                    continue
-            memcpy(p + FRAME_HDR_LEN, src, plen)
-            dsvpn_fq_release(&self.fq, pi)
-            if self.tun.vnet_hdr and (vh.flags & 1) and \
-                    dsvpn_vnet_finish_csum(&vh, p + FRAME_HDR_LEN, plen) != 0:
-                self.c.t.drops[<int> DROP_OVERSIZE] += 1
-                continue
-            self._emit(p, plen)
+        """Frame packets from the flow queue into the empty txbuf (sendq.pxd) and send the
+        batch."""
+        cdef Framer fr
+        fr.st, fr.tun, fr.t, fr.total = &self.tx_st, &self.tun, &self.c.t, NULL
+        fr.congestion = &self.congestion
+        fr.oversize, fr.congested = DROP_OVERSIZE, DROP_CONGESTION
+        send_batch(&fr, &self.fq, self.txbuf, &self.tx_end)
         if self.tx_end > self.tx_off:
             if self.tx_off == 0 and self.tx_since < now:
                 self.tx_since = now
@@ -1053,46 +957,6 @@ cdef class Loop:
         if not self.check_src:
             return -1
         return admit_source(pkt, plen, self.src4, self.src6)
-
-    cdef void _rx_budget(self, int64_t now) noexcept nogil:
-        """The session's receive buffer, sized as BQL sizes a NIC's queue: what the path needs
-        and little more. When we read slower than the peer sends, the excess then waits in the
-        peer's flow queue, where a sparse flow passes it, instead of in our socket's receive
-        queue, which every packet crosses in order. The path's part (twice the bytes read per
-        smallest round trip) keeps a long or fast path at full speed, growing as TCP's slow
-        start does; the rest is rxw_queue_us of our own reading."""
-        cdef int64_t rtt_us
-        cdef uint64_t got = self.c.t.rx_bytes - self.rxw_bytes
-        cdef int64_t dt = now - self.rxw_since
-        cdef uint64_t window
-        self.rxw_since = now
-        self.rxw_bytes = self.c.t.rx_bytes
-        if self.rxw_off:
-            return
-        rtt_us = dsvpn_tcp_min_rtt_us(self.sock)
-        if rtt_us < 0:
-            self.rxw_off = True
-            return
-        # bytes per ms x (2 round trips + the queue allowance) in ms
-        window = got * <uint64_t> (2 * rtt_us + self.rxw_queue_us) / <uint64_t> (1000 * dt)
-        # Below what the peer may already send (the window it was given, which TCP never takes
-        # back), the kernel would have to drop some of it: shrink by an eighth at a time, and
-        # only while little waits unread.
-        if window < self.rxw:
-            if dsvpn_unread(self.sock) > <ssize_t> (self.rxw / 4):
-                window = self.rxw
-            elif window < self.rxw - self.rxw / 8:
-                window = self.rxw - self.rxw / 8
-        if window < RXW_MIN:
-            window = RXW_MIN
-        elif window > RXW_MAX:
-            window = RXW_MAX
-        if window == self.rxw:
-            return
-        if dsvpn_set_rcvbuf(self.sock, <int> window) != 0:
-            self.rxw_off = True     # not allowed here: the kernel's autotuning stays
-            return
-        self.rxw = window
 
     # ---------------------------------------------------------------- the loop
 
@@ -1233,8 +1097,8 @@ cdef class Loop:
                 return
             if r > 0:
                 self._dispatch(&ps, gen, now)
-            if self.sock >= 0 and now - self.rxw_since >= RXW_EVERY_MS:
-                self._rx_budget(now)
+            if self.sock >= 0 and rx_budget_due(&self.rxw, now):
+                rx_budget_set(&self.rxw, self.sock, now, self.c.t.rx_bytes)
             if self.ev.count or (end >= 0 and now >= end):
                 return
 
@@ -1419,7 +1283,7 @@ cdef class Loop:
 
     def _set_test_rx_queue_us(self, us=None):
         """Test hook: the receive budget's allowance for our own reading (None: the default)."""
-        self.rxw_queue_us = RXW_QUEUE_US if us is None else us
+        self.rxw.queue_us = RXW_QUEUE_US if us is None else us
 
     def _set_test_refuse_uso(self, bint refuse):
         """Test hook: UDP GSO writes to the tun fail as on a kernel without USO (EINVAL)."""

@@ -26,9 +26,12 @@ Packets: a tun packet goes to the session of the peer that owns its destination 
 IPv4 address or its 64:ff9b:: twin), found in O(1) through a table indexed by the host part of
 the pool's address. A frame from a peer whose packet is not from that peer's own address is
 dropped (spoofed; an IPv6 packet for the peer's own link is dropped as link_local, admit.pxd).
-Each session has its own send buffer: a session whose unsent data reach TX_LIMIT takes no more
-packets (they are dropped and counted) while the others flow; only when every session is full
-does the loop stop reading the tun, which is the backpressure of _loop.
+Each session has its own flow queue and send batch (sendq.pxd, as _loop's one session): a
+session's packets wait in its flow queue, framed a small batch at a time once its socket has
+taken the last, so that a peer's ping does not wait behind its own download; and its socket's
+receive buffer is kept to what its path needs (rxbudget.pxd). A session whose flow queue is
+full takes no more packets (they are dropped and counted) while the others flow; only when
+every session is full does the loop stop reading the tun, which is the backpressure of _loop.
 Per turn each ready socket gets one read and one send, and the tun a bounded batch, so one
 busy peer cannot starve another. Readiness comes from poller.h (epoll on Linux). Deadlines
 (handshakes, stalled sends) are checked at least once a second, never per packet.
@@ -39,7 +42,7 @@ from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memmove, memset, strerror
+from libc.string cimport memcmp, memcpy, memset, strerror
 from posix.unistd cimport close
 
 from dsvpn._loop cimport (
@@ -70,7 +73,9 @@ from dsvpn.charm cimport (
 )
 from dsvpn.counters cimport Counters, Traffic, loop_stats
 from dsvpn.events cimport EVQ_MAX, MSG_LEN, Events, events_next, events_push
-from dsvpn.frame cimport frame_len, frame_open, frame_seal, rx_consume
+from dsvpn.flowq cimport (DSVPN_FQ_HDR_MAX, dsvpn_fq, dsvpn_fq_commit, dsvpn_fq_destroy,
+                          dsvpn_fq_init, dsvpn_fq_room, dsvpn_fq_slot)
+from dsvpn.frame cimport frame_len, frame_open, rx_consume
 from dsvpn.hello cimport (TestRandom, check_reply, hello_ts, hello_verifies, set_test_random,
                           take_random, ts_in_window)
 from dsvpn.loop_sys cimport (
@@ -80,6 +85,7 @@ from dsvpn.loop_sys cimport (
     dsvpn_drain,
     dsvpn_now_ms,
     dsvpn_peer,
+    dsvpn_random,
     dsvpn_read,
     dsvpn_send,
     dsvpn_set_nonblock,
@@ -104,29 +110,25 @@ from dsvpn.poller cimport (
 from dsvpn.pending cimport (PEND_BASE, PEND_EXTENDED, PEND_READY, Pending, lost_fmt, pending_count,
                             pending_read, pending_ready, pending_slot, pending_start, pending_taken,
                             take_hello, unmatched)
+from dsvpn.rxbudget cimport RXW_QUEUE_US, RxBudget, rx_budget_due, rx_budget_set, rx_budget_start
+from dsvpn.sendq cimport QUICK_MAX, TX_CAP, Framer, bulk_ack, send_batch
+from dsvpn.tun_io cimport (TUN_READ_MAX, TUN_SHORT, Tun, tun_error, tun_hdr_len, tun_read,
+                           tun_setup, tun_write)
 from dsvpn.tun_steer cimport dsvpn_steer_queue, dsvpn_tun_steer
-from dsvpn.tun_io cimport (TUN_READ_MAX, TUN_SHORT, Tun, tun_error, tun_read, tun_setup,
-                           tun_write)
-from dsvpn.tun_vnet cimport (
-    dsvpn_gro_flush,
-    dsvpn_gso_count,
-    dsvpn_gso_segment,
-    dsvpn_vnet_finish_csum,
-    dsvpn_vnet_hdr,
-)
+from dsvpn.tun_vnet cimport dsvpn_gro_flush
 from dsvpn.wire cimport *  # the protocol's sizes (docs/protocol.md)
 
 from dsvpn._loop import Drop
 from dsvpn._loop import Event as PyEvent
 
 cdef enum:
-    # A session whose unsent bytes reach TX_LIMIT takes no more tun packets. The buffer has
-    # room beyond it for one more tun read (64 KiB) and a 64 KiB TSO packet cut into segments
-    # of the smallest MSS (< 160 KiB, tun_vnet.h).
-    TX_LIMIT = 262144
-    TX_CAP = TX_LIMIT + 262144
-    SCRATCH_CAP = FRAME_HDR_LEN + TUN_READ_MAX + 16
-    RX_READ = 262144
+    # Each session's flow queue: its storage, most packets, and the queued bytes at which it
+    # takes no more (a bulk flow's backlog; what a sparse flow waits behind is a batch).
+    SESS_FQ_RING = 2097152
+    SESS_FQ_PKTS = 2048
+    SESS_FQ_LIMIT = 1048576
+    SCRATCH_CAP = TUN_READ_MAX + 16
+    RX_READ = 65536             # one recv(): decrypted and written before anything else runs
     RX_CAP = RX_READ + FRAME_HDR_LEN + MAX_PAYLOAD + 16
     TUN_BUDGET = 256            # tun packets per turn
     ACCEPT_BUDGET = 16          # accept() calls per turn
@@ -173,14 +175,18 @@ cdef struct Sess:
     int peer
     uint32_t gen                # bumped when the slot is freed: stale reports are ignored
     bint probation, want_out, blocked, dirty
+    bint quick                  # its only waiting packet may go out at once (_flush_dirty)
+    bint room                   # its socket reported room in this turn (_flush_dirty)
     int64_t prob_deadline       # probation: its first frame must authenticate by then
     charm_state tx_st, rx_st
     dsvpn_addr addr
-    uint8_t* txbuf
+    dsvpn_fq fq                 # its tun packets waiting to be framed (sendq.pxd)
+    uint8_t* txbuf              # the batch being sent
     size_t tx_off, tx_end
     int64_t tx_since            # last send progress (or start of the wait)
     uint8_t* rxbuf
     size_t rx_len
+    RxBudget rxw                # its socket's receive buffer (rxbudget.pxd)
     Traffic t
     int64_t since, latest_handshake
     bint pfs                    # keyed by the forward-secret handshake
@@ -204,6 +210,20 @@ cdef inline uint32_t be32(const uint8_t* p) noexcept nogil:
 
 cdef inline size_t unsent(const Sess* s) noexcept nogil:
     return s.tx_end - s.tx_off
+
+
+cdef inline bint waiting(const Sess* s) noexcept nogil:
+    """Something waits to be sent: a batch, or packets in the flow queue."""
+    return s.tx_end > s.tx_off or s.fq.packets > 0
+
+
+cdef inline void _free_buffers(Sess* s) noexcept nogil:
+    """What a session slot holds only while its connection is open (_new_slot)."""
+    free(s.txbuf)
+    free(s.rxbuf)
+    s.txbuf = s.rxbuf = NULL
+    s.tx_off = s.tx_end = s.rx_len = 0
+    dsvpn_fq_destroy(&s.fq)  # (nothing to free after a failed init: it zeroes the queue)
 
 
 cdef str _ipv4_text(const uint8_t* a):
@@ -250,8 +270,9 @@ cdef class MultiLoop:
     cdef Sess** sess
     cdef int* dirty             # sessions given packets in the current tun batch
     cdef int ndirty, cap, nlive, nblocked, guess
-    cdef uint8_t* scratch       # a tun packet read with no session buffer at hand
-    cdef uint8_t* gsobuf        # vnet_hdr: a TSO packet being cut into segments
+    cdef uint8_t* scratch       # a tun packet read with no session's flow queue at hand
+    cdef uint32_t fq_seed       # flow hashing (any value works)
+    cdef int64_t rxw_queue_us   # the receive budgets' allowance (rxbudget.pxd)
     cdef Pending pend[MAX_PENDING]
     cdef uint64_t pend_seq
     # workers (dsvpn.workers): this loop's index, how many there are; sessions of peers this
@@ -298,10 +319,11 @@ cdef class MultiLoop:
         self.send_timeout_ms = TIMEOUT_MS
         self.route = <uint32_t*> calloc(self.size, sizeof(uint32_t))
         self.scratch = <uint8_t*> malloc(SCRATCH_CAP)
-        self.gsobuf = <uint8_t*> malloc(TUN_READ_MAX)
+        dsvpn_random(<uint8_t*> &self.fq_seed, sizeof(self.fq_seed))
+        self.rxw_queue_us = RXW_QUEUE_US
         self.pevs = <dsvpn_pev*> calloc(MAX_EVENTS, sizeof(dsvpn_pev))
         self.poller = dsvpn_poller_new(MAX_EVENTS)
-        if (self.route == NULL or self.scratch == NULL or self.gsobuf == NULL
+        if (self.route == NULL or self.scratch == NULL
                 or self.pevs == NULL or self.poller == NULL):
             raise MemoryError()
         if not self._grow(16):
@@ -341,7 +363,6 @@ cdef class MultiLoop:
         free(self.peers)
         free(self.route)
         free(self.scratch)
-        free(self.gsobuf)
         free(self.pevs)
         free(self.trand.buf)
         dsvpn_poller_free(self.poller)
@@ -405,10 +426,9 @@ cdef class MultiLoop:
             self.sess[slot] = s
         s.txbuf = <uint8_t*> malloc(TX_CAP)
         s.rxbuf = <uint8_t*> malloc(RX_CAP)
-        if s.txbuf == NULL or s.rxbuf == NULL:
-            free(s.txbuf)
-            free(s.rxbuf)
-            s.txbuf = s.rxbuf = NULL
+        if s.txbuf == NULL or s.rxbuf == NULL or \
+                dsvpn_fq_init(&s.fq, SESS_FQ_RING, SESS_FQ_PKTS, SESS_FQ_LIMIT, self.fq_seed) != 0:
+            _free_buffers(s)
             return -1
         return slot
 
@@ -428,7 +448,7 @@ cdef class MultiLoop:
         close(s.fd)
         s.fd = -1
         s.gen += 1
-        s.dirty = False
+        s.dirty = s.room = s.quick = False
         if s.blocked:
             self.nblocked -= 1
             s.blocked = False
@@ -438,10 +458,7 @@ cdef class MultiLoop:
         memset(&s.rx_st, 0, sizeof(charm_state))
         # Merged packets waiting for the tun may point into its buffer: write them first.
         dsvpn_gro_flush(self.tun.fd, &self.tun.gro)
-        free(s.txbuf)
-        free(s.rxbuf)
-        s.txbuf = s.rxbuf = NULL
-        s.tx_off = s.tx_end = s.rx_len = 0
+        _free_buffers(s)
         if s.probation:
             p.prob = -1
             self.c.probation_closed += 1
@@ -498,8 +515,10 @@ cdef class MultiLoop:
         s.pfs = pfs
         s.addr = addr[0]
         s.tx_off = s.tx_end = s.rx_len = 0
-        s.want_out = s.blocked = s.dirty = False
+        s.want_out = s.blocked = s.dirty = s.room = s.quick = False
         memset(&s.t, 0, sizeof(Traffic))
+        rx_budget_start(&s.rxw, dsvpn_now_ms(), 0)
+        s.rxw.queue_us = self.rxw_queue_us
         s.since = s.latest_handshake = dsvpn_wall_s()
         dsvpn_poller_mod(self.poller, fd, DSVPN_PIN, tag_of(K_SESS, <uint32_t> idx, s.gen))
         self.c.handshakes_ok += 1
@@ -677,9 +696,7 @@ cdef class MultiLoop:
         always has room for it); if that fails, free session slot idx and fail i."""
         if dsvpn_send(self.pend[i].fd, msg, n) == <ssize_t> n:
             return True
-        free(self.sess[idx].txbuf)
-        free(self.sess[idx].rxbuf)
-        self.sess[idx].txbuf = self.sess[idx].rxbuf = NULL
+        _free_buffers(self.sess[idx])
         self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
         return False
 
@@ -800,6 +817,8 @@ cdef class MultiLoop:
         s.t.rx_bytes += <uint64_t> n
         self.c.t.rx_bytes += <uint64_t> n
         s.rx_len += <size_t> n
+        if rx_budget_due(&s.rxw, self.now):
+            rx_budget_set(&s.rxw, s.fd, self.now, s.t.rx_bytes)
         used = self._frames(idx)
         if used < 0:
             return
@@ -874,82 +893,47 @@ cdef class MultiLoop:
         if why != NULL:
             self._push(EV_TUN_ERROR, why)
 
-    cdef bint _tx_room(self, Sess* s, size_t need) noexcept nogil:
-        """Whether need more bytes fit after s's queued data (moved to the front if that
-        makes them fit)."""
-        if s.tx_end + need <= TX_CAP:
-            return True
-        if s.tx_off > 0:
-            memmove(s.txbuf, s.txbuf + s.tx_off, unsent(s))
-            s.tx_end -= s.tx_off
-            s.tx_off = 0
-        return s.tx_end + need <= TX_CAP
-
     cdef void _drop(self, Sess* s, int why) noexcept nogil:
         s.t.drops[why] += 1
         self.c.t.drops[why] += 1
 
-    cdef void _emit(self, Sess* s, size_t plen) noexcept nogil:
-        """Turn the tun packet at s.txbuf + tx_end + 8 into a frame and queue it."""
-        cdef uint8_t* f = s.txbuf + s.tx_end
-        if plen > MAX_PAYLOAD or plen == 0:
-            self._drop(s, DROP_OVERSIZE)
-            return
-        if s.tx_end == s.tx_off:
-            s.tx_since = self.now  # the send deadline counts from here
-        frame_seal(&s.tx_st, f, plen)
-        s.tx_end += FRAME_HDR_LEN + plen
-        s.t.tx_packets += 1
-        self.c.t.tx_packets += 1
-        if not s.blocked and unsent(s) >= TX_LIMIT:
-            s.blocked = True
-            self.nblocked += 1
-
-    cdef void _gso(self, Sess* s, const dsvpn_vnet_hdr* vh, const uint8_t* src,
-                   size_t plen) noexcept nogil:
-        """A TSO super-packet read to src: cut into ordinary packets, one frame each."""
-        cdef size_t room = 0, i, nseg
-        memcpy(self.gsobuf, src, plen)  # first: src may lie in s's buffer, which may move
-        nseg = dsvpn_gso_count(vh, self.gsobuf, plen, FRAME_HDR_LEN, &room)
-        if nseg == 0 or not self._tx_room(s, room):
-            self._drop(s, DROP_OVERSIZE)
-            return
-        self.tun.rx_packets += nseg - 1
-        for i in range(nseg):
-            self._emit(s, dsvpn_gso_segment(vh, self.gsobuf, plen, i, nseg,
-                                            s.txbuf + s.tx_end + FRAME_HDR_LEN))
+    cdef void _room(self, Sess* s) noexcept nogil:
+        """Whether s's flow queue takes one more tun read; it is full (blocked) if not."""
+        cdef bint full = not dsvpn_fq_room(&s.fq, TUN_READ_MAX)
+        if full != s.blocked:
+            s.blocked = full
+            self.nblocked += 1 if full else -1
 
     cdef Sess* _guess(self) noexcept nogil:
         """The session the last packet went to, if the next one can be read straight into
-        its buffer (a bulk flow's next packet mostly goes there too)."""
+        its flow queue (a bulk flow's next packet mostly goes there too)."""
         cdef Sess* g
         if self.guess < 0:
             return NULL
         g = self.sess[self.guess]
         if g.fd < 0 or g.probation or g.blocked:
             return NULL
-        if not self._tx_room(g, FRAME_HDR_LEN + TUN_READ_MAX):
-            return NULL
         return g
 
     cdef void _tun_batch(self) noexcept nogil:
-        """Read up to TUN_BUDGET tun packets, each into its session's buffer, then send what
-        each session got."""
+        """Read up to TUN_BUDGET tun packets, each into its session's flow queue, then start
+        sending in each session that got some."""
         cdef int count = 0, dst
-        cdef ssize_t n
-        cdef size_t plen
+        cdef ssize_t n, slot = -1
+        cdef size_t plen, hoff = tun_hdr_len(&self.tun)
+        cdef uint8_t hdr[DSVPN_FQ_HDR_MAX]
         cdef uint8_t* p
         cdef Sess* s
         cdef Sess* g
-        cdef dsvpn_vnet_hdr vh
-        vh.flags = vh.gso_type = 0
         while count < TUN_BUDGET:
             if self.nlive > 0 and self.nblocked == self.nlive:
                 break  # every session is full: the packets wait in the tun's queue
             g = self._guess()
-            p = g.txbuf + g.tx_end if g != NULL else self.scratch
-            # (vh: room for the tun's own header, whichever it is)
-            n = tun_read(&self.tun, &vh, p + FRAME_HDR_LEN)
+            p = self.scratch
+            if g != NULL:
+                slot = dsvpn_fq_slot(&g.fq, TUN_READ_MAX)
+                p = g.fq.ring + slot
+            n = tun_read(&self.tun, hdr, p)
             count += 1
             if n == TUN_SHORT:
                 continue
@@ -957,33 +941,36 @@ cdef class MultiLoop:
                 self._tun_stop(n)
                 break
             plen = <size_t> n
-            dst = self._route(p + FRAME_HDR_LEN, plen)
+            dst = self._route(p, plen)
             if dst < 0:
                 self.c.t.drops[<int> DROP_NO_SESSION] += 1
                 continue
             s = self.sess[dst]
-            if s.blocked:
-                self._drop(s, DROP_CONGESTION)
-                continue
-            if self.tun.vnet_hdr and vh.gso_type != 0:
-                self._gso(s, &vh, p + FRAME_HDR_LEN, plen)
-            else:
-                if self.tun.vnet_hdr and (vh.flags & 1) and \
-                        dsvpn_vnet_finish_csum(&vh, p + FRAME_HDR_LEN, plen) != 0:
-                    self._drop(s, DROP_OVERSIZE)
+            if s != g:
+                slot = dsvpn_fq_slot(&s.fq, plen)
+                if slot < 0:
+                    self._drop(s, DROP_CONGESTION)  # its queue is full: the others flow
                     continue
-                if s != g:
-                    if not self._tx_room(s, FRAME_HDR_LEN + plen):
-                        self._drop(s, DROP_CONGESTION)
-                        continue
-                    memcpy(s.txbuf + s.tx_end + FRAME_HDR_LEN, p + FRAME_HDR_LEN, plen)
-                self._emit(s, plen)
-            if not s.dirty:
-                s.dirty = True
-                self.dirty[self.ndirty] = dst
-                self.ndirty += 1
+                memcpy(s.fq.ring + slot, p, plen)
+            if not waiting(s):
+                s.tx_since = self.now  # the send deadline counts from here
+                # Latency: a lone small packet (ping, DNS, a keystroke, a request) need not
+                # wait one more turn for room in the socket. Pure ACKs and large ones do.
+                s.quick = plen <= QUICK_MAX and not bulk_ack(s.fq.ring + slot, plen)
+            else:
+                s.quick = False
+            dsvpn_fq_commit(&s.fq, <size_t> slot, plen, hdr, hoff)
+            self._room(s)
+            self._mark(dst)
             self.guess = dst
-        self._flush_dirty()
+
+    cdef void _mark(self, int idx) noexcept nogil:
+        """Session idx has something to send, or room to send it: _flush_dirty sees to it."""
+        cdef Sess* s = self.sess[idx]
+        if not s.dirty and self.ndirty < self.cap:  # (a slot ended and reused in one turn)
+            s.dirty = True
+            self.dirty[self.ndirty] = idx
+            self.ndirty += 1
 
     cdef void _flush_dirty(self) noexcept nogil:
         cdef int i, idx
@@ -993,30 +980,65 @@ cdef class MultiLoop:
             s = self.sess[idx]
             if s.fd >= 0 and s.dirty:
                 s.dirty = False
-                self._flush(idx)
+                # As _loop: a new batch once the socket has room (POLLOUT), so that what
+                # waits in it in FIFO order stays one batch beyond TCP_NOTSENT_LOWAT.
+                if s.room:
+                    self._flush(idx)
+                elif s.quick and s.fq.packets == 1 and unsent(s) == 0:
+                    self._tx_batch(idx)
+                else:
+                    self._want_out(idx)
+                s.quick = s.room = False
         self.ndirty = 0
 
+    cdef void _tx_batch(self, int idx) noexcept nogil:
+        """Frame a batch from session idx's flow queue into its empty buffer and send it."""
+        cdef Sess* s = self.sess[idx]
+        cdef Framer fr
+        if s.fq.packets > 0 and unsent(s) == 0:
+            fr.st, fr.tun, fr.t, fr.total = &s.tx_st, &self.tun, &s.t, &self.c.t
+            fr.congestion = NULL
+            fr.oversize, fr.congested = DROP_OVERSIZE, DROP_CONGESTION
+            s.tx_off = s.tx_end = 0
+            send_batch(&fr, &s.fq, s.txbuf, &s.tx_end)
+            self._room(s)
+            if not self._send(idx):
+                return  # the session ended
+        self._want_out(idx)
+
     cdef void _flush(self, int idx) noexcept nogil:
-        """Send what session idx has queued, as far as its socket takes it."""
+        """Session idx's socket has room: the rest of its batch, or the next one."""
+        if not self._send(idx):
+            return
+        if unsent(self.sess[idx]) == 0:
+            self._tx_batch(idx)
+        else:
+            self._want_out(idx)
+
+    cdef bint _send(self, int idx) noexcept nogil:
+        """Send what session idx's batch has left, as far as its socket takes it. False if
+        that ended the session."""
         cdef Sess* s = self.sess[idx]
         cdef ssize_t n
-        cdef bint want
-        if unsent(s) > 0:
-            n = dsvpn_send(s.fd, s.txbuf + s.tx_off, unsent(s))
-            if n > 0:
-                s.tx_off += <size_t> n
-                s.t.tx_bytes += <uint64_t> n
-                self.c.t.tx_bytes += <uint64_t> n
-                s.tx_since = self.now
-                if s.tx_off == s.tx_end:
-                    s.tx_off = s.tx_end = 0
-            elif n != DSVPN_IO_AGAIN:
-                self._end_errno(idx, b"write error: %s", errno if n < 0 else 0)
-                return
-        if s.blocked and unsent(s) < TX_LIMIT:
-            s.blocked = False
-            self.nblocked -= 1
-        want = unsent(s) > 0
+        if unsent(s) == 0:
+            return True
+        n = dsvpn_send(s.fd, s.txbuf + s.tx_off, unsent(s))
+        if n > 0:
+            s.tx_off += <size_t> n
+            s.t.tx_bytes += <uint64_t> n
+            self.c.t.tx_bytes += <uint64_t> n
+            s.tx_since = self.now
+            if s.tx_off == s.tx_end:
+                s.tx_off = s.tx_end = 0
+        elif n != DSVPN_IO_AGAIN:
+            self._end_errno(idx, b"write error: %s", errno if n < 0 else 0)
+            return False
+        return True
+
+    cdef void _want_out(self, int idx) noexcept nogil:
+        """Watch session idx's socket for room while anything waits to be sent."""
+        cdef Sess* s = self.sess[idx]
+        cdef bint want = waiting(s)
         if want:
             self._soon(s.tx_since + self.send_timeout_ms)
         if want != s.want_out:
@@ -1048,7 +1070,7 @@ cdef class MultiLoop:
                     self._end(i, PROB_TIMEOUT_MSG, False)
                     continue
                 self._soon(s.prob_deadline)
-            if unsent(s) == 0:
+            if not waiting(s):
                 continue
             if now - s.tx_since >= self.send_timeout_ms:
                 self._end(i, b"send timeout", True)
@@ -1072,8 +1094,10 @@ cdef class MultiLoop:
         self._push(EV_WAKE, b"")
 
     cdef void _dispatch(self, int n) noexcept nogil:
-        """Serve the readiness reports of one wait: sockets first, then the tun, so that
-        what a write to the tun answers at once is read in the same turn."""
+        """Serve the readiness reports of one wait: sockets' reads first, then the tun, so
+        that what a write to the tun answers at once is read in the same turn; then the
+        sockets with room, so that a batch is framed from what the tun has just given (a
+        sparse flow's packet then goes in this batch, not the next)."""
         cdef int i, idx
         cdef uint64_t tag
         cdef uint32_t ev, gen
@@ -1094,7 +1118,8 @@ cdef class MultiLoop:
                 if ev & (DSVPN_PIN | DSVPN_PERR):
                     self._sess_read(idx)
                 if s.fd >= 0 and s.gen == gen and (ev & DSVPN_POUT):
-                    self._flush(idx)
+                    s.room = True
+                    self._mark(idx)
             elif kind == K_PEND:
                 if self.pend[idx].fd >= 0 and self.pend[idx].gen == gen:
                     self._pending_io(idx)
@@ -1108,6 +1133,7 @@ cdef class MultiLoop:
                 self._push(EV_CONTROL, b"")  # left unread: Python answers it
         if self.tun_on and (tun or self.tun.tx_packets != wrote):
             self._tun_batch()
+        self._flush_dirty()
 
     cdef void _run(self, int64_t timeout_ms) noexcept nogil:
         cdef int n, err, wait
@@ -1369,9 +1395,7 @@ cdef class MultiLoop:
                 why = b"out of memory"
             elif dsvpn_poller_add(self.poller, fd, DSVPN_PIN,
                                   tag_of(K_SESS, <uint32_t> idx, self.sess[idx].gen)) != 0:
-                free(self.sess[idx].txbuf)
-                free(self.sess[idx].rxbuf)
-                self.sess[idx].txbuf = self.sess[idx].rxbuf = NULL
+                _free_buffers(self.sess[idx])
                 why = strerror(errno)
         if why != NULL:
             close(fd)

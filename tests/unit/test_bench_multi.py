@@ -84,11 +84,13 @@ def test_summary_judges_the_medians() -> None:
 
 
 def test_table_rows_show_each_goal_and_whether_it_is_met() -> None:
-    s = bm.summary([{d: bm.figures(1.5, [0.9, 0.3], 1.4) for d in ("fwd", "rev")}])
+    ping = {"p50_ms": 1.25, "p99_ms": 4.5, "max_ms": 6.0}
+    s = bm.summary([{d: bm.figures(1.5, [0.9, 0.3], 1.4, ping) for d in ("fwd", "rev")}])
     cells = [(label, cell({"multi": s})) for label, cell in bm.rows()]
-    assert len(cells) == 10
+    assert len(cells) == 12
     assert all(len(label) <= 44 for label, _ in cells)  # bench.py's label column
-    by_label = dict(cells[:5])
+    by_label = dict(cells[:6])
+    assert by_label["  ping ms p50/p99/max meanwhile"] == "1.25/4.50/6.00"
     assert by_label["upload: 1 peer alone Gbit/s (goal >= 1.9)"] == "1.50 NOT met"
     assert by_label["  both at once Gbit/s, each (total)"] == "0.90+0.30 (1.20)"
     assert by_label["  total / alone (goal >= 90%)"] == "80% NOT met"
