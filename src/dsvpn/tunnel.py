@@ -19,7 +19,7 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
-from dsvpn import dns, instances, logs, peers, peers_server, platform, status, workers
+from dsvpn import dns, instances, logs, peers, peers_server, platform, status
 from dsvpn.config import ClientConfig, Config, ServerConfig
 from dsvpn.errors import DsvpnError, NetworkError, PermissionDenied
 from dsvpn.instances import Identity
@@ -261,6 +261,8 @@ class Tunnel:
             # A server of several clients on several cores: a multi-queue tun, one per worker.
             nworkers = 1
             if self.peers is not None and isinstance(cfg, ServerConfig):
+                from dsvpn import workers  # (threads and futures: a peers file's server only)
+
                 nworkers = workers.count(cfg.workers, backend)
             tun_fd, tun = backend.open_tun(
                 cfg.tun_name, cfg.mtu, self.runner.command, queues=nworkers
