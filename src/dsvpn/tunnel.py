@@ -421,8 +421,11 @@ class Tunnel:
         except (OSError, DsvpnError) as exc:
             for fd in queues:
                 os.close(fd)
+            why = str(exc)
+            if isinstance(exc, PermissionError):
+                why = "loading its eBPF program needs CAP_BPF"
             log.warning("one worker instead of %d: cannot steer the tun's queues: %s",
-                        nworkers, exc)  # fmt: skip
+                        nworkers, why)  # fmt: skip
             return []
         return queues
 

@@ -185,3 +185,28 @@ def test_workers_need_a_peers_file(tb: testbed.Testbed, ours: testbed.Impl) -> N
     assert proc.stderr.strip().splitlines() == [
         f"dsvpn: --workers goes with a peers file; {key} is a key file (one client)"
     ], proc.stderr
+
+
+def test_without_cap_bpf_one_worker_serves(tb3: testbed.Testbed, ours: testbed.Impl) -> None:
+    # A server whose capabilities leave out CAP_BPF (a unit without it, a container) cannot
+    # steer the tun's queues: it says so in one line and serves everyone with one worker.
+    tb = tb3
+    for name in ("alice", "bob"):
+        peer_add(tb, name)
+    bounded = testbed.Impl(
+        ours.name,
+        ("setpriv", "--bounding-set=-all,+net_admin,+net_raw,+net_bind_service", *ours.base),
+    )
+    server = tb.start_server(bounded, tb.workdir / "peers", extra=("-v", "--workers", "2"))
+    line = tb.wait_log(server, r"one worker instead of 2", 10)
+    assert line.endswith("cannot steer the tun's queues: loading its eBPF program needs CAP_BPF")
+    tb.wait_log(server, r"serving 2 peer\(s\) of .*\(pool [^)]*\)$", 10)
+    alice = start_peer_client(tb, ours, tb.clients[0], "alice", f"{POOL}.1")
+    bob = start_peer_client(tb, ours, tb.clients[1], "bob", f"{POOL}.2")
+    tb.clients[0].wait_ping(tb.inet.ip, 30, procs=(server, alice))
+    tb.clients[1].wait_ping(tb.inet.ip, 30, procs=(server, bob))
+    live, stats = sessions(tb, ours)
+    assert sorted(live) == ["alice", "bob"] and "workers" not in stats, stats
+    for proc in (alice, bob):
+        proc.stop()
+    assert server.stop(signal.SIGTERM) == 0
