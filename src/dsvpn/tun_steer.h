@@ -21,6 +21,12 @@
 #if defined(__linux__)
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
+/* Build machines with kernel headers older than 3.18 (manylinux2014) lack the number. */
+#if !defined(__NR_bpf) && defined(__x86_64__)
+#define __NR_bpf 321
+#elif !defined(__NR_bpf) && defined(__aarch64__)
+#define __NR_bpf 280
+#endif
 #endif
 
 struct dsvpn_bpf_insn {
