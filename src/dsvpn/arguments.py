@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from dsvpn.config import (
@@ -162,18 +162,18 @@ def _split_options(args: Sequence[str]) -> tuple[list[str], _Options]:
             opts.verbosity = -1
         elif arg == "--dry-run":
             opts.dry_run = True
-        elif arg == "--platform":
-            opts.platform = next(it, None)
-            if opts.platform is None:
+        elif (got := _valued(arg, it, ("--platform", "--workers"))) is not None:
+            name, value = got
+            if name == "--workers":
+                opts.workers = _workers(value or "")
+            elif not value:
                 raise UsageError("--platform needs a name")
-        elif arg.startswith("--platform="):
-            opts.platform = arg.split("=", 1)[1]
+            else:
+                opts.platform = value
         elif arg == "--pfs":
             opts.pfs = True
         elif arg == "--require-pfs":
             opts.require_pfs = True
-        elif arg == "--workers" or arg.startswith("--workers="):
-            opts.workers = _workers(next(it, None) if arg == "--workers" else arg[10:])
         elif arg.startswith("-") and len(arg) > 1 and not _is_number(arg):
             raise UsageError(f"unknown option {arg!r} (see dsvpn --help)")
         else:
@@ -181,8 +181,17 @@ def _split_options(args: Sequence[str]) -> tuple[list[str], _Options]:
     return positionals, opts
 
 
-def _workers(value: str | None) -> int:
-    if value is None or not value.isdigit() or not 0 < int(value) <= MAX_WORKERS:
+def _valued(arg: str, it: Iterator[str], names: Collection[str]) -> tuple[str, str | None] | None:
+    """(name, value) if arg is one of the options names, given as `--name VALUE` (the value
+    then taken from it; None if none follows) or `--name=VALUE`; else None."""
+    name, eq, value = arg.partition("=")
+    if name not in names:
+        return None
+    return name, value if eq else next(it, None)
+
+
+def _workers(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) <= MAX_WORKERS:
         raise UsageError(f"--workers needs a number from 1 to {MAX_WORKERS}")
     return int(value)
 
@@ -202,15 +211,13 @@ def _take_firewall(args: Sequence[str]) -> tuple[list[str], str | None]:
     given: str | None = None
     it = iter(args)
     for arg in it:
-        if arg == "--firewall":
-            value = next(it, None)
-            if value is None:
-                raise UsageError("--firewall needs iptables, nft or auto")
-        elif arg.startswith("--firewall="):
-            value = arg.split("=", 1)[1]
-        else:
+        got = _valued(arg, it, ("--firewall",))
+        if got is None:
             rest.append(arg)
             continue
+        value = got[1]
+        if value is None:
+            raise UsageError("--firewall needs iptables, nft or auto")
         if value not in FIREWALL_CHOICES:
             raise UsageError(f"invalid --firewall {value!r}: expected iptables, nft or auto")
         given = value
@@ -351,6 +358,8 @@ def _with_peers(cfg: ServerConfig, local_ip: str | None, remote_ip: str | None) 
 # -- the client's network options (--route, --exclude, --no-routes, --dns, --kill-switch) ------
 
 _VALUED = ("--route", "--exclude", "--dns")
+# Every option that takes a value (dsvpn.service finds the key file among the arguments).
+VALUED_OPTIONS = ("--platform", "--firewall", "--workers", *_VALUED)
 _FLAGS = ("--no-routes", "--kill-switch")
 
 
@@ -363,10 +372,8 @@ def _take_client_options(args: Sequence[str]) -> tuple[list[str], ClientNetwork,
     given: list[str] = []
     it = iter(args)
     for arg in it:
-        name, eq, value = arg.partition("=")
-        if name in _VALUED:
-            if not eq:
-                value = next(it, "")
+        if (got := _valued(arg, it, _VALUED)) is not None:
+            name, value = got
             if not value:
                 raise UsageError(f"{name} needs a value")
             values[name].append(value)

@@ -49,8 +49,6 @@ PLATFORMS = ("linux", "macos", "openbsd", "freebsd")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 # Words that need no quoting in a shell or a unit.
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_./+:,=@-]+")
-# The options that take a value as the next argument.
-_VALUED = ("--platform", "--firewall", "--route", "--exclude", "--dns", "--workers")
 
 USAGE = """\
 usage:
@@ -174,9 +172,11 @@ def _absolute_key(args: Sequence[str], inv: Invocation) -> list[str]:
     out = list(args)
     if os.path.isabs(inv.config.key_file):
         return out
+    from dsvpn.arguments import VALUED_OPTIONS
+
     for i in range(1, len(out)):
         # The key file as parse_args found it (an option's value is never taken for it).
-        if out[i] == inv.config.key_file and out[i - 1] not in _VALUED:
+        if out[i] == inv.config.key_file and out[i - 1] not in VALUED_OPTIONS:
             out[i] = os.path.abspath(out[i])
             break
     return out
