@@ -81,6 +81,7 @@ CAPS = {
     "CAP_NET_BIND_SERVICE": 10,
     "CAP_NET_ADMIN": 12,
     "CAP_NET_RAW": 13,
+    "CAP_BPF": 39,
 }
 
 
@@ -305,13 +306,21 @@ def seccomp_program(d: dict[str, list[str]], applied: list[str]) -> bytes:
     nr = syscall_numbers()
     groups = syscall_groups()
     errno_default = getattr(errno, d.get("SystemCallErrorNumber", ["EPERM"])[-1])
-    allowed: set[str] | None = None
-    denied: set[str] = set()
+    # As systemd reads the lines, in order: the first makes the list an allow list (or, with
+    # "~", a deny list); each later line adds to that list, or with the other sign takes away.
+    listed: set[str] = set()
+    allow_list: bool | None = None
     for value in d.get("SystemCallFilter", []):
-        if value.startswith("~"):
-            denied |= expand(value[1:].split(), groups)
+        invert = value.startswith("~")
+        names = expand(value.lstrip("~").split(), groups)
+        if allow_list is None:
+            allow_list = not invert
+        if allow_list != invert:
+            listed |= names
         else:
-            allowed = (allowed or set()) | expand(value.split(), groups)
+            listed -= names
+    allowed: set[str] | None = listed if allow_list else None
+    denied: set[str] = set() if allow_list or allow_list is None else listed
     if "SystemCallFilter" in d:
         applied.append("SystemCallFilter")
     # What other directives add to the deny list, as systemd does.

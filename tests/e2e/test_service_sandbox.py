@@ -90,6 +90,17 @@ t("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, 0, 0))
 t("chmod u+s", lambda: (open("/tmp/s", "w").close(), os.chmod("/tmp/s", 0o4755)))
 c("clock_settime", libc.clock_settime(0, (ctypes.c_long * 2)(0, 0)))
 c("mount", libc.mount(b"none", b"/tmp", b"tmpfs", 0, None))
+def bpf_load():  # a socket filter "return 0", as the workers' tun steering loads (x86-64 bpf())
+    insns = (ctypes.c_uint64 * 2)(0xb7, 0x95)
+    license = ctypes.create_string_buffer(b"MIT")
+    attr = (ctypes.c_uint64 * 16)()
+    attr[0] = 1 | 2 << 32  # BPF_PROG_TYPE_SOCKET_FILTER, two instructions
+    attr[1], attr[2] = ctypes.addressof(insns), ctypes.addressof(license)
+    fd = libc.syscall(321, 5, ctypes.byref(attr), 128)  # BPF_PROG_LOAD
+    if fd >= 0:
+        os.close(fd)
+    return fd
+c("bpf socket filter", bpf_load())
 print(json.dumps(r))
 """
 
@@ -108,6 +119,7 @@ EXPECTED = {
     "socket AF_NETLINK": "ok",
     "open /dev/net/tun": "ok",
     "open /dev/null": "ok",
+    "bpf socket filter": "ok",  # CAP_BPF and bpf(): the workers' tun steering
     "personality": "EPERM",
     "unshare": "EPERM",
     "sethostname": "EPERM",
@@ -226,7 +238,8 @@ def test_every_directive_is_in_force(tb: testbed.Testbed, sandbox: Sandbox, unit
     assert set(report["applied"]) | set(skipped) | set(report["supervision"]) == set(directives)
     assert set(skipped) <= {"DevicePolicy", "DeviceAllow"}, skipped
 
-    assert got["CapBnd"] == (1 << 10) | (1 << 12) | (1 << 13)  # NET_BIND_SERVICE, ADMIN, RAW
+    # NET_BIND_SERVICE, ADMIN, RAW, BPF
+    assert got["CapBnd"] == (1 << 10) | (1 << 12) | (1 << 13) | (1 << 39)
     expected = dict(EXPECTED)
     if directives["ProtectHome"] == "yes":
         expected["list /root"] = "EACCES"
