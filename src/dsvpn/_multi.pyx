@@ -693,10 +693,12 @@ cdef class MultiLoop:
 
     cdef bint _reply(self, int i, int idx, const uint8_t* msg, size_t n) noexcept nogil:
         """Send the reply to pending handshake i in one non-blocking write (a fresh socket
-        always has room for it); if that fails, free session slot idx and fail i."""
+        always has room for it); if that fails, free session slot idx (if any: -1) and fail
+        i."""
         if dsvpn_send(self.pend[i].fd, msg, n) == <ssize_t> n:
             return True
-        _free_buffers(self.sess[idx])
+        if idx >= 0:
+            _free_buffers(self.sess[idx])
         self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
         return False
 
@@ -752,8 +754,7 @@ cdef class MultiLoop:
             if self.nhand == MAX_PENDING:
                 self._pending_fail(i, HS_FAILED_FMT, b"too many sessions wait for their worker")
                 return False
-            if dsvpn_send(self.pend[i].fd, reply, n) != <ssize_t> n:
-                self._pending_fail(i, HS_FAILED_FMT, b"could not send the reply")
+            if not self._reply(i, -1, reply, n):
                 return False
             fd = self._detach(i)
             dsvpn_poller_del(self.poller, fd)
@@ -1404,8 +1405,7 @@ cdef class MultiLoop:
                      <const char*> name_b, <const char*> why)
             self._push(EV_LOG, msg)
             return False
-        dsvpn_set_nonblock(fd)
-        self._start(idx, fd, peer, &k[0], &addr, pfs)
+        self._start(idx, fd, peer, &k[0], &addr, pfs)  # (non-blocking since its accept)
         return True
 
     def _set_test_random(self, data):

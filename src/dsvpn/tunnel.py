@@ -382,7 +382,7 @@ class Tunnel:
                 tun_fd, listener.fileno(), self.cfg, self.peers, signals.fd,
                 framing=framing, control_fd=control_fd,
                 queues=self._more_queues(tun_fd, tun, nworkers),
-                on_event=self._worker_event, wake_main=signals.wake,
+                on_event=self._peer_event, wake_main=signals.wake,
             )  # fmt: skip
         return Loop(
             tun_fd,
@@ -429,8 +429,8 @@ class Tunnel:
             return []
         return queues
 
-    def _worker_event(self, event: int, message: str) -> None:
-        """An event of a worker's loop (in its thread): as the first worker's own."""
+    def _peer_event(self, event: int, message: str) -> None:
+        """A session event of a peers file's server, from any worker's loop (in its thread)."""
         from dsvpn._loop import EV_SESSION_UP
 
         if event == EV_SESSION_UP and self.live is not None:
@@ -468,7 +468,7 @@ class Tunnel:
     def _serve_peers(self, loop: MultiLoop | Workers, signals: Signals) -> None:
         """A server of a peers file: its events, and a reload of the file on SIGHUP."""
         from dsvpn import pfs
-        from dsvpn._loop import EV_CONTROL, EV_PFS_HELLO, EV_SESSION_UP
+        from dsvpn._loop import EV_CONTROL, EV_PFS_HELLO
 
         assert self.live is not None and self.peers is not None
         while signals.received is None:
@@ -479,9 +479,7 @@ class Tunnel:
             elif event == EV_PFS_HELLO:
                 pfs.answer_hellos(loop)
             else:
-                if event == EV_SESSION_UP:
-                    self.live.session_up()
-                peers_server.log_event(event, message)
+                self._peer_event(event, message)
             # (set by the signal handler, which runs once the loop has returned on the wake-up)
             if signals.reload:
                 signals.reload = False

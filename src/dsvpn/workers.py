@@ -116,9 +116,10 @@ class _Worker:
         self._wake()
         return done
 
-    def call(self, fn: Callable[[MultiLoop], T]) -> T:
+    def wait(self, done: Future[T]) -> T:
+        """The result of a call post() made (DsvpnError if the worker does not answer)."""
         try:
-            return self.post(fn).result(timeout=CALL_TIMEOUT_S)
+            return done.result(timeout=CALL_TIMEOUT_S)
         except TimeoutError:
             raise DsvpnError(f"worker {self.index} does not answer") from None
 
@@ -208,22 +209,19 @@ class Workers:
         """fn on every loop, each in its own thread; the first worker's result first."""
         pending = [worker.post(fn) for worker in self.others]
         results = [fn(self.first)]
-        for worker, done in zip(self.others, pending, strict=True):
-            try:
-                results.append(done.result(timeout=CALL_TIMEOUT_S))
-            except TimeoutError:
-                raise DsvpnError(f"worker {worker.index} does not answer") from None
-        return results
+        return results + self._results(pending)
+
+    def _results(self, pending: list[Future[T]]) -> list[T]:
+        """The results of one call posted to each of the other workers, in their order."""
+        return [w.wait(done) for w, done in zip(self.others, pending, strict=True)]
 
     def set_peers(self, peers: Iterable[tuple[str, bytes, str]]) -> list[str]:
         wanted = list(peers)
         ended = self.first.set_peers(wanted)  # a ValueError here leaves every worker as it was
-        for more in self._each_other(lambda loop: loop.set_peers(wanted)):
+        posted = [w.post(lambda loop: loop.set_peers(wanted)) for w in self.others]
+        for more in self._results(posted):
             ended.extend(more)
         return ended
-
-    def _each_other(self, fn: Callable[[MultiLoop], T]) -> list[T]:
-        return [worker.call(fn) for worker in self.others]
 
     def sessions(self) -> dict[str, PeerSession]:
         out: dict[str, PeerSession] = {}
